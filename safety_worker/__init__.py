@@ -1,0 +1,1 @@
+"""The Cosmos safety checker as a ZeroMQ service (light client side imports no torch)."""

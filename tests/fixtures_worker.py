@@ -1,0 +1,1 @@
+"""Session fixtures for the safety worker side (tiny guardrail checkpoint, one shared worker)."""

@@ -1,0 +1,1 @@
+"""TheWorld: Gemma 3 + Cosmos world tokens, trained with autograd intact."""
