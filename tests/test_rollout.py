@@ -24,13 +24,13 @@ from theworld.modeling.rollout import (
     RolloutConfig,
     decode_world_latents,
     encode_prompt,
-    normalize_world_latents,
-    num_latent_frames,
     rollout_world_latents,
 )
+from theworld.modeling.world_encoder import CosmosWorldEncoder, preprocess_world_images
 
 HEIGHT = WIDTH = 32
-NUM_FRAMES = 9  # 1 conditioning latent frame + 2 predicted
+NUM_FRAMES = 9
+LATENT_FRAMES = (NUM_FRAMES - 1) // 4 + 1  # 1 conditioning latent frame + 2 predicted
 STEPS = 4
 VAE_SEED = 3
 
@@ -74,7 +74,7 @@ def cosmos(tiny_models):
     _, cosmos_dir = tiny_models
     return {
         "dir": cosmos_dir,
-        "vae": AutoencoderKLWan.from_pretrained(cosmos_dir, subfolder="vae").eval(),
+        "encoder": CosmosWorldEncoder(AutoencoderKLWan.from_pretrained(cosmos_dir, subfolder="vae")).eval(),
         "transformer": CosmosTransformer3DModel.from_pretrained(cosmos_dir, subfolder="transformer").eval(),
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(cosmos_dir, subfolder="scheduler"),
         "text_encoder": T5EncoderModel.from_pretrained(cosmos_dir, subfolder="text_encoder").eval(),
@@ -88,19 +88,18 @@ def image():
 
 
 def _noise(seed: int = 1) -> torch.Tensor:
-    shape = (1, 16, num_latent_frames(NUM_FRAMES), HEIGHT // 8, WIDTH // 8)
+    shape = (1, 16, LATENT_FRAMES, HEIGHT // 8, WIDTH // 8)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _pipeline_conditioning_latents(vae, image: np.ndarray) -> torch.Tensor:
-    """The conditioning latent exactly as the pipeline draws it: the image padded to NUM_FRAMES by
-    repetition, encoded, a *posterior sample* with the pipeline's generator, normalised. (theworld's
-    own world tokens use the posterior mode; the sample is only here to reproduce the pipeline.)"""
-    video = torch.from_numpy(image).float().div(255).permute(2, 0, 1)[None, :, None] * 2 - 1
-    video = video.repeat(1, 1, NUM_FRAMES, 1, 1)
+def _pipeline_conditioning_latents(encoder: CosmosWorldEncoder, image: np.ndarray) -> torch.Tensor:
+    """The conditioning latent as the pipeline draws it, through theworld's world encoder: the image
+    padded to NUM_FRAMES by repetition, a *posterior sample* with the pipeline's generator, normalised.
+    (World tokens use the posterior mode; sampling is only here to reproduce the pipeline.)"""
+    video = preprocess_world_images([image], HEIGHT, WIDTH).repeat(1, 1, NUM_FRAMES, 1, 1)
     with torch.no_grad():
-        z = vae.encode(video).latent_dist.sample(torch.Generator().manual_seed(VAE_SEED))
-    return normalize_world_latents(vae, z)[:, :, :1]
+        latents = encoder(video, generator=torch.Generator().manual_seed(VAE_SEED), sample=True)
+    return latents[:, :, :1]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +135,8 @@ def test_rollout_latents_equal_the_diffusers_pipeline(cosmos, image, pipeline_la
         prompt_embeds = encode_prompt(cosmos["text_encoder"], cosmos["tokenizer"], case["prompt"])
         negative_prompt_embeds = encode_prompt(cosmos["text_encoder"], cosmos["tokenizer"], DEFAULT_NEGATIVE_PROMPT)
     latents = rollout_world_latents(
-        cosmos["transformer"], cosmos["scheduler"], _pipeline_conditioning_latents(cosmos["vae"], image),
-        num_world_steps=num_latent_frames(NUM_FRAMES) - 1,
+        cosmos["transformer"], cosmos["scheduler"], _pipeline_conditioning_latents(cosmos["encoder"], image),
+        num_world_steps=LATENT_FRAMES - 1,
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         config=RolloutConfig(num_inference_steps=STEPS, guidance_scale=case["guidance_scale"]),
         noise=_noise(),
@@ -148,7 +147,7 @@ def test_rollout_latents_equal_the_diffusers_pipeline(cosmos, image, pipeline_la
 
 
 def _quick_rollout(cosmos, image, **kwargs) -> torch.Tensor:
-    conditioning = _pipeline_conditioning_latents(cosmos["vae"], image)
+    conditioning = _pipeline_conditioning_latents(cosmos["encoder"], image)
     kwargs.setdefault("config", RolloutConfig(num_inference_steps=2, guidance_scale=1.0))
     return rollout_world_latents(cosmos["transformer"], cosmos["scheduler"], conditioning, 1, **kwargs)
 
@@ -180,7 +179,7 @@ def test_guidance_without_negative_prompt_is_a_clear_error(cosmos, image):
 
 def test_decoded_rollout_is_a_uint8_video_of_four_frames_per_latent(cosmos, image):
     latents = _quick_rollout(cosmos, image)
-    frames = decode_world_latents(cosmos["vae"], latents)
+    frames = decode_world_latents(cosmos["encoder"], latents)
     assert frames.dtype == np.uint8
     assert frames.shape == (1, 1 + 4 * (latents.shape[2] - 1), HEIGHT, WIDTH, 3)
 

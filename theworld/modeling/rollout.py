@@ -3,13 +3,13 @@
 Why not call the diffusers pipeline: `Cosmos2VideoToWorldPipeline` imports `cosmos_guardrail`, whose
 `retinaface` dependency switches autograd off for the whole process at import time (docs/DESIGN.md).
 This module drives the same submodules the pipeline holds (`CosmosTransformer3DModel`,
-`FlowMatchEulerDiscreteScheduler`, optionally T5 for a text prompt, `AutoencoderKLWan` for decoding)
+`FlowMatchEulerDiscreteScheduler`, optionally T5 for a text prompt, the VAE for decoding)
 with the pipeline's constants and arithmetic, so that on the same weights, noise and settings the
 predicted latents equal the pipeline's `output_type="latent"` output (tests/test_rollout.py proves it
 against the real pipeline, run in a subprocess).
 
-Latents here are always *normalised* Cosmos latents, `(z - latents_mean) / latents_std * sigma_data`,
-shaped `[B, C, T, h, w]` with the conditioning frames first.
+Latents here are always *normalised* Cosmos latents as `CosmosWorldEncoder` makes them,
+`(z - latents_mean) / latents_std * sigma_data`, shaped `[B, C, T, h, w]`, observed frames first.
 """
 
 from __future__ import annotations
@@ -18,20 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
+
+from theworld.modeling.world_encoder import SIGMA_DATA, CosmosWorldEncoder
 
 # The Video2World pipeline writes these into the scheduler config; without them the karras schedule
 # spans the wrong noise range.
 SIGMA_MAX = 80.0
 SIGMA_MIN = 0.002
-SIGMA_DATA = 1.0
 FINAL_SIGMAS_TYPE = "sigma_min"
 # Noise level at which the clean conditioning frames are presented to the transformer.
 SIGMA_CONDITIONING = 1e-4
 DEFAULT_FPS = 16
-# Wan VAE: 4 pixel frames per latent frame after the first (causal), 8x spatial, so H, W % 16 == 0.
-VAE_TEMPORAL_FACTOR = 4
 # Copied from the pipeline (importing it would import the guardrail); used as the unconditional
 # branch of classifier-free guidance when a T5 prompt is given.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -74,35 +73,16 @@ def video2world_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMat
     return fresh
 
 
-def num_latent_frames(num_frames: int) -> int:
-    """Latent frames the Wan VAE makes of `num_frames` pixel frames."""
-    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
-
-
-def _latent_stats(vae: AutoencoderKLWan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
-    return mean, std
-
-
-def normalize_world_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents -> the normalised latents the transformer works in."""
-    mean, std = _latent_stats(vae, latents)
-    return (latents - mean) / std * SIGMA_DATA
-
-
-def decode_world_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> np.ndarray:
+def decode_world_latents(world_encoder: CosmosWorldEncoder, latents: torch.Tensor) -> np.ndarray:
     """Normalised latents `[B, C, T, h, w]` -> uint8 frames `[B, F, H, W, 3]` (F = 1 + 4 (T - 1)).
 
     The frames are raw model output: show or write them only after the safety worker has checked and
     sanitised them (`SafetyClient.check_video`).
     """
-    mean, std = _latent_stats(vae, latents)
+    vae = world_encoder.vae
     with torch.no_grad():
-        raw = latents * std / SIGMA_DATA + mean
-        video = vae.decode(raw.to(vae.dtype), return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-    video = (video.float() / 2 + 0.5).clamp(0, 1)
+        video = vae.decode(world_encoder.denormalize(latents).to(vae.dtype), return_dict=False)[0]
+    video = (video.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, F, H, W] in [-1, 1] -> [0, 1]
     return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
