@@ -103,7 +103,7 @@ def _pipeline_conditioning_latents(encoder: CosmosWorldEncoder, image: np.ndarra
 
 
 @pytest.fixture(scope="module")
-def pipeline_latents(cosmos, image, tmp_path_factory):
+def pipeline_latents(cosmos, image, tmp_path_factory, tiny_guardrail_root):
     """The real pipeline's latent output for two settings, computed once in a child process."""
     work = tmp_path_factory.mktemp("pipeline")
     np.save(work / "image.npy", image)
@@ -119,7 +119,7 @@ def pipeline_latents(cosmos, image, tmp_path_factory):
         "height": HEIGHT, "width": WIDTH, "num_frames": NUM_FRAMES, "steps": STEPS, "vae_seed": VAE_SEED,
         "cases": list(cases.values()),
     }
-    env = {**os.environ, "HF_HOME": str(build_tiny_guardrail(faces="none")), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HOME": str(build_tiny_guardrail(tiny_guardrail_root, faces="none")), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", PIPELINE_SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=300, env=env
     )
