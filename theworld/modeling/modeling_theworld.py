@@ -29,6 +29,7 @@ from theworld._import_guard import assert_grad_enabled
 from theworld.configuration_theworld import TheWorldConfig
 from theworld.modeling.fusion import IGNORE_INDEX, insert_world_tokens
 from theworld.modeling.projector import WorldProjector
+from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
 from theworld.modeling.world_encoder import CosmosWorldEncoder
 
 TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
@@ -62,6 +63,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         world_encoder: `CosmosWorldEncoder` (the Cosmos VAE), when `enable_world`.
         world_transformer / world_scheduler: the Cosmos transformer and its scheduler, when
             `num_world_steps > 0` or after `load_world_rollout_components()`.
+        rollout_config: `theworld.modeling.rollout.RolloutConfig` (denoising steps, guidance, seed) of
+            the world rollout; an inference setting, not saved.
     """
 
     config_class = TheWorldConfig
@@ -77,6 +80,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.world_transformer = None
         self.world_scheduler = None
         self.world_projector: WorldProjector | None = None
+        # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting).
+        self.rollout_config = RolloutConfig()
         if config.enable_world:
             height, width = config.resolved_world_image_size
             self.world_projector = WorldProjector(
@@ -290,12 +295,12 @@ class TheWorld(Gemma3ForConditionalGeneration):
         return latents
 
     def _roll_out(self, latents: torch.Tensor) -> torch.Tensor:
-        from theworld.modeling.rollout import rollout_world_latents
-
         if self.world_transformer is None:
             self.load_world_rollout_components()
-        return rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
-                                     self.config.num_world_steps).to(latents.dtype)
+        rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
+                                       self.config.num_world_steps, config=self.rollout_config)
+        # The sampler leaves the observed frame at sigma_min noise: keep its exact (differentiable) latent.
+        return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
 
     def embed_world(self, world_pixel_values: torch.Tensor | None = None,
                     world_latents: torch.Tensor | None = None) -> torch.Tensor:
