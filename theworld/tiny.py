@@ -1,0 +1,324 @@
+"""Tiny Gemma 3 and tiny Cosmos-Predict2, built locally in the real repositories' layouts.
+
+Nothing here reaches a model hub. The directories written are loaded by the very same
+``from_pretrained`` code paths as ``google/gemma-3-4b-it`` and
+``nvidia/Cosmos-Predict2-2B-Video2World``, so tests and the offline default exercise the real code:
+
+- ``OUTDIR/gemma``: ``Gemma3ForConditionalGeneration`` weights, a byte-fallback Gemma tokenizer, the
+  ``Gemma3Processor`` (image processor + Gemma 3 chat template).
+- ``OUTDIR/cosmos``: a diffusers repository for ``Cosmos2VideoToWorldPipeline``: ``model_index.json``,
+  ``vae/`` (``AutoencoderKLWan``), ``transformer/`` (``CosmosTransformer3DModel``), ``scheduler/``,
+  ``text_encoder/`` (tiny T5) and ``tokenizer/``. The pipeline's ``safety_checker`` is not part of
+  the repository (as in the real one); it lives in the safety worker.
+
+Usage: ``python -m theworld.tiny OUTDIR`` or ``build_tiny_models(outdir)``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the tiny models change so that cached copies are rebuilt instead of silently reused.
+TINY_FORMAT_VERSION = 1
+_COMPLETE_MARKER = ".theworld-tiny-complete"
+
+# The Gemma 3 chat template (as shipped with google/gemma-3-4b-it).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+_GEMMA_SPECIAL_TOKENS = [
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+]
+# Real Gemma 3 has more embedding rows (262,208) than tokenizer entries; the tiny one keeps that
+# property so code that adds tokens is tested against "never shrink the table".
+TINY_GEMMA_EMBEDDING_ROWS = 384
+TINY_GEMMA_IMAGE_SIZE = 32
+TINY_GEMMA_IMAGE_TOKENS = 4
+
+
+def default_tiny_dir() -> Path:
+    """Cache directory for the tiny models: ``$THEWORLD_TINY_DIR``, else ``~/.cache/theworld/tiny``."""
+    env = os.environ.get("THEWORLD_TINY_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "theworld" / "tiny"
+
+
+def _gemma_vocab() -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for token in _GEMMA_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    # Byte-fallback pieces: any text (including the processor's "\n\n") tokenizes without <unk>.
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    vocab["\u2581"] = len(vocab)  # "▁", Gemma's space
+    for code in range(33, 127):
+        vocab.setdefault(chr(code), len(vocab))
+    return vocab
+
+
+def _build_gemma(outdir: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        AddedToken,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        GemmaTokenizerFast,
+    )
+
+    tokenizer = GemmaTokenizerFast(
+        vocab=_gemma_vocab(),
+        merges=[],
+        add_bos_token=True,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
+    # Turn markers are single special tokens in Gemma's tokenizer; register the rest of the specials
+    # (they already have vocabulary ids, so no id moves).
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in _GEMMA_SPECIAL_TOKENS], special_tokens=True
+    )
+    image_processor = Gemma3ImageProcessor(
+        size={"height": TINY_GEMMA_IMAGE_SIZE, "width": TINY_GEMMA_IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=TINY_GEMMA_IMAGE_TOKENS,
+    )
+
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": TINY_GEMMA_EMBEDDING_ROWS,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "max_position_embeddings": 1024,
+            "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": TINY_GEMMA_IMAGE_SIZE,
+            "patch_size": 8,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=TINY_GEMMA_IMAGE_TOKENS,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        # Gemma initialises this projection to zeros: the vision tower would get exactly zero gradient
+        # and the image would not influence the logits. Trained checkpoints are never zero.
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.save_pretrained(outdir)
+    processor.save_pretrained(outdir)
+
+
+_T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(code) for code in range(33, 127)]
+
+
+def _build_cosmos(outdir: Path, seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    vae.save_pretrained(outdir / "vae")
+
+    torch.manual_seed(seed + 1)
+    transformer = CosmosTransformer3DModel(
+        in_channels=17,  # 16 latent channels + the conditioning-mask channel of Video2World
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(8, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=True,
+    )
+    transformer.save_pretrained(outdir / "transformer")
+
+    FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).save_pretrained(outdir / "scheduler")
+
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(
+        T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=256,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    t5.save_pretrained(outdir / "text_encoder")
+    t5_tokenizer = T5TokenizerFast(vocab=[(piece, 0.0 if i < 4 else -1.0) for i, piece in enumerate(_T5_PIECES)],
+                                   extra_ids=0)
+    t5_tokenizer.save_pretrained(outdir / "tokenizer")
+
+    import diffusers
+
+    model_index = {
+        "_class_name": "Cosmos2VideoToWorldPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "CosmosTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (outdir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Serialise concurrent builders (several test processes may ask for the cache at once)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_complete(path: Path) -> bool:
+    marker = path / _COMPLETE_MARKER
+    return marker.is_file() and marker.read_text().strip() == str(TINY_FORMAT_VERSION)
+
+
+def _build_into(target: Path, builder, seed: int) -> None:
+    if _is_complete(target):
+        return
+    # Build next to the target and rename, so a crashed build never leaves a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        builder(staging, seed)
+        (staging / _COMPLETE_MARKER).write_text(f"{TINY_FORMAT_VERSION}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def build_tiny_models(outdir: str | os.PathLike | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """Write a tiny Gemma 3 and a tiny Cosmos-Predict2 repository under ``outdir``.
+
+    Deterministic for a given ``seed``; a directory that is already complete is reused as is.
+
+    Returns:
+        ``(gemma_dir, cosmos_dir)``: ``outdir/gemma`` and ``outdir/cosmos``.
+    """
+    import torch
+
+    outdir = Path(outdir) if outdir is not None else default_tiny_dir()
+    outdir.mkdir(parents=True, exist_ok=True)
+    gemma_dir, cosmos_dir = outdir / "gemma", outdir / "cosmos"
+    with _exclusive(outdir / ".build.lock"):
+        # Model construction must not leave a grad-disabled or reseeded process behind.
+        with torch.random.fork_rng(devices=[]):
+            _build_into(gemma_dir, _build_gemma, seed)
+            _build_into(cosmos_dir, _build_cosmos, seed)
+    return gemma_dir, cosmos_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m theworld.tiny",
+        description="Build a tiny Gemma 3 (OUTDIR/gemma) and a tiny Cosmos-Predict2 (OUTDIR/cosmos) for "
+        "offline tests and demos. Reuses directories that are already complete.",
+    )
+    parser.add_argument("outdir", nargs="?", default=None,
+                        help=f"output directory (default: $THEWORLD_TINY_DIR or {Path('~/.cache/theworld/tiny')})")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a CLI that prints two paths, not shard bars
+    gemma_dir, cosmos_dir = build_tiny_models(args.outdir, seed=args.seed)
+    print(f"gemma:  {gemma_dir}\ncosmos: {cosmos_dir}")
+
+
+if __name__ == "__main__":
+    main()
