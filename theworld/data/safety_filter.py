@@ -98,6 +98,8 @@ class SafetyFilter:
     def __next__(self) -> tuple[int, dict]:
         while True:
             self._fill()
+            if not self._pending:
+                raise StopIteration  # a finite stream (the held-out set) is exhausted
             item = self._pending.popleft()
             verdict, error = self._wait(item)
             self.counts.seen += 1
@@ -116,7 +118,10 @@ class SafetyFilter:
 
     def _fill(self):
         while len(self._pending) < self.window:
-            position, sample = next(self.stream)
+            try:
+                position, sample = next(self.stream)
+            except StopIteration:
+                return
             self._pending.append(self._submit(position, sample))
 
     def _submit(self, position: int, sample: dict) -> _Pending:
