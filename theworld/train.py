@@ -13,10 +13,12 @@ model sees it; the worker is the only process that imports ``cosmos_guardrail``,
 on here. The loop below is meant to be read top to bottom: build, check, step, evaluate, checkpoint.
 
 Outputs in ``--output-dir``: ``summary.json``, ``metrics.jsonl``, ``loss_curve.png``,
-``blocked.jsonl``, ``errors.jsonl``, ``tensorboard/``, ``checkpoints/step-NNNNNN/``.
+``blocked.jsonl``, ``errors.jsonl``, ``tensorboard/``, ``checkpoints/step-NNNNNN/``, ``model/`` (the
+trained model for ``TheWorld.from_pretrained``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -66,11 +68,14 @@ class ModelArguments:
         metadata={"help": "How Cosmos latents become world tokens: 'spatial' (one token per latent patch) "
                           "or 'channel' (pooled).", "choices": ["spatial", "channel"]},
     )
-    trainable: str = field(
-        default="projector,language_model",
-        metadata={"help": "Comma-separated substrings of parameter names to train; everything else is frozen. "
-                          "The world projector always trains. 'projector' alone trains only the projectors; "
-                          "'all' trains every Gemma parameter (Cosmos always stays frozen)."},
+    freeze_gemma_language: bool = field(
+        default=False,
+        metadata={"help": "Freeze Gemma's language model (embeddings, decoder, LM head). The world projector "
+                          "always trains. Freeze it for real Gemma checkpoints; the tiny default is random, so "
+                          "its language model has to learn too."},
+    )
+    freeze_gemma_vision: bool = field(
+        default=True, metadata={"help": "Freeze the SigLIP vision tower and Gemma's multimodal projector."}
     )
 
 
@@ -111,13 +116,13 @@ class TrainArguments:
     """The loop, its outputs, and the safety worker it talks to."""
 
     output_dir: str = field(default="runs/theworld", metadata={"help": "Where every output of the run is written."})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
     stop_after_steps: Optional[int] = field(
         default=None,
         metadata={"help": "End this invocation after this many more optimizer steps (writing a checkpoint) without "
                           "changing the schedule: for time-sliced jobs; continue with --resume."},
     )
-    batch_size: int = field(default=8, metadata={"help": "Samples per micro-batch per process."})
+    batch_size: int = field(default=4, metadata={"help": "Samples per micro-batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -199,7 +204,7 @@ def load_config_file(path: str) -> dict:
 
 
 def build_model(model_args: ModelArguments, seed: int):
-    """TheWorld with the requested parameters trainable (the world projector always is)."""
+    """TheWorld with the requested parts frozen (the world projector always trains, Cosmos never does)."""
     from transformers import set_seed
 
     from theworld import TheWorld
@@ -211,28 +216,14 @@ def build_model(model_args: ModelArguments, seed: int):
         tiny_gemma, tiny_cosmos = build_tiny_models(default_tiny_dir())
         gemma, cosmos = gemma or str(tiny_gemma), cosmos or str(tiny_cosmos)
     set_seed(seed)  # the projector's initial weights are part of the run
-    model = TheWorld.from_pretrained(
-        gemma, cosmos_model=cosmos, enable_world=model_args.enable_world, world_projection=model_args.world_projection
+    return TheWorld.from_pretrained(
+        gemma, cosmos_model=cosmos, enable_world=model_args.enable_world, world_projection=model_args.world_projection,
+        freeze_gemma_language=model_args.freeze_gemma_language, freeze_gemma_vision=model_args.freeze_gemma_vision,
     )
-    patterns = [p.strip() for p in model_args.trainable.split(",") if p.strip()]
-    for name, param in model.named_parameters():
-        if is_cosmos_parameter(name):
-            param.requires_grad_(False)
-        elif "all" in patterns or "world_projector" in name or any(p in name for p in patterns):
-            param.requires_grad_(True)
-        else:
-            param.requires_grad_(False)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"trainable={model_args.trainable!r} matches no parameter; see --help for trainable")
-    return model
-
-
-def is_cosmos_parameter(name: str) -> bool:
-    return "cosmos" in name or name.startswith(("vae.", "world_vae.", "world_transformer."))
 
 
 def world_projector_parameters(model) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in model.named_parameters() if "world_projector" in name}
+    return dict(model.world_projector.named_parameters()) if model.world_projector is not None else {}
 
 
 def open_datasets(data_args: DataArguments, seed: int):
@@ -304,15 +295,13 @@ def require_autograd(where: str):
 # --------------------------------------------------------------------------------------- evaluation
 
 
-@contextmanager
-def world_tokens(model, enabled: bool):
-    """Temporarily switch the model's world tokens on or off (for the world vs no-world comparison)."""
-    previous = model.config.enable_world
-    model.config.enable_world = enabled
-    try:
-        yield
-    finally:
-        model.config.enable_world = previous
+def no_world_collator(model):
+    """A collator that leaves the world tokens out: the same model answers from Gemma's own inputs only."""
+    from theworld.data.collator import TheWorldCollator
+
+    config = copy.deepcopy(model.config)
+    config.enable_world = False
+    return TheWorldCollator(model.processor, config=config)
 
 
 @torch.no_grad()
@@ -341,10 +330,10 @@ def evaluate(model, batches: list[dict], accelerator) -> dict:
 
 
 def evaluate_world_and_no_world(model, batches, no_world_batches, accelerator) -> dict:
+    """Held-out metrics with world tokens and, for a world model, the same model with them left out."""
     result = {f"eval_{k}": v for k, v in evaluate(model, batches, accelerator).items()}
     if no_world_batches is not None:
-        with world_tokens(accelerator.unwrap_model(model), False):
-            result.update({f"eval_{k}_no_world": v for k, v in evaluate(model, no_world_batches, accelerator).items()})
+        result.update({f"eval_{k}_no_world": v for k, v in evaluate(model, no_world_batches, accelerator).items()})
     return result
 
 
@@ -388,8 +377,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, step: int, rank_st
     (tmp / f"state_rank{rank}.json").write_text(json.dumps(rank_state))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "trainable.safetensors")
+        save_file(unwrapped.trainable_state_dict(), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -410,7 +398,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
     weights = load_file(checkpoint / "trainable.safetensors")
     missing = [n for n, p in unwrapped.named_parameters() if p.requires_grad and n not in weights]
     if missing:
-        raise ValueError(f"{checkpoint} lacks trainable weights {missing[:5]}...; was it written with another --trainable?")
+        raise ValueError(f"{checkpoint} lacks trainable weights {missing[:5]}; was it written with other --freeze-* flags?")
     unwrapped.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
@@ -523,7 +511,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
         # ---- held-out set: checked once through the same worker, collated once
         eval_filter = SafetyFilter(client, ((i, heldout_data[i]) for i in range(min(len(heldout_data), data_args.eval_size))),
-                                   window=train_args.safety_window, output_dir=output_dir, ledger_suffix=f".eval{ledger_suffix}")
+                                   window=train_args.safety_window, output_dir=output_dir, ledger_suffix=f".eval{ledger_suffix}",
+                                   max_errors=train_args.safety_max_errors, result_timeout=train_args.safety_timeout,
+                                   fresh_ledgers=True)
         eval_samples = [sample for _, sample in eval_filter]
         eval_filter.close()
         if not eval_samples:
@@ -531,9 +521,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         eval_batches = [collator(eval_samples[i : i + train_args.batch_size]) for i in range(0, len(eval_samples), train_args.batch_size)]
         no_world_batches = None
         if model_args.enable_world:
-            with world_tokens(accelerator.unwrap_model(model), False):
-                no_world_batches = [collator(eval_samples[i : i + train_args.batch_size])
-                                    for i in range(0, len(eval_samples), train_args.batch_size)]
+            without_world = no_world_collator(accelerator.unwrap_model(model))
+            no_world_batches = [without_world(eval_samples[i : i + train_args.batch_size])
+                                for i in range(0, len(eval_samples), train_args.batch_size)]
 
         if make_sample_filter is None:
             samples = SafetyFilter(client, stream.iter_from(filter_state["next_position"] if filter_state else 0),
@@ -568,8 +558,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     if not checked_grad:
                         require_autograd("in the training step")
                         if not loss.requires_grad:
-                            raise RuntimeError("the training loss does not require grad: no parameter that reaches the loss "
-                                               f"is trainable (trainable={model_args.trainable!r}); see --help for trainable")
+                            raise RuntimeError("the training loss does not require grad although autograd is on: no "
+                                               "trainable parameter reaches the loss (is enable_world off with every "
+                                               "Gemma part frozen? see --freeze-gemma-language)")
                         checked_grad = True
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and train_args.max_grad_norm > 0:
@@ -647,6 +638,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             for record in sorted(history + evals, key=lambda r: (r["step"], "loss" not in r)):
                 f.write(json.dumps(record) + "\n")
         write_loss_curve(history, evals, output_dir / "loss_curve.png")
+        # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary

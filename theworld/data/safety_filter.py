@@ -67,10 +67,12 @@ class SafetyFilter:
         max_errors: raise ``SafetyCheckFailed`` once more checks than this have failed.
         result_timeout: seconds to wait for one verdict before counting it as an error.
         state: a ``state_dict()`` from an earlier run to continue from (ledgers are cut back to it).
+        fresh_ledgers: start the ledgers empty instead of appending (for a pass that is redone every run).
     """
 
     def __init__(self, client, stream: Iterator[tuple[int, dict]], window: int = 16, output_dir=".",
-                 ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None):
+                 ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None,
+                 fresh_ledgers: bool = False):
         if window < 1:
             raise ValueError(f"safety_window must be at least 1, got {window}")
         self.client, self.stream, self.window = client, stream, window
@@ -87,8 +89,9 @@ class SafetyFilter:
                 if path.exists():
                     os.truncate(path, size)
         self._pending: deque[_Pending] = deque()
-        self._blocked_file = open(self.blocked_path, "a", encoding="utf-8")
-        self._errors_file = open(self.errors_path, "a", encoding="utf-8")
+        mode = "w" if fresh_ledgers else "a"
+        self._blocked_file = open(self.blocked_path, mode, encoding="utf-8")
+        self._errors_file = open(self.errors_path, mode, encoding="utf-8")
         self._last_error = None
 
     # The trainer takes samples one at a time; each take tops the window up first.
@@ -109,7 +112,7 @@ class SafetyFilter:
                 continue
             if not verdict[0]:
                 self.counts.blocked += 1
-                self._write(self._blocked_file, {"id": item.sample["id"], "reason": verdict[1]})
+                self._write(self._blocked_file, {"id": item.sample["id"], "position": item.position, "reason": verdict[1], "stage": verdict[2]})
                 continue
             self.counts.passed += 1
             sample = dict(item.sample)
@@ -136,7 +139,9 @@ class SafetyFilter:
         return _Pending(position, sample, futures)
 
     def _wait(self, item: _Pending):
-        """``((safe, reason, sanitized_images), None)`` or ``(None, error)``; the wait is timed."""
+        """``((True, None, sanitized_images), None)``, ``((False, reason, stage), None)`` or ``(None, error)``.
+
+        Only the time spent blocked here counts as the trainer waiting on the worker."""
         if item.error is not None:
             return None, item.error
         start = time.perf_counter()
@@ -148,7 +153,9 @@ class SafetyFilter:
             self.counts.wait_seconds += time.perf_counter() - start
         for verdict in verdicts:
             if not verdict.safe:
-                return (False, verdict.reason, None), None
+                return (False, verdict.reason, getattr(verdict, "stage", None)), None
+            if verdict.frames is None:
+                return None, "the worker passed the sample but returned no sanitized frames"
         images = [np.asarray(frame) for verdict in verdicts for frame in verdict.frames]
         if len(images) != len(item.sample["images"]):
             return None, f"the worker returned {len(images)} frames for {len(item.sample['images'])} images"
@@ -157,7 +164,7 @@ class SafetyFilter:
     def _record_error(self, item: _Pending, error: str):
         self.counts.errors += 1
         self._last_error = error
-        self._write(self._errors_file, {"id": item.sample["id"], "error": error})
+        self._write(self._errors_file, {"id": item.sample["id"], "position": item.position, "error": error})
         if self.counts.errors > self.max_errors:
             raise SafetyCheckFailed(
                 f"{self.counts.errors} samples failed their safety check (last: {error}). Is the safety worker "
