@@ -1,1 +1,80 @@
-"""Session fixtures for the safety worker side (tiny guardrail checkpoint, one shared worker)."""
+"""Session fixtures for the safety worker side (tiny guardrail checkpoint, shared workers).
+
+The pytest process is a *client* process: it must never import cosmos_guardrail or retinaface
+(that would switch autograd off for every other test in the session). Workers run as
+subprocesses; anything that needs the checker in-process runs in a subprocess too
+(`run_in_checker_process`).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from safety_worker import spawn_worker
+from safety_worker.tiny import variant_key
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_guardrail_root(tmp_path_factory):
+    """Cache root for tiny guardrail variants (workers build into it on first use)."""
+    return tmp_path_factory.mktemp("safety-tiny")
+
+
+def _spawn_tiny(root, faces, *extra):
+    return spawn_worker(preset="tiny", extra_args=["--tiny-dir", str(root), "--tiny-faces", faces, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_safety_worker(tiny_guardrail_root):
+    """One tiny worker shared by the session: text guard blocks BLOCKED_PHRASE, no faces found."""
+    with _spawn_tiny(tiny_guardrail_root, "none") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def tiny_safety_worker_faces(tiny_guardrail_root):
+    """A tiny worker whose face filter pixelates every frame."""
+    with _spawn_tiny(tiny_guardrail_root, "all") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def spawn_tiny_worker(tiny_guardrail_root):
+    """Factory for a private short-lived worker (lifecycle tests); the caller stops it."""
+    return lambda faces="none", *extra: _spawn_tiny(tiny_guardrail_root, faces, *extra)
+
+
+@pytest.fixture(scope="session")
+def run_in_checker_process(tiny_guardrail_root):
+    """Run `code` in a fresh Python that has the real checker in-process; returns its JSON output.
+
+    `code` sees `checker` (CosmosSafetyChecker on the tiny variant `faces`), `np`, `json`, and must
+    print one JSON document last.
+    """
+
+    def run(code: str, faces: str = "none", timeout: float = 120) -> dict:
+        home = Path(tiny_guardrail_root) / variant_key(faces)
+        prelude = textwrap.dedent(f"""
+            import os, sys, json
+            os.environ["HF_HOME"] = {str(home)!r}
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            from safety_worker.tiny import build_tiny_guardrail
+            build_tiny_guardrail({str(tiny_guardrail_root)!r}, faces={faces!r})
+            import numpy as np, torch
+            torch.set_num_threads(1)
+            from cosmos_guardrail import CosmosSafetyChecker
+            checker = CosmosSafetyChecker()
+        """)
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

@@ -1,0 +1,4 @@
+"""`python -m safety_worker serve|check|status` (see `--help`)."""
+from .cli import main
+
+raise SystemExit(main())

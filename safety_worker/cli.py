@@ -1,0 +1,197 @@
+"""Command line: `python -m safety_worker {serve,check,status}` (also the `safety-worker` script)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import protocol as P
+
+EXIT_SAFE, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
+_DEFAULT_GUARDRAIL_REPO = "nvidia/Cosmos-1.0-Guardrail"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m safety_worker",
+        description="The Cosmos safety checker (cosmos_guardrail) as a ZeroMQ service, and its command-line client.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    limits = P.Limits()
+
+    s = sub.add_parser(
+        "serve", help="run a worker (prints one 'safety-worker ready ...' line when it accepts requests)",
+        description="Run a safety worker: loads the real cosmos_guardrail CosmosSafetyChecker (blocklist + "
+        "Qwen3Guard for text, RetinaFace face pixelation for frames) and serves it on ENDPOINT. Verdicts fail "
+        "closed. Stops on SIGTERM/SIGINT (drains queued checks, exits 0) or on `shutdown` from its owner "
+        "(the token in $SAFETY_WORKER_OWNER_TOKEN, as spawn_worker sets it).",
+    )
+    s.add_argument("--endpoint", required=True,
+                   help="ZeroMQ endpoint to bind: ipc:///private/dir/worker.sock (the directory is created 0700 "
+                        "if missing and must not be group/world accessible) or tcp://HOST:PORT (needs --insecure)")
+    s.add_argument("--preset", choices=("tiny", "hub"), default="tiny",
+                   help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
+                        "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, --guardrail-repo)")
+    s.add_argument("--device", default="cpu", help="torch device for the guard models: cpu (default) or cuda:N")
+    s.add_argument("--tiny-dir", default=None,
+                   help="cache root for the tiny checkpoint (default: $SAFETY_WORKER_TINY_DIR or ~/.cache/theworld/safety-tiny)")
+    s.add_argument("--tiny-faces", choices=("none", "all"), default="none",
+                   help="tiny face filter: 'none' finds no face (frames unchanged), 'all' pixelates every frame")
+    s.add_argument("--hf-home", default=None,
+                   help="with --preset hub: HF_HOME holding hub/models--nvidia--Cosmos-1.0-Guardrail and "
+                        "hub/models--Qwen--Qwen3Guard-Gen-0.6B (default: the environment's HF_HOME)")
+    s.add_argument("--guardrail-repo", default=_DEFAULT_GUARDRAIL_REPO,
+                   help=f"with --preset hub: hub id of the guardrail checkpoint (default {_DEFAULT_GUARDRAIL_REPO})")
+    s.add_argument("--controversial", choices=("block", "allow"), default="block",
+                   help="policy for a Qwen3Guard 'Controversial' verdict (default: block)")
+    s.add_argument("--check-timeout", type=float, default=60.0,
+                   help="seconds one check may run before it is answered blocked (fail closed); default 60")
+    s.add_argument("--queue-size", type=int, default=limits.queue_size,
+                   help=f"checks waiting at most; more are answered 'busy' at once (default {limits.queue_size})")
+    s.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
+                   help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a tcp:// endpoint without authentication (anyone who can reach the port can use the worker)")
+    s.add_argument("--log-level", default="INFO", help="logging level (prompts are never logged)")
+
+    c = sub.add_parser(
+        "check", help="check a text, image or video with a running worker; exit 0 safe, 1 blocked, 2 error",
+        description="Check one input with a running worker and print a JSON verdict "
+        "{safe, reason, stage, ...}. Exit status: 0 safe, 1 blocked, 2 error.",
+    )
+    c.add_argument("--endpoint", required=True, help="the worker's endpoint (as given to `serve`)")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a prompt to check")
+    what.add_argument("--image", help="an image file (any format Pillow reads; converted to RGB)")
+    what.add_argument("--video", help="a video file (any format imageio reads, e.g. mp4 via ffmpeg)")
+    c.add_argument("--out", help="with --image/--video: write the face-pixelated result here (only when safe)")
+    c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the verdict (default 120)")
+
+    st = sub.add_parser("status", help="print what a running worker reports about itself (hello + stats) as JSON",
+                        description="Print the worker's hello (pid, versions, models, limits, grad mode, loaded "
+                        "modules) and its stats as JSON. Exit 0 if it answered, 2 if not.")
+    st.add_argument("--endpoint", required=True, help="the worker's endpoint")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return {"serve": serve, "check": check, "status": status}[args.command](args)
+
+
+def serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Read and forget the owner token so nothing this process starts inherits it.
+    token = os.environ.pop("SAFETY_WORKER_OWNER_TOKEN", None)
+    models = {"preset": args.preset, "guardrail_repo": args.guardrail_repo, "text_guard_repo": None}
+    if args.preset == "tiny":
+        from . import tiny
+
+        if args.guardrail_repo != _DEFAULT_GUARDRAIL_REPO or args.hf_home:
+            print("error: --guardrail-repo/--hf-home apply to --preset hub only", file=sys.stderr)
+            return EXIT_ERROR
+        root = Path(args.tiny_dir) if args.tiny_dir else tiny.default_tiny_dir()
+        home = root / tiny.variant_key(args.tiny_faces)
+        # huggingface_hub reads HF_HOME once, at import: set it before anything imports it.
+        os.environ["HF_HOME"] = str(home)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        tiny.build_tiny_guardrail(root, faces=args.tiny_faces)
+        models.update(tiny_faces=args.tiny_faces, blocked_phrase=tiny.BLOCKED_PHRASE)
+    elif args.hf_home:
+        os.environ["HF_HOME"] = args.hf_home
+    models["hf_home"] = os.environ.get("HF_HOME")
+    models["text_guard_repo"] = "Qwen/Qwen3Guard-Gen-0.6B"  # hard-coded in cosmos_guardrail
+
+    from .server import SafetyWorker, WorkerStartError, install_signal_handlers, load_checker
+
+    limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
+    try:
+        worker = SafetyWorker(
+            args.endpoint, lambda: load_checker(args.device, args.guardrail_repo), models=models, limits=limits,
+            check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure,
+            controversial=args.controversial,
+        )
+    except WorkerStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.insecure and args.endpoint.startswith("tcp://"):
+        logging.getLogger("safety_worker").warning(
+            "INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
+    install_signal_handlers(worker)
+    print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} instance={worker.instance_id}", flush=True)
+    worker.serve()
+    return 0
+
+
+def _load_media(args):
+    import numpy as np
+
+    if args.image:
+        from PIL import Image
+
+        with Image.open(args.image) as im:
+            return np.asarray(im.convert("RGB"))[None], {}
+    import imageio.v3 as iio
+
+    frames = iio.imread(args.video)
+    meta = iio.immeta(args.video)
+    if frames.ndim == 3:  # a single-frame file
+        frames = frames[None]
+    if frames.shape[-1] == 4:
+        frames = frames[..., :3]
+    return np.ascontiguousarray(frames, dtype=np.uint8), {"fps": meta.get("fps")}
+
+
+def _save_media(args, frames, meta) -> None:
+    if args.image:
+        from PIL import Image
+
+        Image.fromarray(frames[0]).save(args.out)
+        return
+    import imageio.v3 as iio
+
+    kwargs = {"fps": meta["fps"]} if meta.get("fps") else {}
+    iio.imwrite(args.out, frames, **kwargs)
+
+
+def check(args) -> int:
+    from .client import SafetyClient
+
+    try:
+        with SafetyClient(args.endpoint, timeout=args.timeout) as client:
+            if args.text is not None:
+                v = client.check_text(args.text)
+                out = {"input": "text", "safe": v.safe, "reason": v.reason}
+            else:
+                frames, meta = _load_media(args)
+                v = client.check_video(frames)
+                out = {"input": "image" if args.image else "video", "shape": list(frames.shape),
+                       "safe": v.safe, "reason": v.reason, "stage": v.stage}
+                if args.out and v.safe:
+                    _save_media(args, v.frames, meta)
+                    out["out"] = args.out
+                elif args.out:
+                    out["out"] = None  # blocked: nothing written
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return EXIT_ERROR
+    print(json.dumps(out))
+    return EXIT_SAFE if out["safe"] else EXIT_BLOCKED
+
+
+def status(args) -> int:
+    from .client import SafetyClient
+
+    try:
+        with SafetyClient(args.endpoint, timeout=args.timeout) as client:
+            out = {"hello": client.hello(), "stats": client.stats()}
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return EXIT_ERROR
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,136 @@
+"""spawn_worker: start `python -m safety_worker serve` as a child process and wait until it answers."""
+from __future__ import annotations
+
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Sequence
+
+from .client import SafetyClient
+
+READY_PREFIX = "safety-worker ready"
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class WorkerStartFailed(RuntimeError):
+    """The child worker exited or did not become ready in time (the message has its log tail)."""
+
+
+class WorkerProcess:
+    """A running child worker. `.endpoint`, `.pid`, `.hello` (its handshake), `.log_path`; `.stop()`."""
+
+    def __init__(self, proc: subprocess.Popen, endpoint: str, owner_token: str, rundir: str, log_path: str):
+        self.proc = proc
+        self.endpoint = endpoint
+        self.owner_token = owner_token
+        self.log_path = log_path
+        self.hello: dict = {}
+        self._finalizer = weakref.finalize(self, _stop_process, proc, rundir, 10.0)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, timeout: float = 60.0) -> SafetyClient:
+        return SafetyClient(self.endpoint, timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (the worker drains in-flight checks and exits 0), SIGKILL after `timeout`."""
+        self._finalizer.detach()
+        return _stop_process(self.proc, os.path.dirname(self.log_path), timeout)
+
+    def __enter__(self) -> "WorkerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _stop_process(proc: subprocess.Popen, rundir: str, timeout: float) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    shutil.rmtree(rundir, ignore_errors=True)
+    return proc.returncode
+
+
+def spawn_worker(
+    preset: str = "tiny",
+    endpoint: str | None = None,
+    device: str = "cpu",
+    extra_args: Sequence[str] = (),
+    startup_timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    """Start a safety worker subprocess and return once it has answered `hello`.
+
+    With `endpoint=None` the worker gets an ipc socket in a fresh private (0700) directory. The
+    child runs this same copy of `safety_worker` (its parent directory is put first on the child's
+    PYTHONPATH). A random owner token is passed through the environment (not argv, which other
+    users can read); it lets this process send `shutdown`. The worker's log goes to `.log_path`.
+    """
+    rundir = tempfile.mkdtemp(prefix="safety-worker-")  # mode 0700
+    endpoint = endpoint or f"ipc://{rundir}/worker.sock"
+    token = secrets.token_hex(16)
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, child_env.get("PYTHONPATH")) if p)
+    child_env["SAFETY_WORKER_OWNER_TOKEN"] = token
+    child_env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, "-m", "safety_worker", "serve", "--endpoint", endpoint, "--preset", preset,
+           "--device", device, *extra_args]
+    log_path = os.path.join(rundir, "worker.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=child_env)
+    worker = WorkerProcess(proc, endpoint, token, rundir, log_path)
+    try:
+        _wait_ready(proc, startup_timeout, log_path)
+        with SafetyClient(endpoint, timeout=30.0) as client:
+            worker.hello = client.hello()
+    except BaseException:
+        worker.stop(timeout=2.0)
+        raise
+    return worker
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float, log_path: str) -> None:
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    try:
+        while time.monotonic() < deadline:
+            if sel.select(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break  # stdout closed: the child exited
+                buf += chunk
+                if READY_PREFIX.encode() in buf:
+                    return
+            elif proc.poll() is not None:
+                break
+    finally:
+        sel.close()
+    proc.poll()
+    state = f"exited with code {proc.returncode}" if proc.returncode is not None else f"not ready after {timeout:g}s"
+    raise WorkerStartFailed(f"safety worker {state}; log {log_path}:\n{_tail(log_path)}")
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,99 @@
+"""Wire-level behaviour: every malformed or hostile message gets one clear error reply, and the
+worker keeps serving. Messages are built by hand here (not through SafetyClient)."""
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from safety_worker import protocol as P
+
+
+@pytest.fixture(scope="module")
+def raw(tiny_safety_worker):
+    """A bare DEALER on the shared worker: send frames, get the decoded reply."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(tiny_safety_worker.endpoint)
+
+    def roundtrip(frames):
+        sock.send_multipart(frames)
+        assert sock.poll(30_000), "no reply"
+        return P.decode_reply(sock.recv_multipart(copy=False))
+
+    yield roundtrip
+    sock.close()
+    ctx.term()
+
+
+def _header(**fields):
+    return msgpack.packb({"id": 7, "op": "ping", **fields})
+
+
+GOOD = [P.TAG, _header()]
+U8 = np.zeros((1, 4, 4, 3), np.uint8)
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"SWKR\x02", _header()], "unsupported_version"),
+    ([b"HTTP/", _header()], "bad_message"),
+    ([P.TAG], "bad_message"),
+    ([P.TAG, b"\xc1garbage"], "bad_message"),
+    ([P.TAG, _header() + b"\x00"], "bad_message"),  # trailing bytes after the map
+    ([P.TAG, msgpack.packb([1, "ping"])], "bad_message"),  # not a map
+    ([P.TAG, msgpack.packb({"op": "ping"})], "bad_message"),  # missing id
+    ([P.TAG, msgpack.packb({"id": -1, "op": "ping"})], "bad_message"),
+    ([P.TAG, msgpack.packb({"id": 7})], "bad_message"),  # missing op
+    ([P.TAG, _header(op="format_disk")], "unknown_op"),
+    ([P.TAG, _header(extra=1)], "bad_message"),
+    ([P.TAG, _header(timeout_ms="soon")], "bad_message"),
+    ([P.TAG, _header(args={"x": 1})], "bad_args"),
+    ([P.TAG, _header(op="check_text", args={})], "bad_args"),
+    ([P.TAG, _header(op="check_text", args={"texts": "not a list"})], "bad_args"),
+    ([P.TAG, _header(op="check_text", args={"texts": []})], "bad_args"),
+    ([P.TAG, _header(op="check_text", args={"texts": ["x" * 40_000]})], "too_large"),
+    ([P.TAG, _header(op="check_sample", args={"text": 5})], "bad_args"),
+    ([P.TAG, _header(op="check_video")], "bad_array"),  # no frames
+    ([P.TAG, _header(op="check_video", arrays=[{"dtype": "uint8", "shape": [1, 4, 4, 3]}])], "bad_array"),
+    ([P.TAG, _header(op="check_video", arrays=[{"dtype": "uint8", "shape": [1, 4, 4, 3]}]), b"short"], "bad_array"),
+    ([P.TAG, _header(op="check_video", arrays=[{"dtype": "object", "shape": [1]}]), b"x"], "bad_array"),
+    ([P.TAG, _header(op="check_video", arrays=[{"dtype": "uint8", "shape": [-1, 4, 4, 3]}]), U8.tobytes()], "bad_array"),
+    ([P.TAG, _header(op="check_video", arrays=[{"dtype": "uint8", "shape": [1, 4, 4, 3]}]), U8.tobytes(), b"x"], "bad_array"),
+    ([P.TAG, _header(op="check_video", arrays=[{"dtype": "uint8", "shape": [2000, 1, 1, 3]}]), bytes(6000)], "too_large"),
+    ([P.TAG, msgpack.packb({"id": 7, "op": "ping", "args": msgpack.ExtType(5, b"x")})], "bad_message"),
+    ([P.TAG, _header(op="shutdown", args={"token": "guess"})], "forbidden"),
+])
+def test_malformed_request_gets_one_error_reply_and_worker_keeps_serving(raw, frames, code):
+    reply = raw(frames)
+    assert reply.status == "error" and reply.error["code"] == code, reply.error
+    assert reply.error["message"]
+    assert raw(GOOD).status == "ok"
+
+
+def test_error_reply_carries_the_request_id_when_it_could_be_read(raw):
+    assert raw([P.TAG, _header(op="nope")]).id == 7
+    assert raw([P.TAG, b"\xc1"]).id is None
+
+
+def test_echo_returns_buffers_unchanged(raw):
+    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.zeros((0, 5), np.uint8)]
+    req = P.Request(id=9, op="echo", arrays=arrays)
+    reply = raw(P.encode_request(req))
+    assert reply.id == 9 and len(reply.arrays) == 2
+    for got, sent in zip(reply.arrays, arrays):
+        assert got.dtype == sent.dtype
+        np.testing.assert_array_equal(got, sent)
+
+
+def test_request_roundtrip_through_the_codec():
+    frames = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    req = P.Request(id=3, op="check_sample", args={"text": "hi"}, arrays=[frames[:, ::-1]], timeout_ms=50)
+    wire = [bytes(f) for f in P.encode_request(req)]
+    back = P.decode_request(wire, P.Limits())
+    assert (back.id, back.op, back.args, back.timeout_ms) == (3, "check_sample", {"text": "hi"}, 50)
+    np.testing.assert_array_equal(back.arrays[0], frames[:, ::-1])
+
+
+def test_arrays_that_cannot_travel_are_refused_by_the_encoder():
+    with pytest.raises(TypeError, match="cannot travel"):
+        P.encode_request(P.Request(id=1, op="echo", arrays=[np.array(["a"], dtype=object)]))

@@ -1,0 +1,436 @@
+"""TheWorld: `Gemma3ForConditionalGeneration` with Cosmos world tokens.
+
+The forward pass, top to bottom:
+
+1. token embeddings of `input_ids` (Gemma's scaled embedding table);
+2. SigLIP image features scattered onto the `<image_soft_token>` positions (as Gemma 3 does);
+3. the world image encoded by the Cosmos VAE (`CosmosWorldEncoder`: normalised latents
+   `[B, 16, T, h, w]`), optionally rolled forward by the Cosmos transformer (`num_world_steps`),
+   projected by `WorldProjector` and scattered onto the `<world_soft_token>` positions between
+   `<start_of_world>` and `<end_of_world>`;
+4. Gemma 3's language model on the fused embeddings; the loss on the labelled tokens only (world
+   positions are always -100).
+
+Without world inputs, or with `enable_world=False`, it is exactly `Gemma3ForConditionalGeneration`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AddedToken, AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import Gemma3ForConditionalGeneration
+from transformers import initialization as init
+
+from theworld._import_guard import assert_grad_enabled
+from theworld.configuration_theworld import TheWorldConfig
+from theworld.modeling.fusion import IGNORE_INDEX, insert_world_tokens
+from theworld.modeling.projector import WorldProjector
+from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
+from theworld.modeling.world_encoder import CosmosWorldEncoder
+
+TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
+# The Wan VAE of Cosmos-Predict2 downsamples height and width by 8.
+VAE_SPATIAL_FACTOR = 8
+# TheWorldConfig fields that `from_pretrained` accepts as keyword arguments.
+WORLD_OPTIONS = (
+    "enable_world", "world_projection", "world_projector_type", "world_tokens_per_side", "world_image_size",
+    "num_world_steps", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae",
+)
+# Options that may differ between saving and reloading (they do not change the saved weights' shapes).
+RELOAD_OVERRIDABLE = ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae")
+
+
+def _saved_theworld_config(path) -> TheWorldConfig | None:
+    """The TheWorldConfig of a directory written by `TheWorld.save_pretrained`, else None."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    if json.loads(config_file.read_text()).get("model_type") != TheWorldConfig.model_type:
+        return None
+    return TheWorldConfig.from_pretrained(path)
+
+
+class TheWorld(Gemma3ForConditionalGeneration):
+    """Gemma 3 with Cosmos world tokens. Build it with `TheWorld.from_pretrained`.
+
+    Attributes set by `from_pretrained`:
+        processor: the base `Gemma3Processor` with `<start_of_world>`, `<end_of_world>` and
+            `<world_soft_token>` added.
+        world_encoder: `CosmosWorldEncoder` (the Cosmos VAE), when `enable_world`.
+        world_transformer / world_scheduler: the Cosmos transformer and its scheduler, when
+            `num_world_steps > 0` or after `load_world_rollout_components()`.
+        rollout_config: `theworld.modeling.rollout.RolloutConfig` (denoising steps, guidance, seed) of
+            the world rollout; an inference setting, not saved.
+    """
+
+    config_class = TheWorldConfig
+    config: TheWorldConfig
+    _keep_in_fp32_modules_strict = ["world_projector"]
+    _keys_to_ignore_on_load_missing = [r"^world_projector\."]
+
+    def __init__(self, config: TheWorldConfig):
+        assert_grad_enabled("building TheWorld")
+        super().__init__(config)
+        # transformers picks the loss from the class name; ours names no task, the loss is Gemma's causal LM loss.
+        self.loss_type = "ForCausalLM"
+        self.processor = None
+        self.world_encoder: CosmosWorldEncoder | None = None
+        self.world_transformer = None
+        self.world_scheduler = None
+        self.world_projector: WorldProjector | None = None
+        # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting).
+        self.rollout_config = RolloutConfig()
+        if config.enable_world:
+            height, width = config.resolved_world_image_size
+            self.world_projector = WorldProjector(
+                latent_channels=config.world_latent_channels,
+                latent_size=(height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR),
+                hidden_size=config.text_config.hidden_size,
+                num_frames=config.num_world_frames,
+                projection=config.world_projection,
+                projector_type=config.world_projector_type,
+                tokens_per_side=config.world_tokens_per_side,
+            )
+            self.world_projector.float()
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, WorldProjector):
+            init.zeros_(module.temporal_embedding)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        cosmos_model: str | os.PathLike | None = None,
+        config: TheWorldConfig | None = None,
+        **kwargs,
+    ) -> "TheWorld":
+        """Build TheWorld from a base Gemma 3 and a Cosmos repository, or reload a saved TheWorld.
+
+        Args:
+            pretrained_model_name_or_path: a Gemma 3 id or directory (`google/gemma-3-4b-it`, the tiny
+                `OUTDIR/gemma`), or a directory written by `TheWorld.save_pretrained`.
+            cosmos_model: Cosmos-Predict2 Video2World id or directory (`nvidia/Cosmos-Predict2-2B-Video2World`,
+                the tiny `OUTDIR/cosmos`). Required with `enable_world` for a base Gemma; a saved TheWorld
+                remembers it.
+            enable_world, world_projection, world_projector_type, world_tokens_per_side, world_image_size,
+            num_world_steps, freeze_gemma_vision, freeze_gemma_language, freeze_cosmos_vae: see
+                `TheWorldConfig`. On reload only the freeze flags may change.
+            **kwargs: passed to `Gemma3ForConditionalGeneration.from_pretrained` (`dtype`, `revision`, ...).
+        """
+        options = {key: kwargs.pop(key) for key in WORLD_OPTIONS if key in kwargs}
+        saved_dir = None
+        if config is None:
+            config = _saved_theworld_config(pretrained_model_name_or_path)
+            if config is not None:
+                saved_dir = Path(pretrained_model_name_or_path)
+        if config is not None:
+            fixed = sorted(set(options) - set(RELOAD_OVERRIDABLE))
+            if fixed:
+                raise ValueError(
+                    f"{fixed} are fixed by the saved TheWorld config in {pretrained_model_name_or_path}; only "
+                    f"{list(RELOAD_OVERRIDABLE)} can be changed on reload"
+                )
+            config = TheWorldConfig.from_dict(config.to_dict())  # never mutate the caller's config
+            for key, value in options.items():
+                setattr(config, key, value)
+            if cosmos_model is not None:
+                config.cosmos_model_name_or_path = _base_id(cosmos_model)
+        else:
+            base_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+            if base_config.model_type != "gemma3":
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} is a {base_config.model_type!r} model; TheWorld needs a Gemma 3 "
+                    f"image-text model (model_type 'gemma3', e.g. google/gemma-3-4b-it) or a saved TheWorld directory"
+                )
+            fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "transformers_version")}
+            config = TheWorldConfig(
+                **fields,
+                gemma_model_name_or_path=_base_id(pretrained_model_name_or_path),
+                cosmos_model_name_or_path=_base_id(cosmos_model),
+                **options,
+            )
+        if config.enable_world and not config.cosmos_model_name_or_path:
+            raise ValueError(
+                "enable_world=True needs a Cosmos model: pass cosmos_model='nvidia/Cosmos-Predict2-2B-Video2World' "
+                "(or the OUTDIR/cosmos written by `python -m theworld.tiny OUTDIR`), or enable_world=False"
+            )
+        assert_grad_enabled("loading TheWorld")
+
+        model = super().from_pretrained(config.gemma_model_name_or_path, *model_args, config=config, **kwargs)
+        model.processor = AutoProcessor.from_pretrained(config.gemma_model_name_or_path, **_hub_kwargs(kwargs))
+        model._add_world_tokens(expected_ids=saved_dir is not None)
+        if config.enable_world:
+            vae_kwargs = {"torch_dtype": kwargs["dtype"]} if isinstance(kwargs.get("dtype"), torch.dtype) else {}
+            model._attach_world_encoder(CosmosWorldEncoder.from_pretrained(config.cosmos_model_name_or_path,
+                                                                          **vae_kwargs))
+            if config.num_world_steps > 0:
+                model.load_world_rollout_components()
+        if saved_dir is not None:
+            model._load_trainable_weights(saved_dir / TRAINABLE_WEIGHTS_NAME)
+        model.apply_freezing()
+        return model
+
+    def _add_world_tokens(self, expected_ids: bool) -> None:
+        """Add the world tokens to the tokenizer; grow (never shrink) the embedding table if needed."""
+        tokenizer = self.processor.tokenizer
+        tokens = [self.config.sow_token, self.config.eow_token, self.config.world_token]
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+        names = ("sow_token_index", "eow_token_index", "world_token_index")
+        if expected_ids and [getattr(self.config, n) for n in names] != ids:
+            raise ValueError(
+                f"the base tokenizer of {self.config.gemma_model_name_or_path} gives the world tokens ids {ids}, but the "
+                f"saved model used {[getattr(self.config, n) for n in names]}: it was trained on a different tokenizer"
+            )
+        for name, token_id in zip(names, ids):
+            setattr(self.config, name, token_id)
+        rows = self.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            # Deterministic new rows (the mean embedding) so a reload rebuilds exactly the same table.
+            self.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                weight = self.get_input_embeddings().weight
+                weight[rows:] = weight[:rows].mean(dim=0, keepdim=True)
+
+    def _attach_world_encoder(self, world_encoder: CosmosWorldEncoder) -> None:
+        if world_encoder.latent_channels != self.config.world_latent_channels:
+            raise ValueError(
+                f"the Cosmos VAE has {world_encoder.latent_channels} latent channels but the config expects "
+                f"{self.config.world_latent_channels}"
+            )
+        if world_encoder.spatial_factor != VAE_SPATIAL_FACTOR:
+            raise ValueError(f"the Cosmos VAE downsamples by {world_encoder.spatial_factor}, expected {VAE_SPATIAL_FACTOR}")
+        self.world_encoder = world_encoder.to(self.device)
+
+    def load_world_rollout_components(self) -> None:
+        """Load the Cosmos transformer and scheduler (frozen) from the Cosmos repository, for rollouts."""
+        from diffusers import CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+        repo = self.config.cosmos_model_name_or_path
+        transformer = CosmosTransformer3DModel.from_pretrained(repo, subfolder="transformer")
+        self.world_transformer = transformer.to(self.device).requires_grad_(False)
+        self.world_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(repo, subfolder="scheduler")
+
+    def _load_trainable_weights(self, weights_file: Path) -> None:
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"{weights_file} is missing: the directory was not written by TheWorld.save_pretrained")
+        state = load_file(weights_file, device=str(self.device))
+        result = self.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{weights_file} holds weights this TheWorld does not have: {result.unexpected_keys[:5]}")
+
+    def apply_freezing(self) -> None:
+        """Set `requires_grad` from the config's freeze flags; the world projector is always trainable."""
+        config = self.config
+        self.model.vision_tower.requires_grad_(not config.freeze_gemma_vision)
+        self.model.multi_modal_projector.requires_grad_(not config.freeze_gemma_vision)
+        self.model.language_model.requires_grad_(not config.freeze_gemma_language)
+        self.lm_head.requires_grad_(not config.freeze_gemma_language)
+        if self.world_encoder is not None:
+            vae = self.world_encoder.vae
+            vae.requires_grad_(False)
+            # Only the encoding half can learn: the decoder never sees a gradient from the language loss.
+            vae.encoder.requires_grad_(not config.freeze_cosmos_vae)
+            vae.quant_conv.requires_grad_(not config.freeze_cosmos_vae)
+        if self.world_transformer is not None:
+            self.world_transformer.requires_grad_(False)
+        if self.world_projector is not None:
+            self.world_projector.requires_grad_(True)
+
+    def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The trainable weights (what `save_pretrained` writes), from `state_dict` if given (e.g. gathered
+        by accelerate) else from the model."""
+        names = [name for name, param in self.named_parameters() if param.requires_grad]
+        source = state_dict if state_dict is not None else dict(self.named_parameters())
+        return {name: source[name].detach().contiguous().cpu() for name in names}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        is_main_process: bool = True, **kwargs) -> None:
+        """Write `config.json` and the trainable weights only (`theworld_trainable.safetensors`).
+
+        The frozen parts (Gemma, the Cosmos VAE) are rebuilt from the base ids in the config by
+        `TheWorld.from_pretrained(save_directory)`. `state_dict` (e.g. from `accelerator.get_state_dict`)
+        replaces the model's own tensors; other keyword arguments of the transformers API are accepted
+        and ignored.
+        """
+        if not is_main_process:
+            return
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        save_file(self.trainable_state_dict(state_dict), save_directory / TRAINABLE_WEIGHTS_NAME,
+                  metadata={"format": "pt"})
+
+    # ------------------------------------------------------------------ world tokens
+
+    @property
+    def num_world_tokens(self) -> int:
+        """World tokens inserted per sample (0 when the world is disabled)."""
+        return self.world_projector.num_tokens if self.world_projector is not None else 0
+
+    def insert_world_tokens(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
+        """Expand each row's `<start_of_world><end_of_world>` pair with `num_world_tokens` placeholders."""
+        return insert_world_tokens(
+            input_ids, self.num_world_tokens, sow_id=self.config.sow_token_index, eow_id=self.config.eow_token_index,
+            world_id=self.config.world_token_index, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            labels=labels,
+        )
+
+    def encode_world(self, world_pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels `[B, 3, 1, H, W]` in `[-1, 1]` -> normalised latents `[B, 16, 1 + num_world_steps, h, w]`."""
+        if self.world_encoder is None:
+            raise ValueError("this TheWorld has no world encoder (enable_world=False)")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_cosmos_vae):
+            latents = self.world_encoder(world_pixel_values)
+        if self.config.num_world_steps > 0:
+            latents = self._roll_out(latents)
+        return latents
+
+    def _roll_out(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.world_transformer is None:
+            self.load_world_rollout_components()
+        rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
+                                       self.config.num_world_steps, config=self.rollout_config)
+        # The sampler leaves the observed frame at sigma_min noise: keep its exact (differentiable) latent.
+        return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
+
+    def embed_world(self, world_pixel_values: torch.Tensor | None = None,
+                    world_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """World-token embeddings `[B, num_world_tokens, hidden]`, from pixels or from precomputed latents."""
+        if world_latents is None:
+            world_latents = self.encode_world(world_pixel_values)
+        return self.world_projector(world_latents)
+
+    def _fused_embeddings(self, input_ids, pixel_values, world_embeds) -> torch.Tensor:
+        llm_input_ids = input_ids
+        if self.config.image_token_id >= self.model.vocab_size:  # as Gemma 3: an out-of-table image id
+            llm_input_ids = input_ids.masked_fill(input_ids == self.config.image_token_id, 0)
+        inputs_embeds = self.get_input_embeddings()(llm_input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                         image_features=image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+        world_mask = input_ids == self.config.world_token_index
+        per_row = world_mask.sum(dim=1)
+        if not bool((per_row == world_embeds.shape[1]).all()):
+            raise ValueError(
+                f"each row needs {world_embeds.shape[1]} world placeholders, found {per_row.tolist()}: build batches with "
+                f"TheWorldCollator, or pass an unexpanded '<start_of_world><end_of_world>' pair per row"
+            )
+        # masked_scatter fills positions in row-major order: row b's placeholders get world_embeds[b].
+        return inputs_embeds.masked_scatter(world_mask.unsqueeze(-1), world_embeds.to(inputs_embeds.dtype))
+
+    # ------------------------------------------------------------------ forward and generate
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        token_type_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        world_pixel_values: torch.Tensor | None = None,
+        world_latents: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        r"""Gemma 3's forward with world tokens.
+
+        world_pixel_values (`torch.FloatTensor` of shape `[B, 3, 1, H, W]`, *optional*):
+            The world image in `[-1, 1]` (`theworld.modeling.world_encoder.preprocess_world_images`; the
+            collator produces it).
+        world_latents (`torch.FloatTensor` of shape `[B, 16, T, h, w]`, *optional*):
+            Precomputed normalised Cosmos latents (e.g. from a rollout) instead of `world_pixel_values`.
+
+        `input_ids` carry either `num_world_tokens` `<world_soft_token>` placeholders per row (what the
+        collator produces) or one unexpanded `<start_of_world><end_of_world>` pair per row, which is
+        expanded here (so the outputs are `num_world_tokens` longer than the inputs).
+        """
+        gemma_inputs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                            token_type_ids=token_type_ids, labels=labels, use_cache=use_cache,
+                            logits_to_keep=logits_to_keep, **kwargs)
+        if world_pixel_values is None and world_latents is None:
+            if input_ids is not None and self.config.world_token_index is not None and bool(
+                (input_ids == self.config.world_token_index).any()
+            ):
+                raise ValueError("input_ids hold world placeholders but neither world_pixel_values nor world_latents was given")
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds,
+                                   **gemma_inputs)
+        if not self.config.enable_world:
+            raise ValueError("world inputs were given to a TheWorld built with enable_world=False")
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("world fusion needs input_ids (and no inputs_embeds) to find the world positions")
+        if not bool((input_ids == self.config.world_token_index).any()):
+            expanded = self.insert_world_tokens(input_ids, attention_mask, token_type_ids, labels)
+            input_ids = expanded["input_ids"]
+            gemma_inputs.update({k: v for k, v in expanded.items() if k != "input_ids"})
+        world_embeds = self.embed_world(world_pixel_values, world_latents)
+        inputs_embeds = self._fused_embeddings(input_ids, pixel_values, world_embeds)
+        if gemma_inputs["labels"] is not None:
+            gemma_inputs["labels"] = gemma_inputs["labels"].masked_fill(
+                input_ids == self.config.world_token_index, IGNORE_INDEX)
+        return super().forward(input_ids=None, pixel_values=None, inputs_embeds=inputs_embeds, **gemma_inputs)
+
+    def prepare_inputs_for_generation(self, input_ids, use_cache=True, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, use_cache=use_cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if not is_first_iteration and use_cache:
+            # The world is in the KV cache after the prefill; later steps feed only new tokens.
+            model_inputs["world_pixel_values"] = None
+            model_inputs["world_latents"] = None
+        return model_inputs
+
+    def generate(self, input_ids=None, attention_mask=None, token_type_ids=None, world_pixel_values=None,
+                 world_latents=None, **kwargs):
+        """`GenerationMixin.generate` with world tokens (KV cache or not, any batch size).
+
+        Unexpanded `<start_of_world><end_of_world>` pairs are expanded first, so the returned sequences
+        start with the expanded prompt; batches from `TheWorldCollator(for_generation=True)` are already
+        expanded and come back as `prompt + new tokens`.
+        """
+        has_world = world_pixel_values is not None or world_latents is not None
+        if has_world and input_ids is not None and not bool((input_ids == self.config.world_token_index).any()):
+            expanded = self.insert_world_tokens(input_ids, attention_mask, token_type_ids)
+            input_ids = expanded["input_ids"]
+            attention_mask = expanded.get("attention_mask")
+            token_type_ids = expanded.get("token_type_ids")
+        if has_world:
+            kwargs.update(world_pixel_values=world_pixel_values, world_latents=world_latents)
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+AutoModel.register(TheWorldConfig, TheWorld)
+AutoModelForImageTextToText.register(TheWorldConfig, TheWorld)
+
+
+def _base_id(name_or_path) -> str | None:
+    """A hub id as given; a local directory as an absolute path, so a saved config works from any cwd."""
+    if name_or_path is None:
+        return None
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+
+
+__all__ = ["TheWorld", "TRAINABLE_WEIGHTS_NAME"]

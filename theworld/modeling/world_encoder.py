@@ -1,0 +1,107 @@
+"""Cosmos world latents of an image, computed the way Cosmos-Predict2 Video2World computes them.
+
+Only the VAE submodule is used (`AutoencoderKLWan` from the repository's `vae` subfolder); the
+diffusers pipeline is never imported here (it imports the guardrail, which switches autograd off).
+Preprocessing is the pipeline's own `VideoProcessor` (resize with PIL lanczos to exactly `(H, W)`,
+scale to `[-1, 1]`), and latents are normalised exactly as the pipeline's `prepare_latents` does:
+`(z - latents_mean) / latents_std * sigma_data`. tests/test_model_parity.py checks both against the
+pipeline on the same weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.video_processor import VideoProcessor
+from torch import nn
+
+# The Video2World pipeline's scheduler `sigma_data`: latents are scaled by it after normalisation.
+SIGMA_DATA = 1.0
+
+
+def _to_pil(image) -> PIL.Image.Image:
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(
+            f"world images must be PIL images or uint8 arrays of shape [H, W, 3], got dtype {array.dtype} and "
+            f"shape {array.shape}"
+        )
+    return PIL.Image.fromarray(array)
+
+
+def preprocess_world_images(images: Sequence, height: int, width: int) -> torch.Tensor:
+    """Images (PIL or uint8 `[H, W, 3]`) -> `[B, 3, 1, height, width]` float32 in `[-1, 1]`.
+
+    The pipeline's preprocessing: its `VideoProcessor` resizes PIL images with lanczos and scales to
+    `[-1, 1]`; the frame axis is added as in `Cosmos2VideoToWorldPipeline.__call__` for an image input.
+    uint8 arrays go through PIL first, so they are treated exactly like the same picture as a PIL image.
+    """
+    if height % 16 or width % 16:
+        raise ValueError(f"world image size must be divisible by 16, got {height}x{width}")
+    processor = VideoProcessor(vae_scale_factor=8)
+    pil_images = [_to_pil(image) for image in images]
+    return processor.preprocess(pil_images, height, width).unsqueeze(2).to(torch.float32)
+
+
+class CosmosWorldEncoder(nn.Module):
+    """The Cosmos VAE as TheWorld's world encoder: pixels `[B, 3, F, H, W]` -> normalised latents.
+
+    Returns latents `[B, 16, T, H/8, W/8]` with `T = (F - 1) // 4 + 1`, normalised with the VAE config's
+    `latents_mean` / `latents_std` (the space the Cosmos transformer denoises in). This is the hook the
+    world rollout builds on: its conditioning latents are this encoder's output.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan):
+        super().__init__()
+        self.vae = vae
+        z_dim = vae.config.z_dim
+        self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1),
+                             persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, cosmos_model_name_or_path: str, **kwargs) -> "CosmosWorldEncoder":
+        """Load the VAE from a Cosmos-Predict2 repository's `vae` subfolder (nothing else is read)."""
+        return cls(AutoencoderKLWan.from_pretrained(cosmos_model_name_or_path, subfolder="vae", **kwargs))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean = self.latents_mean.to(latents.device, latents.dtype)
+        std = self.latents_std.to(latents.device, latents.dtype)
+        return (latents - mean) / std * SIGMA_DATA
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean = self.latents_mean.to(latents.device, latents.dtype)
+        std = self.latents_std.to(latents.device, latents.dtype)
+        return latents / SIGMA_DATA * std + mean
+
+    def forward(self, world_pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+                sample: bool = False) -> torch.Tensor:
+        """Encode `[B, 3, F, H, W]` pixels in `[-1, 1]` to normalised latents `[B, 16, T, h, w]`.
+
+        Args:
+            generator: random source when `sample` is set.
+            sample: draw from the VAE posterior as the pipeline does (`latent_dist.sample(generator)`);
+                the default uses its mean, so that a training step sees the same world tokens every time.
+        """
+        if world_pixel_values.ndim != 5 or world_pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"world_pixel_values must be [B, 3, frames, H, W] in [-1, 1] (see preprocess_world_images), got "
+                f"shape {tuple(world_pixel_values.shape)}"
+            )
+        posterior = self.vae.encode(world_pixel_values.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return self.normalize(latents)
