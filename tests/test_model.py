@@ -287,6 +287,17 @@ def test_projector_stays_float32_in_a_bfloat16_model(tiny_models):
         assert torch.isfinite(model(**batch).loss)
 
 
+def test_mixed_precision_comes_from_autocast_with_float32_master_weights(tiny_models):
+    model = load_tiny_world(tiny_models).train()
+    batch = TheWorldCollator(model)(samples(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    for param in model.world_projector.parameters():
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
+    assert model.world_projector.proj[0].weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- save / load
 
 def test_save_pretrained_round_trip_reproduces_logits(tiny_models, tmp_path):
