@@ -107,6 +107,7 @@ def serve(args) -> int:
     models["hf_home"] = os.environ.get("HF_HOME")
     models["text_guard_repo"] = "Qwen/Qwen3Guard-Gen-0.6B"  # hard-coded in cosmos_guardrail
 
+    from .liveness import parent_pid_from_env, watch_parent
     from .server import SafetyWorker, WorkerStartError, install_signal_handlers, load_checker
 
     limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
@@ -123,6 +124,9 @@ def serve(args) -> int:
         logging.getLogger("safety_worker").warning(
             "INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
     install_signal_handlers(worker)
+    parent = parent_pid_from_env()
+    if parent is not None:  # spawned by spawn_worker: do not outlive the spawning process
+        watch_parent(parent, worker.request_stop)
     print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} instance={worker.instance_id}", flush=True)
     worker.serve()
     return 0
