@@ -310,3 +310,36 @@ def test_save_pretrained_round_trip_reproduces_logits(tiny_models, tmp_path):
 
     with pytest.raises(ValueError, match="fixed by the saved TheWorld config"):
         TheWorld.from_pretrained(tmp_path, world_projection="channel")
+
+
+# ---------------------------------------------------------------- world rollout hook
+
+def test_world_rollout_adds_predicted_frames_as_world_tokens(tiny_models):
+    from theworld.modeling.rollout import RolloutConfig
+
+    model = load_tiny_world(tiny_models, num_world_steps=1).train()
+    model.rollout_config = RolloutConfig(num_inference_steps=2)
+    assert model.world_transformer is not None and not any(
+        p.requires_grad for p in model.world_transformer.parameters())
+    assert model.num_world_tokens == 2 * 16  # observed frame + one predicted latent frame
+    batch = TheWorldCollator(model)(samples(2))
+    latents = model.encode_world(batch["world_pixel_values"])
+    assert latents.shape == (2, 16, 2, 4, 4)
+    model(**batch).loss.backward()
+    # Frames are told apart by the temporal embedding, which learns too.
+    assert model.world_projector.temporal_embedding.grad[1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- errors that name the fix
+
+def test_inconsistent_world_inputs_are_refused(tiny_models, tiny_world_model):
+    batch = TheWorldCollator(tiny_world_model)(samples(2))
+    with pytest.raises(ValueError, match="neither world_pixel_values nor world_latents"):
+        tiny_world_model(**{k: v for k, v in batch.items() if k != "world_pixel_values"})
+    plain = TheWorld.from_pretrained(tiny_models[0], enable_world=False)
+    with pytest.raises(ValueError, match="enable_world=False"):
+        plain(**batch)
+    no_pair = {**batch, "input_ids": batch["input_ids"].masked_fill(
+        batch["input_ids"] == tiny_world_model.config.world_token_index, 0)}
+    with pytest.raises(ValueError, match="exactly one '<start_of_world><end_of_world>' pair"):
+        tiny_world_model(**no_pair)

@@ -75,6 +75,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
     def __init__(self, config: TheWorldConfig):
         assert_grad_enabled("building TheWorld")
         super().__init__(config)
+        # transformers picks the loss from the class name; ours names no task, the loss is Gemma's causal LM loss.
+        self.loss_type = "ForCausalLM"
         self.processor = None
         self.world_encoder: CosmosWorldEncoder | None = None
         self.world_transformer = None
@@ -142,7 +144,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
             for key, value in options.items():
                 setattr(config, key, value)
             if cosmos_model is not None:
-                config.cosmos_model_name_or_path = str(cosmos_model)
+                config.cosmos_model_name_or_path = _base_id(cosmos_model)
         else:
             base_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
             if base_config.model_type != "gemma3":
@@ -153,8 +155,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
             fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "transformers_version")}
             config = TheWorldConfig(
                 **fields,
-                gemma_model_name_or_path=str(pretrained_model_name_or_path),
-                cosmos_model_name_or_path=str(cosmos_model) if cosmos_model is not None else None,
+                gemma_model_name_or_path=_base_id(pretrained_model_name_or_path),
+                cosmos_model_name_or_path=_base_id(cosmos_model),
                 **options,
             )
         if config.enable_world and not config.cosmos_model_name_or_path:
@@ -418,6 +420,13 @@ class TheWorld(Gemma3ForConditionalGeneration):
 
 AutoModel.register(TheWorldConfig, TheWorld)
 AutoModelForImageTextToText.register(TheWorldConfig, TheWorld)
+
+
+def _base_id(name_or_path) -> str | None:
+    """A hub id as given; a local directory as an absolute path, so a saved config works from any cwd."""
+    if name_or_path is None:
+        return None
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
 
 
 def _hub_kwargs(kwargs: dict) -> dict:
