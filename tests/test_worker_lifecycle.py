@@ -133,6 +133,17 @@ def test_cli_check_image_writes_the_pixelated_image(tiny_safety_worker_faces, tm
     assert written.shape == image.shape and (written != image).any()
 
 
+def test_cli_check_video_writes_the_pixelated_video(tiny_safety_worker_faces, tmp_path):
+    import imageio.v3 as iio
+
+    src, out = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    iio.imwrite(src, np.random.default_rng(6).integers(0, 256, (4, 64, 96, 3), dtype=np.uint8), fps=8)
+    r = _cli("check", "--endpoint", tiny_safety_worker_faces.endpoint, "--video", str(src), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["shape"] == [4, 64, 96, 3]
+    assert iio.imread(out).shape == (4, 64, 96, 3) and iio.immeta(out)["fps"] == 8
+
+
 def test_cli_status_and_unreachable_worker(tiny_safety_worker, tmp_path):
     r = _cli("status", "--endpoint", tiny_safety_worker.endpoint)
     assert r.returncode == 0 and json.loads(r.stdout)["hello"]["pid"] == tiny_safety_worker.pid
