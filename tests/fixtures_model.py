@@ -1,4 +1,5 @@
 """Session fixtures for the model side (tiny Gemma 3 + tiny Cosmos)."""
+import numpy as np
 import pytest
 
 
@@ -13,3 +14,34 @@ def tiny_models(tmp_path_factory):
     from theworld.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_world_model(tiny_models):
+    """A TheWorld on the tiny models (16 world tokens per sample), in eval mode. Shared: do not modify it;
+    tests that train build their own with ``load_tiny_world``."""
+    return load_tiny_world(tiny_models).eval()
+
+
+def load_tiny_world(tiny_models, seed: int = 0, **options):
+    """A fresh TheWorld on the tiny models; ``seed`` fixes the projector's initialisation."""
+    import torch
+
+    from theworld import TheWorld
+
+    gemma_dir, cosmos_dir = tiny_models
+    torch.manual_seed(seed)
+    return TheWorld.from_pretrained(gemma_dir, cosmos_model=cosmos_dir, **options)
+
+
+def make_sample(index: int, question: str = "What is here?", answer: str = "A cat.", size=(40, 52)):
+    """A sample in the training data format with a deterministic random image."""
+    rng = np.random.default_rng(index)
+    return {
+        "id": f"sample-{index}",
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "images": [rng.integers(0, 256, (*size, 3), dtype=np.uint8)],
+    }

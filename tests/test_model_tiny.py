@@ -1,7 +1,5 @@
 """The tiny models load through the same from_pretrained paths as the real repositories."""
 import json
-import subprocess
-import sys
 
 from theworld.tiny import build_tiny_models
 
@@ -33,20 +31,11 @@ def test_tiny_gemma_has_real_gemma3_layout(tiny_models):
     assert text == "<bos><start_of_turn>user\n<start_of_image>Hi?<end_of_turn>\n<start_of_turn>model\n"
 
 
-def test_tiny_cosmos_loads_as_diffusers_pipeline_repo(tiny_models):
+def test_tiny_cosmos_has_the_video2world_repo_layout(tiny_models):
+    # The diffusers pipeline itself loads this directory in tests/test_model_parity.py (in a subprocess).
     _, cosmos_dir = tiny_models
     index = json.loads((cosmos_dir / "model_index.json").read_text())
     assert index["_class_name"] == "Cosmos2VideoToWorldPipeline"
-    # The pipeline imports cosmos_guardrail (autograd off): only ever in a subprocess.
-    code = f"""
-import torch
-from diffusers import Cosmos2VideoToWorldPipeline
-class NoGuard(torch.nn.Module):  # the guard is the safety worker's business, not this layout check's
-    pass
-pipe = Cosmos2VideoToWorldPipeline.from_pretrained({str(cosmos_dir)!r}, safety_checker=NoGuard())
-assert pipe.vae.config.z_dim == 16 and pipe.transformer.config.in_channels == 17
-assert pipe.vae_scale_factor_spatial == 8 and pipe.vae_scale_factor_temporal == 4
-print("OK")
-"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+    for component in ("vae", "transformer", "scheduler", "text_encoder", "tokenizer"):
+        assert component in index and (cosmos_dir / component).is_dir(), component
+    assert "safety_checker" not in index  # the guard lives in the safety worker

@@ -29,6 +29,7 @@ from theworld._import_guard import assert_grad_enabled
 from theworld.configuration_theworld import TheWorldConfig
 from theworld.modeling.fusion import IGNORE_INDEX, insert_world_tokens
 from theworld.modeling.projector import WorldProjector
+from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
 from theworld.modeling.world_encoder import CosmosWorldEncoder
 
 TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
@@ -62,6 +63,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         world_encoder: `CosmosWorldEncoder` (the Cosmos VAE), when `enable_world`.
         world_transformer / world_scheduler: the Cosmos transformer and its scheduler, when
             `num_world_steps > 0` or after `load_world_rollout_components()`.
+        rollout_config: `theworld.modeling.rollout.RolloutConfig` (denoising steps, guidance, seed) of
+            the world rollout; an inference setting, not saved.
     """
 
     config_class = TheWorldConfig
@@ -72,11 +75,15 @@ class TheWorld(Gemma3ForConditionalGeneration):
     def __init__(self, config: TheWorldConfig):
         assert_grad_enabled("building TheWorld")
         super().__init__(config)
+        # transformers picks the loss from the class name; ours names no task, the loss is Gemma's causal LM loss.
+        self.loss_type = "ForCausalLM"
         self.processor = None
         self.world_encoder: CosmosWorldEncoder | None = None
         self.world_transformer = None
         self.world_scheduler = None
         self.world_projector: WorldProjector | None = None
+        # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting).
+        self.rollout_config = RolloutConfig()
         if config.enable_world:
             height, width = config.resolved_world_image_size
             self.world_projector = WorldProjector(
@@ -137,7 +144,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
             for key, value in options.items():
                 setattr(config, key, value)
             if cosmos_model is not None:
-                config.cosmos_model_name_or_path = str(cosmos_model)
+                config.cosmos_model_name_or_path = _base_id(cosmos_model)
         else:
             base_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
             if base_config.model_type != "gemma3":
@@ -148,8 +155,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
             fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "transformers_version")}
             config = TheWorldConfig(
                 **fields,
-                gemma_model_name_or_path=str(pretrained_model_name_or_path),
-                cosmos_model_name_or_path=str(cosmos_model) if cosmos_model is not None else None,
+                gemma_model_name_or_path=_base_id(pretrained_model_name_or_path),
+                cosmos_model_name_or_path=_base_id(cosmos_model),
                 **options,
             )
         if config.enable_world and not config.cosmos_model_name_or_path:
@@ -290,12 +297,12 @@ class TheWorld(Gemma3ForConditionalGeneration):
         return latents
 
     def _roll_out(self, latents: torch.Tensor) -> torch.Tensor:
-        from theworld.modeling.rollout import rollout_world_latents
-
         if self.world_transformer is None:
             self.load_world_rollout_components()
-        return rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
-                                     self.config.num_world_steps).to(latents.dtype)
+        rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
+                                       self.config.num_world_steps, config=self.rollout_config)
+        # The sampler leaves the observed frame at sigma_min noise: keep its exact (differentiable) latent.
+        return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
 
     def embed_world(self, world_pixel_values: torch.Tensor | None = None,
                     world_latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -413,6 +420,13 @@ class TheWorld(Gemma3ForConditionalGeneration):
 
 AutoModel.register(TheWorldConfig, TheWorld)
 AutoModelForImageTextToText.register(TheWorldConfig, TheWorld)
+
+
+def _base_id(name_or_path) -> str | None:
+    """A hub id as given; a local directory as an absolute path, so a saved config works from any cwd."""
+    if name_or_path is None:
+        return None
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
 
 
 def _hub_kwargs(kwargs: dict) -> dict:

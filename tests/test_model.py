@@ -1,0 +1,371 @@
+"""TheWorld: fusion, labels, generation, freezing, gradients, save/load, on the tiny models."""
+import pytest
+import torch
+from fixtures_model import load_tiny_world, make_sample
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoProcessor, Gemma3ForConditionalGeneration
+
+from theworld import TheWorld, TheWorldCollator, TheWorldConfig
+from theworld.modeling.modeling_theworld import TRAINABLE_WEIGHTS_NAME
+
+QUESTIONS = [("What is here?", "A cat."), ("Which color is the ball on the left?", "Red."),
+             ("Count them.", "There are three small boxes.")]
+
+
+def samples(n=3):
+    return [make_sample(i, *QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
+
+
+def manual_loss(logits, labels):
+    shift_logits, shift_labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    return torch.nn.functional.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+
+
+# ---------------------------------------------------------------- tokens and config
+
+def test_world_tokens_are_added_without_shrinking_the_embedding_table(tiny_models, tiny_world_model):
+    gemma_dir, _ = tiny_models
+    base = Gemma3ForConditionalGeneration.from_pretrained(gemma_dir)
+    model = tiny_world_model
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows == base.get_input_embeddings().num_embeddings  # tiny Gemma, like the real one, has spare rows
+    tokenizer = model.processor.tokenizer
+    for name in ("sow_token", "eow_token", "world_token"):
+        token = getattr(model.config, name)
+        token_id = getattr(model.config, f"{name}_index")
+        assert tokenizer(token, add_special_tokens=False).input_ids == [token_id]
+        assert token_id < rows
+    assert model.num_world_tokens == 16  # 32x32 world image -> 4x4 latent, one token per position
+
+
+def test_embedding_table_grows_when_tokenizer_outgrows_it(tiny_models, tmp_path):
+    gemma_dir, cosmos_dir = tiny_models
+    base = Gemma3ForConditionalGeneration.from_pretrained(gemma_dir)
+    processor = AutoProcessor.from_pretrained(gemma_dir)
+    vocab = len(processor.tokenizer)
+    base.resize_token_embeddings(vocab)  # no spare rows left
+    base.save_pretrained(tmp_path / "gemma")
+    processor.save_pretrained(tmp_path / "gemma")
+    model = TheWorld.from_pretrained(tmp_path / "gemma", cosmos_model=cosmos_dir)
+    assert model.get_input_embeddings().num_embeddings == vocab + 3
+    again = TheWorld.from_pretrained(tmp_path / "gemma", cosmos_model=cosmos_dir)
+    assert torch.equal(model.get_input_embeddings().weight, again.get_input_embeddings().weight)
+
+
+def test_config_is_registered_with_auto_classes(tiny_world_model, tmp_path):
+    tiny_world_model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), TheWorldConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), TheWorld)
+
+
+def test_missing_cosmos_model_names_the_fix(tiny_models):
+    gemma_dir, _ = tiny_models
+    with pytest.raises(ValueError, match="cosmos_model="):
+        TheWorld.from_pretrained(gemma_dir)
+
+
+# ---------------------------------------------------------------- enable_world=False
+
+def test_enable_world_false_gives_exactly_gemma3_logits(tiny_models):
+    gemma_dir, _ = tiny_models
+    gemma = Gemma3ForConditionalGeneration.from_pretrained(gemma_dir).eval()
+    plain = TheWorld.from_pretrained(gemma_dir, enable_world=False).eval()
+    assert plain.world_encoder is None and plain.world_projector is None and plain.num_world_tokens == 0
+    batch = TheWorldCollator(plain)(samples())
+    assert "world_pixel_values" not in batch
+    with torch.no_grad():
+        expected = gemma(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        got = plain(**batch).logits
+    assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- fusion
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_each_row_of_a_mixed_length_batch_equals_that_row_alone(tiny_world_model, padding_side):
+    model = tiny_world_model
+    collate = TheWorldCollator(model, padding_side=padding_side)
+    rows = samples(3)
+    batch = collate(rows)
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) == 3  # really mixed lengths
+    with torch.no_grad():
+        batched = model(**batch)
+        for i, row in enumerate(rows):
+            alone_batch = collate([row])
+            alone = model(**alone_batch)
+            real = batch["attention_mask"][i].bool()
+            torch.testing.assert_close(batched.logits[i][real], alone.logits[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(batch["labels"][i][real], alone_batch["labels"][0])
+
+
+def test_world_tokens_change_the_prediction(tiny_world_model):
+    model = tiny_world_model
+    batch = TheWorldCollator(model)(samples(2))
+    with torch.no_grad():
+        logits = model(**batch).logits
+        swapped = model(**{**batch, "world_pixel_values": batch["world_pixel_values"].flip(0)}).logits
+        latents = model.encode_world(batch["world_pixel_values"])
+        from_latents = model(**{k: v for k, v in batch.items() if k != "world_pixel_values"},
+                             world_latents=latents).logits
+    world_start = int((batch["input_ids"][0] == model.config.world_token_index).nonzero()[0])
+    assert torch.equal(logits[:, :world_start], swapped[:, :world_start])  # causal: before the world, no change
+    assert not torch.allclose(logits[:, -5:], swapped[:, -5:])
+    assert torch.equal(logits, from_latents)
+
+
+def test_unexpanded_world_pairs_are_inserted_per_row(tiny_world_model):
+    """A batch holding one `<start_of_world><end_of_world>` pair per row (at different positions, left
+    padded) gives the same logits as the collator's expanded batch."""
+    model = tiny_world_model
+    collate = TheWorldCollator(model, padding_side="right")
+    expanded = collate(samples(3))
+    world = expanded["input_ids"] == model.config.world_token_index
+    keep = ~world
+    rows = [expanded["input_ids"][i][keep[i]] for i in range(3)]
+    masks = [expanded["attention_mask"][i][keep[i]] for i in range(3)]
+    types = [expanded["token_type_ids"][i][keep[i]] for i in range(3)]
+    labels = [expanded["labels"][i][keep[i]] for i in range(3)]
+    width = max(int(m.sum()) for m in masks)
+
+    def left_pad(tensor, mask, fill):  # move right padding to the left
+        real = tensor[mask.bool()]
+        return torch.cat([real.new_full((width - len(real),), fill), real])
+
+    compact = {
+        "input_ids": torch.stack([left_pad(r, m, 0) for r, m in zip(rows, masks)]),
+        "attention_mask": torch.stack([left_pad(m, m, 0) for m in masks]),
+        "token_type_ids": torch.stack([left_pad(t, m, 0) for t, m in zip(types, masks)]),
+        "labels": torch.stack([left_pad(l, m, -100) for l, m in zip(labels, masks)]),
+        "pixel_values": expanded["pixel_values"],
+        "world_pixel_values": expanded["world_pixel_values"],
+    }
+    with torch.no_grad():
+        reference = model(**expanded)
+        inserted = model(**compact)
+    assert inserted.logits.shape[1] == width + model.num_world_tokens
+    for i in range(3):
+        real_ref = expanded["attention_mask"][i].bool()
+        n = int(real_ref.sum())
+        torch.testing.assert_close(inserted.logits[i, -n:], reference.logits[i][real_ref], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inserted.loss, reference.loss, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- labels
+
+def test_labels_cover_only_the_answer(tiny_world_model):
+    model = tiny_world_model
+    rows = samples(3)
+    batch = TheWorldCollator(model)(rows)
+    tokenizer = model.processor.tokenizer
+    for i, row in enumerate(rows):
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert tokenizer.decode(labelled) == row["messages"][-1]["content"][0]["text"] + "<end_of_turn>"
+    assert (batch["labels"][batch["input_ids"] == model.config.world_token_index] == -100).all()
+
+
+def test_loss_counts_only_the_collators_labelled_tokens(tiny_world_model):
+    model = tiny_world_model
+    batch = TheWorldCollator(model)(samples(3))
+    with torch.no_grad():
+        out = model(**batch)
+    torch.testing.assert_close(out.loss, manual_loss(out.logits, batch["labels"]))
+    # Labelling every token (world placeholders included) still never makes the world a target.
+    everything = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out_all = model(**{**batch, "labels": everything})
+    expected = manual_loss(out_all.logits, everything.masked_fill(
+        batch["input_ids"] == model.config.world_token_index, -100))
+    torch.testing.assert_close(out_all.loss, expected)
+    assert not torch.allclose(out_all.loss, out.loss)
+
+
+def test_generation_collator_ends_with_the_generation_prompt(tiny_world_model):
+    model = tiny_world_model
+    batch = TheWorldCollator(model, for_generation=True)(samples(3))
+    assert "labels" not in batch
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padded
+    tokenizer = model.processor.tokenizer
+    for row in batch["input_ids"]:
+        assert tokenizer.decode(row).endswith("<start_of_turn>model\n")
+
+
+# ---------------------------------------------------------------- generate
+
+def test_generate_with_world_tokens_with_and_without_cache_batch_of_two(tiny_world_model):
+    model = tiny_world_model
+    rows = samples(2)
+    collate = TheWorldCollator(model, for_generation=True)
+    batch = collate(rows)
+    settings = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **settings)
+        uncached = model.generate(**batch, use_cache=False, **settings)
+        alone = [model.generate(**collate([row]), **settings) for row in rows]
+    prompt = batch["input_ids"].shape[1]
+    assert cached.shape == (2, prompt + 6)
+    assert torch.equal(cached[:, :prompt], batch["input_ids"])
+    assert torch.equal(cached, uncached)
+    for i in range(2):
+        assert torch.equal(cached[i, prompt:], alone[i][0, -6:])
+    # The world is really read during generation: another world image changes the first logits.
+    with torch.no_grad():
+        scores = model.generate(**batch, max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
+                                do_sample=False).scores[0]
+        swapped = model.generate(**{**batch, "world_pixel_values": batch["world_pixel_values"].flip(0)},
+                                 max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
+                                 do_sample=False).scores[0]
+    assert not torch.allclose(scores, swapped)
+
+
+# ---------------------------------------------------------------- training
+
+def test_gradients_reach_the_projector_and_a_step_changes_it(tiny_models):
+    model = load_tiny_world(tiny_models).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("world_projector.") for n in trainable)
+    assert model.world_projector.proj[0].weight.dtype == torch.float32
+    batch = TheWorldCollator(model)(samples(2))
+    loss = model(**batch).loss
+    assert loss.requires_grad
+    loss.backward()
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), name
+
+
+def test_unfrozen_vae_encoder_learns_and_its_decoder_does_not(tiny_models):
+    model = load_tiny_world(tiny_models, freeze_cosmos_vae=False).train()
+    vae = model.world_encoder.vae
+    assert not any(p.requires_grad for p in vae.decoder.parameters())
+    batch = TheWorldCollator(model)(samples(2))
+    model(**batch).loss.backward()
+    encoder_params = [p for p in vae.encoder.parameters()]
+    assert all(p.requires_grad for p in encoder_params)
+    assert sum(float(p.grad.abs().sum()) for p in encoder_params if p.grad is not None) > 0
+    assert all(p.grad is None for p in vae.decoder.parameters())
+    before = [p.detach().clone() for p in encoder_params]
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    assert any(not torch.equal(p, b) for p, b in zip(encoder_params, before))
+
+
+def test_freezing_flags_select_the_trainable_parts(tiny_models):
+    model = load_tiny_world(tiny_models, freeze_gemma_vision=False, freeze_gemma_language=False)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.vision_tower", "model.multi_modal_projector", "model.language_model"} <= trainable
+    assert not any(n.startswith("world_encoder.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("options", [
+    dict(world_projection="spatial", world_projector_type="linear", world_tokens_per_side=2),
+    dict(world_projection="channel", world_projector_type="mlp"),
+])
+def test_projection_modes_train(tiny_models, options):
+    model = load_tiny_world(tiny_models, **options).train()
+    expected_tokens = 4 if options["world_projection"] == "spatial" else 16
+    assert model.num_world_tokens == expected_tokens
+    batch = TheWorldCollator(model)(samples(2))
+    assert int((batch["input_ids"][0] == model.config.world_token_index).sum()) == expected_tokens
+    model(**batch).loss.backward()
+    assert model.world_projector.proj[0].weight.grad.abs().sum() > 0
+
+
+def test_projector_stays_float32_in_a_bfloat16_model(tiny_models):
+    model = load_tiny_world(tiny_models, dtype=torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.world_projector.parameters())
+    batch = TheWorldCollator(model)(samples(1))
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_mixed_precision_comes_from_autocast_with_float32_master_weights(tiny_models):
+    model = load_tiny_world(tiny_models).train()
+    batch = TheWorldCollator(model)(samples(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    for param in model.world_projector.parameters():
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
+    assert model.world_projector.proj[0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- save / load
+
+def test_save_pretrained_round_trip_reproduces_logits(tiny_models, tmp_path):
+    model = load_tiny_world(tiny_models, freeze_cosmos_vae=False).train()
+    batch = TheWorldCollator(model)(samples(2))
+    model(**batch).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.save_pretrained(tmp_path)
+
+    saved = load_file(tmp_path / TRAINABLE_WEIGHTS_NAME)
+    assert {n.split(".")[0] for n in saved} == {"world_projector", "world_encoder"}
+    assert not any(".decoder." in n for n in saved)  # the VAE decoder is never saved
+    assert not any(n.startswith(("model.", "lm_head")) for n in saved)  # frozen Gemma is rebuilt from its id
+
+    reloaded = TheWorld.from_pretrained(tmp_path).eval()
+    assert reloaded.config.cosmos_model_name_or_path == model.config.cosmos_model_name_or_path
+    assert not reloaded.config.freeze_cosmos_vae
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="fixed by the saved TheWorld config"):
+        TheWorld.from_pretrained(tmp_path, world_projection="channel")
+
+
+# ---------------------------------------------------------------- world rollout hook
+
+def test_world_rollout_adds_predicted_frames_as_world_tokens(tiny_models):
+    from theworld.modeling.rollout import RolloutConfig
+
+    model = load_tiny_world(tiny_models, num_world_steps=1).train()
+    model.rollout_config = RolloutConfig(num_inference_steps=2)
+    assert model.world_transformer is not None and not any(
+        p.requires_grad for p in model.world_transformer.parameters())
+    assert model.num_world_tokens == 2 * 16  # observed frame + one predicted latent frame
+    batch = TheWorldCollator(model)(samples(2))
+    latents = model.encode_world(batch["world_pixel_values"])
+    assert latents.shape == (2, 16, 2, 4, 4)
+    model(**batch).loss.backward()
+    # Frames are told apart by the temporal embedding, which learns too.
+    assert model.world_projector.temporal_embedding.grad[1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- errors that name the fix
+
+def test_inconsistent_world_inputs_are_refused(tiny_models, tiny_world_model):
+    batch = TheWorldCollator(tiny_world_model)(samples(2))
+    with pytest.raises(ValueError, match="neither world_pixel_values nor world_latents"):
+        tiny_world_model(**{k: v for k, v in batch.items() if k != "world_pixel_values"})
+    plain = TheWorld.from_pretrained(tiny_models[0], enable_world=False)
+    with pytest.raises(ValueError, match="enable_world=False"):
+        plain(**batch)
+    no_pair = {**batch, "input_ids": batch["input_ids"].masked_fill(
+        batch["input_ids"] == tiny_world_model.config.world_token_index, 0)}
+    with pytest.raises(ValueError, match="exactly one '<start_of_world><end_of_world>' pair"):
+        tiny_world_model(**no_pair)
+
+
+def test_world_model_without_world_inputs_is_its_base_gemma(tiny_models, tiny_world_model):
+    """The trainer's no-world evaluation: the same model, fed a batch collated without the world."""
+    import copy
+
+    config = copy.deepcopy(tiny_world_model.config)
+    config.enable_world = False
+    batch = TheWorldCollator(tiny_world_model.processor, config=config)(samples(2))
+    assert "world_pixel_values" not in batch
+    assert not (batch["input_ids"] == tiny_world_model.config.sow_token_index).any()
+    gemma = Gemma3ForConditionalGeneration.from_pretrained(tiny_models[0]).eval()
+    with torch.no_grad():
+        assert torch.equal(tiny_world_model(**batch).logits,
+                           gemma(**{k: v for k, v in batch.items() if k != "labels"}).logits)

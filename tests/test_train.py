@@ -1,0 +1,149 @@
+"""`python -m theworld.train`: training on safety-checked data through the real safety worker.
+
+Runs are short (a few to a few dozen steps of the tiny models) and most share one session worker
+(`tiny_safety_worker`); the mission test and the shared-worker test run the real command line.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from theworld.data.sources import SampleStream
+from theworld.data.synthetic import SyntheticWorldTask
+from theworld.train import build_model, parse_args, train
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_run_args(output_dir, tiny_models, *extra):
+    """Flags for a seconds-long run on the session's tiny models."""
+    gemma, cosmos = tiny_models
+    return [
+        "--output-dir", str(output_dir), "--gemma-model", str(gemma), "--cosmos-model", str(cosmos),
+        "--synthetic-size", "64", "--synthetic-eval-size", "8", "--eval-size", "8", "--batch-size", "2",
+        "--max-steps", "6", "--warmup-steps", "2", "--eval-every", "6", "--save-every", "6", "--log-every", "2",
+        "--report-to", "none", "--safety-window", "8", *extra,
+    ]
+
+
+def run_in_process(output_dir, tiny_models, endpoint, *extra) -> dict:
+    return train(*parse_args(small_run_args(output_dir, tiny_models, "--safety-endpoint", endpoint, *extra)))
+
+
+def run_cli(output_dir, tiny_models, *extra) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "theworld.train", *small_run_args(output_dir, tiny_models, *extra)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def seen_ids(summary, size=64, seed=0):
+    """The sample ids a single-process run read, in order, from its reading position 0."""
+    task = SyntheticWorldTask(size=size, seed=seed)
+    stream = SampleStream(task, seed=seed)
+    return [task.sample_id(stream.index_at(p)) for p in range(summary["seen"])]
+
+
+def test_trainer_keeps_grad_while_its_spawned_worker_has_it_off(tmp_path, tiny_models):
+    """The mission: the guardrail runs (grad off) in the worker the trainer spawned; training updates the projector."""
+    out = finish(run_cli(tmp_path, tiny_models))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["safety_worker_spawned"]
+    assert summary["worker"]["grad_enabled"] is False
+    assert summary["worker"]["modules_loaded"]["cosmos_guardrail"] is True
+    assert summary["trainer_grad_enabled"] is True
+    assert "seen" in out and "held-out loss" in out  # the printed summary
+    # The projector moved away from the initial weights the same seed builds.
+    initial = build_model(parse_args(small_run_args(tmp_path, tiny_models))[0], seed=0)
+    trained = load_file(tmp_path / "checkpoints" / "step-000006" / "trainable.safetensors")
+    projector = {n: p for n, p in initial.named_parameters() if n.startswith("world_projector.")}
+    assert projector and all(name in trained for name in projector)
+    assert max((trained[n] - p.detach()).abs().max().item() for n, p in projector.items()) > 1e-4
+    # The spawned worker was stopped with the run.
+    with pytest.raises(ProcessLookupError):
+        os.kill(summary["worker"]["pid"], 0)
+
+
+def test_heldout_loss_halves_with_world_tokens_and_the_no_world_baseline_is_reported(tmp_path, tiny_models, tiny_safety_worker):
+    """Learning: 40 steps on the synthetic task at least halve the held-out answer loss (threshold 0.5x)."""
+    steps = ["--max-steps", "40", "--batch-size", "4", "--eval-every", "40", "--save-every", "40", "--blocked-fraction", "0"]
+    world = run_in_process(tmp_path / "world", tiny_models, tiny_safety_worker.endpoint, *steps)
+    baseline = run_in_process(tmp_path / "no_world", tiny_models, tiny_safety_worker.endpoint, *steps, "--no-enable-world")
+    print(f"\nheld-out loss with world tokens {world['initial_eval_loss']:.3f} -> {world['final_eval_loss']:.3f} "
+          f"(accuracy {world['final_eval_accuracy']:.2f}); same model, world tokens left out: "
+          f"{world['final_eval_loss_no_world']:.3f}; no-world baseline {baseline['initial_eval_loss']:.3f} -> "
+          f"{baseline['final_eval_loss']:.3f} (accuracy {baseline['final_eval_accuracy']:.2f})")
+    assert world["final_eval_loss"] < 0.5 * world["initial_eval_loss"]
+    assert world["final_eval_loss_no_world"] is not None
+    assert baseline["enable_world"] is False and baseline["final_eval_loss_no_world"] is None
+    assert baseline["final_eval_loss"] < baseline["initial_eval_loss"]
+    assert (tmp_path / "world" / "loss_curve.png").stat().st_size > 0
+
+
+def test_blocked_texts_are_ledgered_and_every_sample_is_accounted_for(tmp_path, tiny_models, tiny_safety_worker):
+    summary = run_in_process(tmp_path, tiny_models, tiny_safety_worker.endpoint, "--blocked-fraction", "0.25")
+    read = seen_ids(summary)
+    expected_blocked = [i for i in read if i in SyntheticWorldTask(size=64, blocked_fraction=0.25).blocked_ids]
+    ledger = read_jsonl(tmp_path / "blocked.jsonl")
+    assert expected_blocked, "the run should have read some blocked samples"
+    assert [r["id"] for r in ledger] == expected_blocked
+    assert all(r["reason"] for r in ledger)
+    assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
+    assert summary["errors"] == 0 and summary["blocked"] == len(expected_blocked)
+    assert summary["trained"] == 6 * 2  # steps x batch size
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["seen"] == summary["seen"] and "initial_eval_loss" in saved and "final_eval_loss" in saved
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_safety_worker):
+    flags = ["--max-steps", "8", "--save-every", "4", "--eval-every", "4", "--blocked-fraction", "0.25"]
+    whole = run_in_process(tmp_path / "whole", tiny_models, tiny_safety_worker.endpoint, *flags)
+    run_in_process(tmp_path / "parts", tiny_models, tiny_safety_worker.endpoint, *flags, "--stop-after-steps", "4")
+    assert [p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()] == ["step-000004"]
+    resumed = run_in_process(tmp_path / "parts", tiny_models, tiny_safety_worker.endpoint, *flags, "--resume")
+
+    def losses(run):
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
+
+    assert losses("parts") == losses("whole")  # exactly equal floats, not approximately
+    for key in ("seen", "trained", "blocked", "errors", "initial_eval_loss", "final_eval_loss"):
+        assert resumed[key] == whole[key], key
+    assert (tmp_path / "parts" / "blocked.jsonl").read_text() == (tmp_path / "whole" / "blocked.jsonl").read_text()
+    final = "checkpoints/step-000008/trainable.safetensors"
+    a, b = load_file(tmp_path / "whole" / final), load_file(tmp_path / "parts" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, tiny_safety_worker):
+    endpoint = tiny_safety_worker.endpoint
+    procs = [run_cli(tmp_path / f"run{i}", tiny_models, "--safety-endpoint", endpoint, "--seed", str(i),
+                     "--blocked-fraction", "0.25") for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    from safety_worker import SafetyClient
+
+    with SafetyClient(endpoint) as client:
+        instance = client.hello()["instance_id"]  # still serving after both runs detached
+    for i in range(2):
+        summary = json.loads((tmp_path / f"run{i}" / "summary.json").read_text())
+        assert not summary["safety_worker_spawned"] and summary["worker"]["instance_id"] == instance
+        assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
+        task = SyntheticWorldTask(size=64, seed=i, blocked_fraction=0.25)
+        blocked = [r["id"] for r in read_jsonl(tmp_path / f"run{i}" / "blocked.jsonl")]
+        assert blocked == [x for x in seen_ids(summary, seed=i) if x in task.blocked_ids]

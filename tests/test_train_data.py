@@ -1,0 +1,94 @@
+"""The training data sources: the synthetic world task, JSONL, save_to_disk datasets, reading order."""
+import numpy as np
+import pytest
+
+from theworld.data.sources import DiskDataset, JsonlDataset, SampleStream, parse_columns, sample_text, write_jsonl
+from theworld.data.synthetic import COLOURS, SyntheticWorldTask
+
+
+def answer(sample):
+    return sample["messages"][1]["content"][0]["text"]
+
+
+def test_synthetic_task_is_a_pure_function_of_seed_split_and_index():
+    a, b = SyntheticWorldTask(size=16, seed=3), SyntheticWorldTask(size=16, seed=3)
+    for i in range(16):
+        assert a[i]["id"] == b[i]["id"] and answer(a[i]) == answer(b[i])
+        np.testing.assert_array_equal(a[i]["images"][0], b[i]["images"][0])
+    heldout = SyntheticWorldTask(split="heldout", size=16, seed=3)
+    assert not any(np.array_equal(a[i]["images"][0], heldout[i]["images"][0]) for i in range(16))
+
+
+def test_synthetic_answers_are_read_off_the_image():
+    task = SyntheticWorldTask(size=64, questions=("colour",), image_size=32)
+    for i in range(64):
+        sample = task[i]
+        image = sample["images"][0]
+        assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
+        # The background is dark noise (< 48); the arrow's pixels are exactly its colour.
+        colour = np.array(COLOURS[answer(sample)])
+        assert (image == colour).all(axis=-1).sum() > 10
+
+
+def test_synthetic_blocked_samples_are_exactly_the_listed_ids():
+    from safety_worker.tiny import BLOCKED_PHRASE
+
+    task = SyntheticWorldTask(size=200, blocked_fraction=0.1)
+    with_phrase = {task[i]["id"] for i in range(200) if BLOCKED_PHRASE in sample_text(task[i])}
+    assert with_phrase == task.blocked_ids and len(with_phrase) == 20
+
+
+def test_jsonl_round_trip_keeps_ids_messages_and_pixels(tmp_path):
+    task = SyntheticWorldTask(size=5)
+    samples = [task[i] for i in range(5)]
+    samples[1]["images"].append(samples[1]["images"][0][::-1].copy())  # a two-frame sample
+    path = write_jsonl(samples, tmp_path / "data" / "train.jsonl")
+    loaded = JsonlDataset(path)
+    assert len(loaded) == 5
+    for original, back in zip(samples, loaded):
+        assert back["id"] == original["id"] and back["messages"] == original["messages"]
+        assert len(back["images"]) == len(original["images"])
+        for x, y in zip(original["images"], back["images"]):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_jsonl_reader_names_the_missing_keys(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "x", "messages": []}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing keys \['images'\]"):
+        JsonlDataset(path)
+
+
+def test_disk_dataset_maps_columns_to_samples(tmp_path):
+    import datasets
+    from PIL import Image
+
+    task = SyntheticWorldTask(size=4)
+    rows = {"key": [], "picture": [], "prompt": [], "label": []}
+    for i in range(4):
+        rows["key"].append(f"row{i}")
+        rows["picture"].append(Image.fromarray(task[i]["images"][0]))
+        rows["prompt"].append(task[i]["messages"][0]["content"][1]["text"])
+        rows["label"].append(answer(task[i]))
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    ds = DiskDataset(tmp_path / "ds", columns="id=key,images=picture,question=prompt,answer=label")
+    sample = ds[2]
+    assert sample["id"] == "row2" and answer(sample) == answer(task[2])
+    assert sample["messages"][0]["content"][0] == {"type": "image"}
+    np.testing.assert_array_equal(sample["images"][0], task[2]["images"][0])
+    with pytest.raises(ValueError, match="data_columns"):
+        DiskDataset(tmp_path / "ds")  # no 'images' column under the default names
+    with pytest.raises(ValueError, match="unknown column role"):
+        parse_columns("picture=img")
+
+
+def test_sample_stream_shards_ranks_disjointly_and_resumes_at_a_position():
+    data = list(range(10))
+    ranks = [SampleStream(data, seed=1, rank=r, world_size=2) for r in range(2)]
+    first_epoch = [ranks[r].index_at(p) for p in range(5) for r in range(2)]
+    assert sorted(first_epoch) == data  # one epoch across both ranks covers every sample once
+    stream = SampleStream(data, seed=1)
+    it = stream.iter_from(0)
+    run = [next(it) for _ in range(25)]
+    resumed = stream.iter_from(13)
+    assert [next(resumed) for _ in range(12)] == run[13:]

@@ -1,0 +1,195 @@
+"""The safety worker in the data path: checks run ahead of the trainer, blocked samples are ledgered.
+
+``SafetyFilter`` keeps a bounded window of ``SafetyClient.submit_sample`` requests in flight ahead of
+the sample the trainer is about to take, so the trainer waits only when the worker is slower than a
+training step. Each sample's whole text is checked and its images go through the face filter; a safe
+sample is handed on with its images *replaced by the sanitized frames* the worker returned, so the
+model never sees unchecked pixels. A blocked sample is written to ``blocked.jsonl`` (id and reason),
+a failed check (worker error, timeout, malformed sample) to ``errors.jsonl``; failed checks are
+never trained on (fail closed). Nothing is dropped silently: ``seen == passed + blocked + errors``.
+
+Counters and the reading position describe samples the trainer has *taken*, not the ones in flight,
+so a checkpoint made between two takes can resume exactly (in-flight checks are simply redone).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from theworld.data.sources import sample_text
+
+
+class SafetyCheckFailed(RuntimeError):
+    """Too many samples could not be checked: the worker is gone, overloaded or rejects the input."""
+
+
+@dataclass
+class FilterCounts:
+    seen: int = 0  # taken off the stream and decided
+    passed: int = 0  # safe: handed to the trainer with sanitized images
+    blocked: int = 0  # the guard said no: in blocked.jsonl
+    errors: int = 0  # the check failed: in errors.jsonl, not trained on
+    wait_seconds: float = 0.0  # time the trainer sat waiting for a verdict
+
+
+@dataclass
+class _Pending:
+    position: int
+    sample: dict
+    futures: list[Future]
+    error: str | None = None
+
+
+def _frame_groups(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Images as ``[T,H,W,3]`` videos for the worker: one video when all share a size, else one per image."""
+    if images and all(image.shape == images[0].shape for image in images):
+        return [np.stack(images)]
+    return [image[None] for image in images]
+
+
+class SafetyFilter:
+    """Iterate ``(position, sanitized_sample)`` over the safe samples of ``stream``.
+
+    Args:
+        client: a connected ``safety_worker.SafetyClient``.
+        stream: an iterator of ``(position, sample)`` (``SampleStream.iter_from``).
+        window: how many checks to keep in flight ahead of the trainer.
+        output_dir: where ``blocked.jsonl`` and ``errors.jsonl`` are appended.
+        ledger_suffix: added to the ledger names (distinct files per rank).
+        max_errors: raise ``SafetyCheckFailed`` once more checks than this have failed.
+        result_timeout: seconds to wait for one verdict before counting it as an error.
+        state: a ``state_dict()`` from an earlier run to continue from (ledgers are cut back to it).
+        fresh_ledgers: start the ledgers empty instead of appending (for a pass that is redone every run).
+    """
+
+    def __init__(self, client, stream: Iterator[tuple[int, dict]], window: int = 16, output_dir=".",
+                 ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None,
+                 fresh_ledgers: bool = False):
+        if window < 1:
+            raise ValueError(f"safety_window must be at least 1, got {window}")
+        self.client, self.stream, self.window = client, stream, window
+        self.max_errors, self.result_timeout = max_errors, result_timeout
+        self.blocked_path = Path(output_dir) / f"blocked{ledger_suffix}.jsonl"
+        self.errors_path = Path(output_dir) / f"errors{ledger_suffix}.jsonl"
+        self.counts = FilterCounts()
+        self.next_position = 0
+        if state is not None:
+            self.counts = FilterCounts(**state["counts"])
+            self.next_position = state["next_position"]
+            for path, size in ((self.blocked_path, state["blocked_bytes"]), (self.errors_path, state["errors_bytes"])):
+                # Entries after the checkpoint are rewritten when the resumed run re-decides those samples.
+                if path.exists():
+                    os.truncate(path, size)
+        self._pending: deque[_Pending] = deque()
+        mode = "w" if fresh_ledgers else "a"
+        self._blocked_file = open(self.blocked_path, mode, encoding="utf-8")
+        self._errors_file = open(self.errors_path, mode, encoding="utf-8")
+        self._last_error = None
+
+    # The trainer takes samples one at a time; each take tops the window up first.
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, dict]:
+        while True:
+            self._fill()
+            if not self._pending:
+                raise StopIteration  # a finite stream (the held-out set) is exhausted
+            item = self._pending.popleft()
+            verdict, error = self._wait(item)
+            self.counts.seen += 1
+            self.next_position = item.position + 1
+            if error is not None:
+                self._record_error(item, error)
+                continue
+            if not verdict[0]:
+                self.counts.blocked += 1
+                self._write(self._blocked_file, {"id": item.sample["id"], "position": item.position, "reason": verdict[1], "stage": verdict[2]})
+                continue
+            self.counts.passed += 1
+            sample = dict(item.sample)
+            sample["images"] = verdict[2]
+            return item.position, sample
+
+    def _fill(self):
+        while len(self._pending) < self.window:
+            try:
+                position, sample = next(self.stream)
+            except StopIteration:
+                return
+            self._pending.append(self._submit(position, sample))
+
+    def _submit(self, position: int, sample: dict) -> _Pending:
+        try:
+            text = sample_text(sample)
+            groups = _frame_groups([np.ascontiguousarray(image, dtype=np.uint8) for image in sample["images"]])
+            if not groups:
+                raise ValueError("the sample has no images")
+            futures = [self.client.submit_sample(text, frames) for frames in groups]
+        except Exception as e:  # a malformed sample or a closed client: fail closed, keep going
+            return _Pending(position, sample, [], error=f"{type(e).__name__}: {e}")
+        return _Pending(position, sample, futures)
+
+    def _wait(self, item: _Pending):
+        """``((True, None, sanitized_images), None)``, ``((False, reason, stage), None)`` or ``(None, error)``.
+
+        Only the time spent blocked here counts as the trainer waiting on the worker."""
+        if item.error is not None:
+            return None, item.error
+        start = time.perf_counter()
+        try:
+            verdicts = [future.result(timeout=self.result_timeout) for future in item.futures]
+        except Exception as e:
+            return None, f"{type(e).__name__}: {e}"
+        finally:
+            self.counts.wait_seconds += time.perf_counter() - start
+        for verdict in verdicts:
+            if not verdict.safe:
+                return (False, verdict.reason, getattr(verdict, "stage", None)), None
+            if verdict.frames is None:
+                return None, "the worker passed the sample but returned no sanitized frames"
+        images = [np.asarray(frame) for verdict in verdicts for frame in verdict.frames]
+        if len(images) != len(item.sample["images"]):
+            return None, f"the worker returned {len(images)} frames for {len(item.sample['images'])} images"
+        return (True, None, images), None
+
+    def _record_error(self, item: _Pending, error: str):
+        self.counts.errors += 1
+        self._last_error = error
+        self._write(self._errors_file, {"id": item.sample["id"], "position": item.position, "error": error})
+        if self.counts.errors > self.max_errors:
+            raise SafetyCheckFailed(
+                f"{self.counts.errors} samples failed their safety check (last: {error}). Is the safety worker "
+                f"alive and reachable? See {self.errors_path}; raise safety_max_errors to tolerate more."
+            )
+
+    @staticmethod
+    def _write(file, record: dict):
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        file.flush()
+
+    def state_dict(self) -> dict:
+        """Position and counters of the samples taken so far (not of the checks still in flight)."""
+        return {
+            "next_position": self.next_position,
+            "counts": asdict(self.counts),
+            "blocked_bytes": os.fstat(self._blocked_file.fileno()).st_size,
+            "errors_bytes": os.fstat(self._errors_file.fileno()).st_size,
+        }
+
+    def close(self):
+        """Forget the checks still in flight (they were never seen) and close the ledgers."""
+        for item in self._pending:
+            for future in item.futures:
+                future.cancel()
+        self._pending.clear()
+        self._blocked_file.close()
+        self._errors_file.close()

@@ -1,0 +1,214 @@
+"""World rollout: Cosmos-Predict2 Video2World's denoising loop, written in theworld.
+
+Why not call the diffusers pipeline: `Cosmos2VideoToWorldPipeline` imports `cosmos_guardrail`, whose
+`retinaface` dependency switches autograd off for the whole process at import time (docs/DESIGN.md).
+This module drives the same submodules the pipeline holds (`CosmosTransformer3DModel`,
+`FlowMatchEulerDiscreteScheduler`, optionally T5 for a text prompt, the VAE for decoding)
+with the pipeline's constants and arithmetic, so that on the same weights, noise and settings the
+predicted latents equal the pipeline's `output_type="latent"` output (tests/test_rollout.py proves it
+against the real pipeline, run in a subprocess).
+
+Latents here are always *normalised* Cosmos latents as `CosmosWorldEncoder` makes them,
+`(z - latents_mean) / latents_std * sigma_data`, shaped `[B, C, T, h, w]`, observed frames first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from theworld.modeling.world_encoder import SIGMA_DATA, CosmosWorldEncoder
+
+# The Video2World pipeline writes these into the scheduler config; without them the karras schedule
+# spans the wrong noise range.
+SIGMA_MAX = 80.0
+SIGMA_MIN = 0.002
+FINAL_SIGMAS_TYPE = "sigma_min"
+# Noise level at which the clean conditioning frames are presented to the transformer.
+SIGMA_CONDITIONING = 1e-4
+DEFAULT_FPS = 16
+# Copied from the pipeline (importing it would import the guardrail); used as the unconditional
+# branch of classifier-free guidance when a T5 prompt is given.
+DEFAULT_NEGATIVE_PROMPT = (
+    "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
+    "over-saturation, shaky footage, low resolution, grainy texture, pixelated images, poorly lit areas, "
+    "underexposed and overexposed scenes, poor color balance, washed out colors, choppy sequences, "
+    "jerky movements, low frame rate, artifacting, color banding, unnatural transitions, outdated special effects, "
+    "fake elements, unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. "
+    "Overall, the video is of poor quality."
+)
+
+
+@dataclass
+class RolloutConfig:
+    """Settings of one world rollout.
+
+    Args:
+        num_inference_steps: denoising steps (the pipeline's default is 35).
+        guidance_scale: classifier-free guidance weight `w` in `x0 = x0_c + w (x0_c - x0_u)`; active when
+            > 1 and a prompt is given (the pipeline's default is 7.0 with a prompt). Without a prompt there
+            is nothing to guide towards, so it is ignored.
+        fps: the frame rate the transformer's rotary embedding is told.
+        seed: seeds the initial noise when no generator or noise tensor is passed.
+        max_sequence_length: T5 tokens per prompt (the pipeline pads to 512).
+    """
+
+    num_inference_steps: int = 35
+    guidance_scale: float = 7.0
+    fps: int = DEFAULT_FPS
+    seed: int | None = 0
+    max_sequence_length: int = 512
+
+
+def video2world_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler (its step index is per-rollout state) with the Video2World constants set."""
+    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    fresh.register_to_config(
+        sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA, final_sigmas_type=FINAL_SIGMAS_TYPE
+    )
+    return fresh
+
+
+def decode_world_latents(world_encoder: CosmosWorldEncoder, latents: torch.Tensor) -> np.ndarray:
+    """Normalised latents `[B, C, T, h, w]` -> uint8 frames `[B, F, H, W, 3]` (F = 1 + 4 (T - 1)).
+
+    The frames are raw model output: show or write them only after the safety worker has checked and
+    sanitised them (`SafetyClient.check_video`).
+    """
+    vae = world_encoder.vae
+    with torch.no_grad():
+        video = vae.decode(world_encoder.denormalize(latents).to(vae.dtype), return_dict=False)[0]
+    video = (video.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, F, H, W] in [-1, 1] -> [0, 1]
+    return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def encode_prompt(
+    text_encoder, tokenizer, prompts: str | list[str], max_sequence_length: int = 512
+) -> torch.Tensor:
+    """T5 embeddings of `prompts` as the Video2World pipeline makes them: padded to
+    `max_sequence_length`, positions after each prompt's length zeroed."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = text_encoder.device
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    )
+    mask = tokens.attention_mask.bool().to(device)
+    with torch.no_grad():
+        embeds = text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+    for i, length in enumerate(mask.sum(dim=1).cpu()):
+        embeds[i, length:] = 0
+    return embeds
+
+
+def rollout_world_latents(
+    transformer: CosmosTransformer3DModel,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    conditioning_latents: torch.Tensor,
+    num_world_steps: int,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    config: RolloutConfig | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    enable_grad: bool = False,
+) -> torch.Tensor:
+    """Predict `num_world_steps` future latent frames after `conditioning_latents`.
+
+    Args:
+        conditioning_latents: normalised latents of the observed frames, `[B, C, Tc, h, w]` (for one
+            image `Tc = 1`).
+        num_world_steps: future latent frames to predict (each is 4 video frames of the Wan VAE).
+        prompt_embeds: T5 embeddings `[B, L, D]` (see `encode_prompt`); None conditions on nothing
+            (an all-zero context), and then guidance is off.
+        negative_prompt_embeds: the unconditional branch of guidance; required when guidance is on.
+        generator / noise: the initial noise is `noise` (standard normal, shape of the output) if
+            given, else drawn from `generator`, else from `torch.Generator().manual_seed(config.seed)`.
+        enable_grad: keep autograd on (only to train the transformer through the rollout).
+
+    Returns:
+        normalised latents `[B, C, Tc + num_world_steps, h, w]`, as the pipeline returns them: the
+        first `Tc` frames went through the sampler too and are close to, not equal to, the
+        conditioning latents (use the conditioning latents themselves for the observed frames).
+    """
+    config = config or RolloutConfig()
+    if num_world_steps < 1:
+        raise ValueError(f"num_world_steps must be >= 1 to roll out, got {num_world_steps}")
+    batch, channels, num_cond, height, width = conditioning_latents.shape
+    if channels != transformer.config.in_channels - 1:
+        raise ValueError(
+            f"conditioning latents have {channels} channels but the transformer expects "
+            f"{transformer.config.in_channels - 1} (in_channels minus the condition-mask channel)"
+        )
+    guided = prompt_embeds is not None and config.guidance_scale > 1.0
+    if guided and negative_prompt_embeds is None:
+        raise ValueError(
+            "guidance_scale > 1 needs negative_prompt_embeds (e.g. encode_prompt(..., DEFAULT_NEGATIVE_PROMPT)); "
+            "or set guidance_scale=1 to turn guidance off"
+        )
+    device = conditioning_latents.device
+    transformer_dtype = transformer.dtype
+    if prompt_embeds is None:
+        # All-zero context: every key is the same, so the cross-attention is uninformative, as intended.
+        prompt_embeds = torch.zeros(batch, 1, transformer.config.text_embed_dim, device=device, dtype=transformer_dtype)
+
+    with torch.set_grad_enabled(enable_grad):
+        scheduler = video2world_scheduler(scheduler)
+        sigmas_dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64
+        scheduler.set_timesteps(sigmas=torch.linspace(0, 1, config.num_inference_steps, dtype=sigmas_dtype), device=device)
+        # final_sigmas_type="sigma_min": the last step lands on sigma_min instead of zero.
+        scheduler.sigmas[-1] = scheduler.sigmas[-2]
+
+        num_frames = num_cond + num_world_steps
+        shape = (batch, channels, num_frames, height, width)
+        if noise is None:
+            if generator is None and config.seed is not None:
+                generator = torch.Generator(device=device).manual_seed(config.seed)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        latents = noise.to(device=device, dtype=torch.float32) * SIGMA_MAX
+
+        # Zero-padded to the full length so that the arithmetic below is the pipeline's, bit for bit.
+        cond_latents = torch.zeros(shape, device=device, dtype=torch.float32)
+        cond_latents[:, :, :num_cond] = conditioning_latents.to(torch.float32)
+        cond_indicator = latents.new_zeros(1, 1, num_frames, 1, 1)
+        cond_indicator[:, :, :num_cond] = 1.0
+        cond_mask = (cond_indicator * latents.new_ones(batch, 1, num_frames, height, width)).to(transformer_dtype)
+        # No padded region; the transformer resizes this mask to the latent grid anyway.
+        padding_mask = latents.new_zeros(1, 1, height, width, dtype=transformer_dtype)
+        sigma_cond = torch.tensor(SIGMA_CONDITIONING, dtype=torch.float32, device=device)
+        t_cond = sigma_cond / (sigma_cond + 1)
+
+        def denoised(context: torch.Tensor, c_in, c_skip, c_out, timestep) -> torch.Tensor:
+            x = cond_indicator * cond_latents + (1 - cond_indicator) * (latents * c_in)
+            t = cond_indicator * t_cond + (1 - cond_indicator) * timestep
+            velocity = transformer(
+                hidden_states=x.to(transformer_dtype),
+                timestep=t.to(transformer_dtype),
+                encoder_hidden_states=context,
+                fps=config.fps,
+                condition_mask=cond_mask,
+                padding_mask=padding_mask,
+                return_dict=False,
+            )[0]
+            x0 = (c_skip * latents + c_out * velocity.float()).to(transformer_dtype)
+            return cond_indicator * cond_latents + (1 - cond_indicator) * x0
+
+        for i, t in enumerate(scheduler.timesteps):
+            sigma = scheduler.sigmas[i]
+            # EDM preconditioning of a velocity model: t = s / (s + 1).
+            current_t = sigma / (sigma + 1)
+            c_in = c_skip = 1 - current_t
+            c_out = -current_t
+            timestep = current_t.view(1, 1, 1, 1, 1).expand(batch, -1, num_frames, -1, -1)
+            x0 = denoised(prompt_embeds, c_in, c_skip, c_out, timestep)
+            if guided:
+                x0_uncond = denoised(negative_prompt_embeds, c_in, c_skip, c_out, timestep)
+                x0 = x0 + config.guidance_scale * (x0 - x0_uncond)
+            latents = scheduler.step((latents - x0) / sigma, t, latents, return_dict=False)[0]
+    return latents

@@ -1,0 +1,675 @@
+"""Train TheWorld on safety-checked data: ``python -m theworld.train [--config FILE] [--key value ...]``.
+
+With no arguments this is the complete offline default: the project's tiny Gemma 3 and Cosmos
+(built on first use under ``theworld.tiny.default_tiny_dir()``), the synthetic world task, and a
+spawned safety worker running the tiny guardrail; a few hundred steps on a laptop CPU, then a summary.
+Real models train with the same command: ``--gemma-model google/gemma-3-4b-it --cosmos-model
+nvidia/Cosmos-Predict2-2B-Video2World --data my.jsonl``. Multi-GPU: ``accelerate launch -m
+theworld.train ...`` (one safety worker per node: the local main process spawns it, the other local
+ranks attach to it).
+
+Every training sample goes through the safety worker (``theworld.data.safety_filter``) before the
+model sees it; the worker is the only process that imports ``cosmos_guardrail``, so autograd stays
+on here. The loop below is meant to be read top to bottom: build, check, step, evaluate, checkpoint.
+
+Outputs in ``--output-dir``: ``summary.json``, ``metrics.jsonl``, ``loss_curve.png``,
+``blocked.jsonl``, ``errors.jsonl``, ``tensorboard/``, ``checkpoints/step-NNNNNN/``, ``model/`` (the
+trained model for ``TheWorld.from_pretrained``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import theworld  # noqa: F401  (installs the import guard before anything else is imported)
+
+CHECKPOINT_DIR = "checkpoints"
+ENDPOINT_FILE = ".safety-endpoint-{host}"
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class ModelArguments:
+    """Which models to train and which of their weights move."""
+
+    gemma_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Gemma 3 model id or directory (e.g. google/gemma-3-4b-it). Default: the project's "
+                          "tiny Gemma 3, built on first use in theworld.tiny.default_tiny_dir()."},
+    )
+    cosmos_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Cosmos-Predict2 Video2World repository id or directory (e.g. "
+                          "nvidia/Cosmos-Predict2-2B-Video2World). Default: the project's tiny Cosmos."},
+    )
+    enable_world: bool = field(
+        default=True,
+        metadata={"help": "Insert Cosmos world tokens (true) or train the no-world Gemma baseline (false)."},
+    )
+    world_projection: str = field(
+        default="spatial",
+        metadata={"help": "How Cosmos latents become world tokens: 'spatial' (one token per latent patch) "
+                          "or 'channel' (pooled).", "choices": ["spatial", "channel"]},
+    )
+    freeze_gemma_language: bool = field(
+        default=False,
+        metadata={"help": "Freeze Gemma's language model (embeddings, decoder, LM head). The world projector "
+                          "always trains. Freeze it for real Gemma checkpoints; the tiny default is random, so "
+                          "its language model has to learn too."},
+    )
+    freeze_gemma_vision: bool = field(
+        default=True, metadata={"help": "Freeze the SigLIP vision tower and Gemma's multimodal projector."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where samples come from. Every training and held-out sample passes the safety worker."""
+
+    data: str = field(
+        default="synthetic",
+        metadata={"help": "Training data: 'synthetic' (the built-in world task), a .jsonl file (image or frame "
+                          "paths + chat messages, see theworld.data.sources) or a directory written by "
+                          "datasets' save_to_disk."},
+    )
+    eval_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out data in the same forms. Default: the synthetic task's held-out split when "
+                          "data=synthetic, else the 'test' split of a save_to_disk DatasetDict."},
+    )
+    data_split: str = field(default="train", metadata={"help": "Split to train on when data is a DatasetDict."})
+    data_columns: str = field(
+        default="",
+        metadata={"help": "Column mapping for save_to_disk data, e.g. 'images=image,question=prompt,answer=label' "
+                          "(roles: id, images, messages, question, answer)."},
+    )
+    synthetic_size: int = field(default=2048, metadata={"help": "Training samples in the synthetic task."})
+    synthetic_eval_size: int = field(default=64, metadata={"help": "Held-out samples in the synthetic task."})
+    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
+    blocked_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of synthetic training samples whose text carries the tiny guard's blocked "
+                          "phrase (they must end up in blocked.jsonl, never in training)."},
+    )
+    eval_size: int = field(default=64, metadata={"help": "Evaluate on at most this many held-out samples."})
+
+
+@dataclass
+class TrainArguments:
+    """The loop, its outputs, and the safety worker it talks to."""
+
+    output_dir: str = field(default="runs/theworld", metadata={"help": "Where every output of the run is written."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
+    stop_after_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "End this invocation after this many more optimizer steps (writing a checkpoint) without "
+                          "changing the schedule: for time-sliced jobs; continue with --resume."},
+    )
+    batch_size: int = field(default=4, metadata={"help": "Samples per micro-batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Any transformers.get_scheduler name (linear, cosine, constant, ...)."}
+    )
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps of the LR schedule."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0: no clipping)."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'.",
+                  "choices": ["auto", "no", "bf16", "fp16"]},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for model initialisation, data order and the synthetic task."})
+    eval_every: int = field(default=50, metadata={"help": "Evaluate on held-out data every N steps (and at start and end)."})
+    save_every: int = field(default=100, metadata={"help": "Write a checkpoint every N steps (and at the end)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    log_every: int = field(default=10, metadata={"help": "Log to TensorBoard and the progress bar every N steps."})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "Experiment tracker for accelerate ('tensorboard' or 'none').", "choices": ["tensorboard", "none"]},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the latest checkpoint in --output-dir (same losses as an uninterrupted run)."},
+    )
+    num_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    safety_endpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "Attach to this running safety worker (e.g. ipc:///run/safety/worker.sock or "
+                          "tcp://host:5555) instead of spawning one."},
+    )
+    safety_preset: str = field(
+        default="tiny", metadata={"help": "Guardrail preset of a spawned worker ('tiny' is built offline)."}
+    )
+    safety_device: str = field(default="cpu", metadata={"help": "Device of a spawned worker's guard models."})
+    safety_window: int = field(
+        default=32, metadata={"help": "Safety checks kept in flight ahead of the trainer (per process)."}
+    )
+    safety_timeout: float = field(default=120.0, metadata={"help": "Seconds to wait for one safety verdict."})
+    safety_max_errors: int = field(
+        default=50, metadata={"help": "Abort once more than this many samples failed their safety check."}
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Dataclasses from ``--config FILE`` (JSON or YAML, flat keys as in --help) overridden by the command line."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n\n")[0],
+                              epilog="Every key can also be set in the --config file (flat, with underscores).")
+    parser.add_argument("--config", default=None, help="JSON or YAML file of keys; command-line flags override it.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config))
+    *arguments, _namespace = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return tuple(arguments)
+
+
+def load_config_file(path: str) -> dict:
+    import yaml
+
+    text = Path(path).read_text()
+    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; see `python -m theworld.train --help` for the keys")
+    return values
+
+
+# ----------------------------------------------------------------------------------------- building
+
+
+def build_model(model_args: ModelArguments, seed: int):
+    """TheWorld with the requested parts frozen (the world projector always trains, Cosmos never does)."""
+    from transformers import set_seed
+
+    from theworld import TheWorld
+
+    gemma, cosmos = model_args.gemma_model, model_args.cosmos_model
+    if gemma is None or cosmos is None:
+        from theworld.tiny import build_tiny_models, default_tiny_dir
+
+        tiny_gemma, tiny_cosmos = build_tiny_models(default_tiny_dir())
+        gemma, cosmos = gemma or str(tiny_gemma), cosmos or str(tiny_cosmos)
+    set_seed(seed)  # the projector's initial weights are part of the run
+    return TheWorld.from_pretrained(
+        gemma, cosmos_model=cosmos, enable_world=model_args.enable_world, world_projection=model_args.world_projection,
+        freeze_gemma_language=model_args.freeze_gemma_language, freeze_gemma_vision=model_args.freeze_gemma_vision,
+    )
+
+
+def world_projector_parameters(model) -> dict[str, torch.Tensor]:
+    return dict(model.world_projector.named_parameters()) if model.world_projector is not None else {}
+
+
+def open_datasets(data_args: DataArguments, seed: int):
+    """``(train, heldout)`` map-style datasets in the sample format."""
+    from theworld.data.sources import DiskDataset, JsonlDataset
+    from theworld.data.synthetic import SyntheticWorldTask
+
+    def open_one(spec: str, split: str):
+        if spec == "synthetic":
+            size = data_args.synthetic_size if split == "train" else data_args.synthetic_eval_size
+            fraction = data_args.blocked_fraction if split == "train" else 0.0
+            return SyntheticWorldTask(split="train" if split == "train" else "heldout", size=size, seed=seed,
+                                      image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
+        if spec.endswith(".jsonl"):
+            return JsonlDataset(spec)
+        if Path(spec).is_dir():
+            return DiskDataset(spec, split=data_args.data_split if split == "train" else "test", columns=data_args.data_columns)
+        raise ValueError(f"data {spec!r} is neither 'synthetic', a .jsonl file nor a save_to_disk directory")
+
+    train = open_one(data_args.data, "train")
+    if data_args.eval_data is None and data_args.data.endswith(".jsonl"):
+        raise ValueError("set --eval-data to a held-out .jsonl file: a JSONL training file has no held-out split")
+    heldout = open_one(data_args.eval_data or data_args.data, "heldout")
+    return train, heldout
+
+
+@contextmanager
+def safety_worker(train_args: TrainArguments, accelerator):
+    """The endpoint of the safety worker this process talks to; spawned (and stopped) here unless attached."""
+    if train_args.safety_endpoint:
+        yield train_args.safety_endpoint, None
+        return
+    from safety_worker import spawn_worker
+
+    endpoint_file = Path(train_args.output_dir) / ENDPOINT_FILE.format(host=socket.gethostname())
+    if accelerator.is_local_main_process:
+        with spawn_worker(preset=train_args.safety_preset, device=train_args.safety_device) as worker:
+            endpoint_file.write_text(worker.endpoint)
+            accelerator.wait_for_everyone()  # the other local ranks read the endpoint now
+            try:
+                yield worker.endpoint, worker
+            finally:
+                accelerator.wait_for_everyone()  # nobody still needs the worker
+                endpoint_file.unlink(missing_ok=True)
+    else:
+        accelerator.wait_for_everyone()
+        try:
+            yield endpoint_file.read_text().strip(), None
+        finally:
+            accelerator.wait_for_everyone()
+
+
+def hello_info(client) -> dict:
+    hello = client.hello()
+    if isinstance(hello, dict):
+        return hello
+    return dataclasses.asdict(hello) if dataclasses.is_dataclass(hello) else dict(vars(hello))
+
+
+def require_autograd(where: str):
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"autograd is switched off in the trainer process ({where}). Something imported cosmos_guardrail or "
+            "retinaface (whose import runs torch.set_grad_enabled(False)) or diffusers' Cosmos pipelines; those "
+            "belong in the safety worker process only (python -m safety_worker serve). Remove that import."
+        )
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+def no_world_collator(model):
+    """A collator that leaves the world tokens out: the same model answers from Gemma's own inputs only."""
+    from theworld.data.collator import TheWorldCollator
+
+    config = copy.deepcopy(model.config)
+    config.enable_world = False
+    return TheWorldCollator(model.processor, config=config)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], accelerator) -> dict:
+    """Mean answer-token loss and answer accuracy (every answer token predicted right, teacher-forced)."""
+    model.eval()
+    total_loss = total_tokens = correct = count = 0.0
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with accelerator.autocast():
+            out = model(**batch)
+        labels = out.get("labels", None) if hasattr(out, "get") else None
+        labels = batch["labels"] if labels is None else labels
+        shift_logits, shift_labels = out.logits[:, :-1].float(), labels[:, 1:]
+        mask = shift_labels != -100
+        losses = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view_as(shift_labels)
+        total_loss += losses[mask].sum().item()
+        total_tokens += mask.sum().item()
+        right = (shift_logits.argmax(-1) == shift_labels) | ~mask
+        correct += right.all(dim=1).sum().item()
+        count += labels.shape[0]
+    model.train()
+    return {"loss": total_loss / max(total_tokens, 1), "accuracy": correct / max(count, 1)}
+
+
+def evaluate_world_and_no_world(model, batches, no_world_batches, accelerator) -> dict:
+    """Held-out metrics with world tokens and, for a world model, the same model with them left out."""
+    result = {f"eval_{k}": v for k, v in evaluate(model, batches, accelerator).items()}
+    if no_world_batches is not None:
+        result.update({f"eval_{k}_no_world": v for k, v in evaluate(model, no_world_batches, accelerator).items()})
+    return result
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / CHECKPOINT_DIR
+    return sorted(root.glob("step-*")) if root.exists() else []
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, step: int, rank_state: dict, output_dir: Path, keep: int):
+    """Write ``checkpoints/step-N`` atomically: everything goes into a temp dir that is renamed at the end,
+    so a crash leaves either the old set of checkpoints or the new one, never half a checkpoint."""
+    from safetensors.torch import save_file
+
+    root = output_dir / CHECKPOINT_DIR
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    # Every rank saves its own RNG streams and data position (ranks read different samples).
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    (tmp / f"state_rank{rank}.json").write_text(json.dumps(rank_state))
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(unwrapped.trainable_state_dict(), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    weights = load_file(checkpoint / "trainable.safetensors")
+    missing = [n for n, p in unwrapped.named_parameters() if p.requires_grad and n not in weights]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks trainable weights {missing[:5]}; was it written with other --freeze-* flags?")
+    unwrapped.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    rank = accelerator.process_index
+    set_rng_state(torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False))
+    return json.loads((checkpoint / f"state_rank{rank}.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", alpha=0.6)
+    for key, label in (("eval_loss", "held-out loss (world)"), ("eval_loss_no_world", "held-out loss (world tokens off)")):
+        points = [(e["step"], e[key]) for e in evals if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json_atomic(path: Path, value):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, *,
+          make_sample_filter=None) -> dict:
+    """Run training and return the summary (also written to ``output_dir/summary.json``).
+
+    ``make_sample_filter(client, stream, output_dir, state)`` replaces the live ``SafetyFilter`` (the
+    benchmark uses it to compare against pre-checked data); by default every sample is checked live.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from safety_worker import SafetyClient
+    from theworld.data.collator import TheWorldCollator
+    from theworld.data.safety_filter import SafetyFilter
+    from theworld.data.sources import SampleStream
+
+    require_autograd("at start")
+    if train_args.num_threads:
+        torch.set_num_threads(train_args.num_threads)
+    output_dir = Path(train_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(train_args.mixed_precision),
+        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
+    )
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    checkpoints = checkpoint_dirs(output_dir)
+    if train_args.resume and not checkpoints:
+        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINT_DIR}; start without --resume")
+    if not train_args.resume and checkpoints:
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
+
+    # ---- model, optimizer, schedule
+    model = build_model(model_args, train_args.seed)
+    collator = TheWorldCollator(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps * world_size,
+                              num_training_steps=train_args.max_steps * world_size)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    projector_before = {n: p.detach().clone() for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
+
+    train_data, heldout_data = open_datasets(data_args, train_args.seed)
+    stream = SampleStream(train_data, seed=train_args.seed, rank=rank, world_size=world_size)
+    ledger_suffix = "" if rank == 0 else f".rank{rank}"
+
+    step, history, evals, filter_state = 0, [], [], None
+    if train_args.resume:
+        state = load_checkpoint(accelerator, model, optimizer, scheduler, checkpoints[-1])
+        step, history, evals, filter_state = state["step"], state["history"], state["evals"], state["filter"]
+        accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
+
+    with ExitStack() as stack:
+        endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator))
+        client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout))
+        worker_hello = hello_info(client)
+        require_autograd("after connecting to the safety worker")
+
+        # ---- held-out set: checked once through the same worker, collated once
+        eval_filter = SafetyFilter(client, ((i, heldout_data[i]) for i in range(min(len(heldout_data), data_args.eval_size))),
+                                   window=train_args.safety_window, output_dir=output_dir, ledger_suffix=f".eval{ledger_suffix}",
+                                   max_errors=train_args.safety_max_errors, result_timeout=train_args.safety_timeout,
+                                   fresh_ledgers=True)
+        eval_samples = [sample for _, sample in eval_filter]
+        eval_filter.close()
+        if not eval_samples:
+            raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
+        eval_batches = [collator(eval_samples[i : i + train_args.batch_size]) for i in range(0, len(eval_samples), train_args.batch_size)]
+        no_world_batches = None
+        if model_args.enable_world:
+            without_world = no_world_collator(accelerator.unwrap_model(model))
+            no_world_batches = [without_world(eval_samples[i : i + train_args.batch_size])
+                                for i in range(0, len(eval_samples), train_args.batch_size)]
+
+        if make_sample_filter is None:
+            samples = SafetyFilter(client, stream.iter_from(filter_state["next_position"] if filter_state else 0),
+                                   window=train_args.safety_window, output_dir=output_dir, ledger_suffix=ledger_suffix,
+                                   max_errors=train_args.safety_max_errors, result_timeout=train_args.safety_timeout,
+                                   state=filter_state)
+        else:
+            samples = make_sample_filter(client, stream, output_dir, filter_state)
+        stack.callback(samples.close)
+
+        if not train_args.resume:
+            evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+        stop_at = train_args.max_steps
+        if train_args.stop_after_steps is not None:
+            stop_at = min(stop_at, step + train_args.stop_after_steps)
+        if train_args.report_to != "none":
+            accelerator.init_trackers("theworld", config={k: v for a in (model_args, data_args, train_args)
+                                                          for k, v in dataclasses.asdict(a).items() if v is not None})
+        progress = tqdm(total=train_args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+        loop_seconds = other_seconds = 0.0
+        wait_at_start = samples.counts.wait_seconds
+        model.train()
+        started = time.perf_counter()
+        checked_grad = False
+        while step < stop_at:
+            micro_losses = []
+            for _ in range(train_args.gradient_accumulation_steps):
+                batch = collator([next(samples)[1] for _ in range(train_args.batch_size)])
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = model(**batch).loss
+                    if not checked_grad:
+                        require_autograd("in the training step")
+                        if not loss.requires_grad:
+                            raise RuntimeError("the training loss does not require grad although autograd is on: no "
+                                               "trainable parameter reaches the loss (is enable_world off with every "
+                                               "Gemma part frozen? see --freeze-gemma-language)")
+                        checked_grad = True
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, train_args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                micro_losses.append(loss.detach().float().item())
+            step += 1
+            record = {"step": step, "loss": sum(micro_losses) / len(micro_losses), "lr": scheduler.get_last_lr()[0]}
+            history.append(record)
+            progress.update(1)
+            if step % train_args.log_every == 0 or step == stop_at:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", blocked=samples.counts.blocked)
+                if train_args.report_to != "none":
+                    accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=step)
+
+            pause = time.perf_counter()
+            if step % train_args.eval_every == 0 or step == train_args.max_steps:
+                evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+                if train_args.report_to != "none":
+                    accelerator.log({k.replace("eval_", "eval/"): v for k, v in evals[-1].items() if k != "step"}, step=step)
+            if step % train_args.save_every == 0 or step == stop_at:
+                save_checkpoint(accelerator, model, optimizer, scheduler, step,
+                                {"step": step, "history": history, "evals": evals, "filter": samples.state_dict()},
+                                output_dir, train_args.save_total_limit)
+            other_seconds += time.perf_counter() - pause
+        progress.close()
+        loop_seconds = time.perf_counter() - started - other_seconds
+        counts = samples.counts
+        stats = client.stats() if hasattr(client, "stats") else None
+    if train_args.report_to != "none":
+        accelerator.end_training()
+
+    # ---- summary (counters summed over ranks)
+    totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors],
+                                             dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    seen, trained, blocked, errors = (int(x) for x in totals)
+    projector_after = world_projector_parameters(accelerator.unwrap_model(model))
+    wait = counts.wait_seconds - wait_at_start
+    steps_run = step - (state["step"] if train_args.resume else 0)
+    summary = {
+        "steps": step,
+        "max_steps": train_args.max_steps,
+        "seen": seen,
+        "trained": trained,
+        "blocked": blocked,
+        "errors": errors,
+        "accounting_holds": seen == trained + blocked + errors,
+        "initial_eval_loss": evals[0]["eval_loss"],
+        "final_eval_loss": evals[-1]["eval_loss"],
+        "initial_eval_accuracy": evals[0]["eval_accuracy"],
+        "final_eval_accuracy": evals[-1]["eval_accuracy"],
+        "final_eval_loss_no_world": evals[-1].get("eval_loss_no_world"),
+        "final_eval_accuracy_no_world": evals[-1].get("eval_accuracy_no_world"),
+        "enable_world": model_args.enable_world,
+        "eval_samples": len(eval_samples),
+        "train_seconds": loop_seconds,
+        "steps_per_second": steps_run / loop_seconds if loop_seconds > 0 else None,
+        "safety_wait_seconds": wait,
+        "safety_wait_fraction": wait / loop_seconds if loop_seconds > 0 else None,
+        "trainer_grad_enabled": torch.is_grad_enabled(),
+        "projector_max_abs_change": max(((projector_after[n].detach() - projector_before[n]).abs().max().item()
+                                         for n in projector_before), default=None),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "safety_endpoint": endpoint,
+        "safety_worker_spawned": spawned is not None,
+        "worker": worker_hello,
+        "worker_stats": stats,
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": world_size,
+    }
+    if accelerator.is_main_process:
+        with open(output_dir / "metrics.jsonl", "w") as f:
+            for record in sorted(history + evals, key=lambda r: (r["step"], "loss" not in r)):
+                f.write(json.dumps(record) + "\n")
+        write_loss_curve(history, evals, output_dir / "loss_curve.png")
+        # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
+        write_json_atomic(output_dir / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def print_summary(summary: dict, output_dir: str):
+    print(
+        f"\nTheWorld training: {summary['steps']}/{summary['max_steps']} steps, "
+        f"{summary['steps_per_second'] or 0:.2f} steps/s\n"
+        f"  samples: seen {summary['seen']} = trained {summary['trained']} + blocked {summary['blocked']} "
+        f"+ errors {summary['errors']}\n"
+        f"  held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}, "
+        f"answer accuracy {summary['initial_eval_accuracy']:.2%} -> {summary['final_eval_accuracy']:.2%}"
+        + (f" (world tokens off: loss {summary['final_eval_loss_no_world']:.4f}, "
+           f"accuracy {summary['final_eval_accuracy_no_world']:.2%})" if summary["final_eval_loss_no_world"] is not None else "")
+        + f"\n  waited on the safety worker {summary['safety_wait_fraction'] or 0:.1%} of the training time\n"
+        f"  outputs in {output_dir}: summary.json, metrics.jsonl, loss_curve.png, blocked.jsonl, tensorboard/, checkpoints/"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``theworld-train``)."""
+    model_args, data_args, train_args = parse_args(argv)
+    summary = train(model_args, data_args, train_args)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print_summary(summary, train_args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
