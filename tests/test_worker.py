@@ -232,3 +232,12 @@ def test_local_checkpoint_directories_serve_the_same_checker(tiny_guardrail_root
         assert worker.hello["models"]["preset"] == "local"
         assert [v.safe for v in c.check_text(TEXTS)] == [v.safe for v in faces_client.check_text(TEXTS)]
         np.testing.assert_array_equal(c.check_video(frames).frames, faces_client.check_video(frames).frames)
+
+
+def test_prompts_are_not_written_to_the_worker_log(tiny_safety_worker, client):
+    secret = f"my-unique-secret-7f3a {BLOCKED_PHRASE}"
+    assert not client.check_text(secret).safe
+    assert client.check_text("another-unique-secret-91b2").safe
+    log = open(tiny_safety_worker.log_path).read()
+    assert log  # the worker did write its log (model loading)
+    assert "unique-secret" not in log and BLOCKED_PHRASE not in log
