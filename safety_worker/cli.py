@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
     s.add_argument("--insecure", action="store_true",
                    help="allow a tcp:// endpoint without authentication (anyone who can reach the port can use the worker)")
+    s.add_argument("--parent-pid", type=int, default=None,
+                   help="stop (as on SIGTERM) when this process, the worker's parent, exits; spawn_worker sets it")
     s.add_argument("--log-level", default="INFO", help="logging level (prompts are never logged)")
 
     c = sub.add_parser(
@@ -116,7 +118,7 @@ def serve(args) -> int:
         worker = SafetyWorker(
             args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,
             check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure,
-            controversial=args.controversial,
+            controversial=args.controversial, parent_pid=args.parent_pid,
         )
     except WorkerStartError as e:
         print(f"error: {e}", file=sys.stderr)

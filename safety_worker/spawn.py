@@ -82,6 +82,7 @@ def spawn_worker(
     child runs this same copy of `safety_worker` (its parent directory is put first on the child's
     PYTHONPATH). A random owner token is passed through the environment (not argv, which other
     users can read); it lets this process send `shutdown`. The worker's log goes to `.log_path`.
+    The worker stops by itself when this process exits, even if it is killed (`--parent-pid`).
     """
     rundir = tempfile.mkdtemp(prefix="safety-worker-")  # mode 0700
     endpoint = endpoint or f"ipc://{rundir}/worker.sock"
@@ -91,7 +92,7 @@ def spawn_worker(
     child_env["SAFETY_WORKER_OWNER_TOKEN"] = token
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "safety_worker", "serve", "--endpoint", endpoint, "--preset", preset,
-           "--device", device, *extra_args]
+           "--device", device, "--parent-pid", str(os.getpid()), *extra_args]
     log_path = os.path.join(rundir, "worker.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=child_env)
