@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
                         "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, --guardrail-repo)")
     s.add_argument("--device", default="cpu", help="torch device for the guard models: cpu (default) or cuda:N")
+    s.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op CPU threads (default 1: the worker shares cores with trainers)")
     s.add_argument("--tiny-dir", default=None,
                    help="cache root for the tiny checkpoint (default: $SAFETY_WORKER_TINY_DIR or ~/.cache/theworld/safety-tiny)")
     s.add_argument("--tiny-faces", choices=("none", "all"), default="none",
@@ -112,7 +114,7 @@ def serve(args) -> int:
     limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
     try:
         worker = SafetyWorker(
-            args.endpoint, lambda: load_checker(args.device, args.guardrail_repo), models=models, limits=limits,
+            args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,
             check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure,
             controversial=args.controversial,
         )

@@ -111,9 +111,13 @@ class GuardedChecker:
         return True, "safe", out
 
 
-def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-Guardrail"):
+def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-Guardrail", torch_threads: int = 1):
     """Import cosmos_guardrail (autograd goes off in this process) and build the real checker."""
-    import torch  # noqa: F401  (imported first so its thread settings apply)
+    import torch
+
+    # The worker shares its node with trainers: OpenMP threads busy-waiting on shared cores made
+    # checks ~15x slower here (2 threads vs 1 on a loaded 2-core machine), so default to 1.
+    torch.set_num_threads(torch_threads)
     from cosmos_guardrail import CosmosSafetyChecker
 
     checker = CosmosSafetyChecker(checkpoint_id=guardrail_repo)

@@ -287,6 +287,17 @@ def test_projector_stays_float32_in_a_bfloat16_model(tiny_models):
         assert torch.isfinite(model(**batch).loss)
 
 
+def test_mixed_precision_comes_from_autocast_with_float32_master_weights(tiny_models):
+    model = load_tiny_world(tiny_models).train()
+    batch = TheWorldCollator(model)(samples(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    for param in model.world_projector.parameters():
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
+    assert model.world_projector.proj[0].weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- save / load
 
 def test_save_pretrained_round_trip_reproduces_logits(tiny_models, tmp_path):
@@ -343,3 +354,18 @@ def test_inconsistent_world_inputs_are_refused(tiny_models, tiny_world_model):
         batch["input_ids"] == tiny_world_model.config.world_token_index, 0)}
     with pytest.raises(ValueError, match="exactly one '<start_of_world><end_of_world>' pair"):
         tiny_world_model(**no_pair)
+
+
+def test_world_model_without_world_inputs_is_its_base_gemma(tiny_models, tiny_world_model):
+    """The trainer's no-world evaluation: the same model, fed a batch collated without the world."""
+    import copy
+
+    config = copy.deepcopy(tiny_world_model.config)
+    config.enable_world = False
+    batch = TheWorldCollator(tiny_world_model.processor, config=config)(samples(2))
+    assert "world_pixel_values" not in batch
+    assert not (batch["input_ids"] == tiny_world_model.config.sow_token_index).any()
+    gemma = Gemma3ForConditionalGeneration.from_pretrained(tiny_models[0]).eval()
+    with torch.no_grad():
+        assert torch.equal(tiny_world_model(**batch).logits,
+                           gemma(**{k: v for k, v in batch.items() if k != "labels"}).logits)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 logger = logging.getLogger("theworld.generate")
 
@@ -138,30 +139,39 @@ class SafeGenerator:
     every output before the user does.
 
     Args:
-        model: a `TheWorld` in eval mode.
+        model: a `TheWorld`, or a function returning one: it is then loaded on the first request
+            that passes the safety check (a refused request loads nothing).
         client: a connected `SafetyClient`.
         max_new_tokens: answer length limit.
         rollout_config: denoising steps, guidance and seed of the world rollout (models with
             `num_world_steps > 0`).
+        fps: frame rate of written rollout videos.
         generation_kwargs: passed to `model.generate` (greedy decoding by default).
     """
 
     def __init__(self, model, client, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, rollout_config=None,
                  fps: int = DEFAULT_VIDEO_FPS, **generation_kwargs):
-        from theworld.data.collator import TheWorldCollator
-
-        self.model = model
+        self._model = model
+        self._collator = None
         self.client = client
         self.max_new_tokens = max_new_tokens
+        self.rollout_config = rollout_config
         self.fps = fps
         self.generation_kwargs = {"do_sample": False, **generation_kwargs}
-        if rollout_config is not None:
-            model.rollout_config = rollout_config
-        self.collator = TheWorldCollator(model, for_generation=True)
+
+    @property
+    def model(self):
+        if callable(self._model) and not isinstance(self._model, torch.nn.Module):
+            self._model = self._model()
+        if self._collator is None:
+            from theworld.data.collator import TheWorldCollator
+
+            if self.rollout_config is not None:
+                self._model.rollout_config = self.rollout_config
+            self._collator = TheWorldCollator(self._model, for_generation=True)
+        return self._model
 
     def __call__(self, request: Request, save_video: str | Path | None = None) -> Result:
-        import torch
-
         verdict = self.client.check_sample(request.prompt, request.frames)
         if not verdict.safe:
             return Result(request.id, refused=f"the request was blocked by the safety checker ({verdict.stage}): "
@@ -172,16 +182,17 @@ class SafeGenerator:
             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.prompt}]}],
             "images": [verdict.frames[-1]],
         }
-        batch = {k: v.to(self.model.device) for k, v in self.collator([sample]).items()}
+        model = self.model
+        batch = {k: v.to(model.device) for k, v in self._collator([sample]).items()}
         world_latents = None
         with torch.no_grad():
             if "world_pixel_values" in batch:
                 # Encode (and roll out) once: the same latents feed the answer and the video.
-                world_latents = self.model.encode_world(batch.pop("world_pixel_values"))
+                world_latents = model.encode_world(batch.pop("world_pixel_values"))
                 batch["world_latents"] = world_latents
-            output = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+            output = model.generate(**batch, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
         prompt_length = batch["input_ids"].shape[1]
-        answer = self.model.processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+        answer = model.processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
         answer_verdict = self.client.check_text(answer)
         if not answer_verdict.safe:
             return Result(request.id, refused=f"the generated answer was blocked by the safety checker and withheld: "
@@ -196,7 +207,7 @@ class SafeGenerator:
 
         if world_latents is None or world_latents.shape[2] < 2:
             raise ValueError("--save-video needs a world rollout: pass --rollout N (N >= 1)")
-        frames = decode_world_latents(self.model.world_encoder.vae, world_latents)[0]
+        frames = decode_world_latents(self.model.world_encoder, world_latents)[0]
         verdict = self.client.check_video(frames)
         if not verdict.safe:
             result.refused = f"the rollout video was blocked by the safety checker and not written: {verdict.reason}"
@@ -256,6 +267,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--prompt does not apply to --jsonl (each line has its own prompt)")
     if args.rollout is not None and args.rollout < 0:
         parser.error("--rollout must be >= 0")
+    if args.save_video is not None and args.rollout == 0:
+        parser.error("--save-video writes the rollout: it needs --rollout N with N >= 1")
     if args.rollout_steps < 1:
         parser.error("--rollout-steps must be >= 1")
 
@@ -284,18 +297,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from theworld.modeling.rollout import RolloutConfig
 
+    rollout_config = RolloutConfig(num_inference_steps=args.rollout_steps, seed=args.seed)
+    refused = False
     with _safety_client(args) as client:
-        model = load_model(args.model, args.cosmos, args.rollout, args.device)
-        generator = SafeGenerator(
-            model, client, max_new_tokens=args.max_new_tokens, fps=args.fps,
-            rollout_config=RolloutConfig(num_inference_steps=args.rollout_steps, seed=args.seed),
-        )
-        refused = False
+        generator = SafeGenerator(lambda: load_model(args.model, args.cosmos, args.rollout, args.device), client,
+                                  max_new_tokens=args.max_new_tokens, rollout_config=rollout_config, fps=args.fps)
         for request in requests:
             video = args.save_video
             if video is not None and args.jsonl is not None:
                 video = Path(video) / f"{request.id}.mp4"
-            result = generator(request, save_video=video)
+            try:
+                result = generator(request, save_video=video)
+            except ValueError as e:  # a model that cannot do what was asked (e.g. --rollout vs checkpoint)
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_USAGE
             refused |= result.refused is not None
             if args.jsonl is not None:
                 print(json.dumps(result.as_json()), flush=True)

@@ -130,16 +130,22 @@ class TheWorldCollator:
 
     def _answer_labels(self, ids: list[int], prompt: list[int], sample_id) -> list[int]:
         """-100 on the prompt; the answer tokens and their closing <end_of_turn> keep their ids."""
-        if list(ids[: len(prompt)]) != list(prompt):
+        ids, prompt = list(ids), list(prompt)
+        start = 0
+        while start < min(len(ids), len(prompt)) and ids[start] == prompt[start]:
+            start += 1
+        # A tokenizer may merge the generation prompt's last piece with the answer's first one; that one
+        # token is then labelled. Any earlier difference means the answer cannot be located.
+        if start < len(prompt) - 1:
             raise ValueError(
-                f"sample {sample_id!r}: the prompt does not tokenize to a prefix of the full conversation, so the "
-                f"answer cannot be located; check the chat template"
+                f"sample {sample_id!r}: the prompt does not tokenize to a prefix of the full conversation (they "
+                f"differ at token {start} of {len(prompt)}), so the answer cannot be located; check the chat template"
             )
         labels = [IGNORE_INDEX] * len(ids)
         end = len(ids)
-        while end > len(prompt) and ids[end - 1] != self.end_of_turn_id:
+        while end > start and ids[end - 1] != self.end_of_turn_id:
             end -= 1  # trailing "\n" after <end_of_turn> is template formatting, not answer
-        labels[len(prompt):end] = ids[len(prompt):end]
+        labels[start:end] = ids[start:end]
         return labels
 
     def _pad(self, encoded: dict, labels: list[list[int]] | None) -> dict[str, torch.Tensor]:
