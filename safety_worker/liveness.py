@@ -9,20 +9,15 @@ themselves and resend every request still owed, so nothing in flight is lost. A 
 SIGTERM drain or owner `shutdown`) is not restarted. When the budget is spent the supervisor gives
 up; clients then declare the worker dead after their `dead_after` and fail closed (`WorkerDead`).
 
-`watch_parent` runs in the worker: when the process that spawned it is gone (crashed, killed -9),
-the worker drains and exits, so no orphan worker outlives its trainer.
+(No orphans: `spawn_worker` passes `--parent-pid`, and the worker stops when its spawner is gone.)
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from typing import Callable
 
 logger = logging.getLogger("safety_worker.liveness")
-
-PARENT_PID_ENV = "SAFETY_WORKER_PARENT_PID"
 
 
 class Supervisor:
@@ -119,27 +114,3 @@ class Supervisor:
             self.events.append(f"{why}; restarted as pid {self.worker.pid}")
             return True
         return False
-
-
-def watch_parent(parent_pid: int, on_gone: Callable[[], None], interval: float = 0.5, grace: float = 30.0) -> threading.Thread:
-    """Call `on_gone()` once `parent_pid` is no longer our parent; hard-exit `grace` seconds later.
-
-    (PR_SET_PDEATHSIG is not used: it fires when the *thread* that forked exits, and supervisors
-    restart workers from a thread.)"""
-
-    def run():
-        while os.getppid() == parent_pid:
-            time.sleep(interval)
-        logger.warning("parent process %d is gone; draining and exiting (no orphan worker)", parent_pid)
-        on_gone()
-        time.sleep(grace)
-        os._exit(3)
-
-    thread = threading.Thread(target=run, name="watch-parent", daemon=True)
-    thread.start()
-    return thread
-
-
-def parent_pid_from_env() -> int | None:
-    value = os.environ.pop(PARENT_PID_ENV, None)
-    return int(value) if value and value.isdigit() else None

@@ -111,9 +111,13 @@ class GuardedChecker:
         return True, "safe", out
 
 
-def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-Guardrail"):
+def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-Guardrail", torch_threads: int = 1):
     """Import cosmos_guardrail (autograd goes off in this process) and build the real checker."""
-    import torch  # noqa: F401  (imported first so its thread settings apply)
+    import torch
+
+    # The worker shares its node with trainers: OpenMP threads busy-waiting on shared cores made
+    # checks ~15x slower here (2 threads vs 1 on a loaded 2-core machine), so default to 1.
+    torch.set_num_threads(torch_threads)
     from cosmos_guardrail import CosmosSafetyChecker
 
     checker = CosmosSafetyChecker(checkpoint_id=guardrail_repo)
@@ -199,6 +203,7 @@ class SafetyWorker:
         device: str = "cpu",
         insecure: bool = False,
         controversial: str = "block",
+        parent_pid: int | None = None,
     ):
         if endpoint.startswith("tcp://") and not insecure:
             raise WorkerStartError(
@@ -221,6 +226,7 @@ class SafetyWorker:
         self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
         self._running: _Job | None = None
         self._stopping = False
+        self._parent_pid = parent_pid
         self.stats: dict[str, Any] = {
             "requests": {}, "errors": {}, "safe": 0, "blocked": 0, "timed_out": 0,
             "unroutable_replies": 0, "check_seconds": 0.0, "checks": 0,
@@ -264,6 +270,11 @@ class SafetyWorker:
                             break
                         self._on_message(frames)
                 self._expire_running()
+                if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                    # Our parent died (even by SIGKILL) and we were re-parented: do not linger as an orphan.
+                    logger.warning("parent process %d is gone; stopping", self._parent_pid)
+                    self._parent_pid = None
+                    self.request_stop()
                 if self._stopping and self._jobs.empty() and self._running is None:
                     self._send_done()
                     break

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .client import SafetyClient
-from .liveness import PARENT_PID_ENV, Supervisor
+from .liveness import Supervisor
 
 READY_PREFIX = "safety-worker ready"
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -115,10 +115,11 @@ def spawn_worker(
     child runs this same copy of `safety_worker` (its parent directory is put first on the child's
     PYTHONPATH). A random owner token is passed through the environment (not argv, which other
     users can read); it lets this process send `shutdown`. The worker's log goes to `.log_path`.
+    The worker stops by itself when this process exits, even if it is killed (`--parent-pid`).
 
     With `restarts > 0` a supervisor thread restarts the worker on the same endpoint when it exits
     abnormally or does not answer a ping within `hang_timeout` seconds, at most `restarts` times
-    (clients resend what they were owed). The worker exits by itself if this process goes away.
+    (clients resend what they were owed).
     """
     rundir = tempfile.mkdtemp(prefix="safety-worker-")  # mode 0700
     endpoint = endpoint or f"ipc://{rundir}/worker.sock"
@@ -126,10 +127,9 @@ def spawn_worker(
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, child_env.get("PYTHONPATH")) if p)
     child_env["SAFETY_WORKER_OWNER_TOKEN"] = token
-    child_env[PARENT_PID_ENV] = str(os.getpid())  # the worker exits when we do (no orphans)
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "safety_worker", "serve", "--endpoint", endpoint, "--preset", preset,
-           "--device", device, *extra_args]
+           "--device", device, "--parent-pid", str(os.getpid()), *extra_args]
     log_path = os.path.join(rundir, "worker.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=child_env)
