@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-logger = logging.getLogger("theworld.generate")
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -286,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         requests = load_requests(args)
     except (OSError, ValueError) as e:
