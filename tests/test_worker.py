@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from safety_worker import SafetyClient, WorkerError
+from safety_worker import SafetyClient, WorkerError, spawn_worker
 from safety_worker.tiny import (
     BLOCKED_PHRASE, BLOCKLIST_WORD, CONTROVERSIAL_PHRASE, EXACT_MATCH_WORD, SAFE_EXAMPLE, UNPARSEABLE_PHRASE,
 )
@@ -218,3 +218,26 @@ def test_four_client_processes_at_once(tiny_safety_worker):
     results = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in results]
     assert [json.loads(out)["ok"] for out, _ in results] == [12] * 4
+
+
+def test_local_checkpoint_directories_serve_the_same_checker(tiny_guardrail_root, tiny_safety_worker_faces, faces_client):
+    from safety_worker.tiny import GUARDRAIL_REPO, TEXT_GUARD_REPO, variant_key
+
+    hub = tiny_guardrail_root / variant_key("all") / "hub"
+    snapshot = lambda repo: next((hub / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir())  # noqa: E731
+    frames = _frames(12, (2, 32, 32, 3))
+    with spawn_worker(preset="local", extra_args=["--guardrail-dir", str(snapshot(GUARDRAIL_REPO)),
+                                                  "--text-guard-dir", str(snapshot(TEXT_GUARD_REPO))]) as worker, \
+            SafetyClient(worker.endpoint, timeout=60) as c:
+        assert worker.hello["models"]["preset"] == "local"
+        assert [v.safe for v in c.check_text(TEXTS)] == [v.safe for v in faces_client.check_text(TEXTS)]
+        np.testing.assert_array_equal(c.check_video(frames).frames, faces_client.check_video(frames).frames)
+
+
+def test_prompts_are_not_written_to_the_worker_log(tiny_safety_worker, client):
+    secret = f"my-unique-secret-7f3a {BLOCKED_PHRASE}"
+    assert not client.check_text(secret).safe
+    assert client.check_text("another-unique-secret-91b2").safe
+    log = open(tiny_safety_worker.log_path).read()
+    assert log  # the worker did write its log (model loading)
+    assert "unique-secret" not in log and BLOCKED_PHRASE not in log

@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-import theworld  # noqa: F401  (installs the import guard before anything else is imported)
+from theworld import assert_grad_enabled  # importing theworld installs the import guard first
 
 CHECKPOINT_DIR = "checkpoints"
 ENDPOINT_FILE = ".safety-endpoint-{host}"
@@ -51,8 +51,9 @@ class ModelArguments:
 
     gemma_model: Optional[str] = field(
         default=None,
-        metadata={"help": "Gemma 3 model id or directory (e.g. google/gemma-3-4b-it). Default: the project's "
-                          "tiny Gemma 3, built on first use in theworld.tiny.default_tiny_dir()."},
+        metadata={"help": "Gemma 3 model id or directory (e.g. google/gemma-3-4b-it), or the model/ folder of an "
+                          "earlier run to continue training it (its world settings then apply). Default: the "
+                          "project's tiny Gemma 3, built on first use in theworld.tiny.default_tiny_dir()."},
     )
     cosmos_model: Optional[str] = field(
         default=None,
@@ -67,6 +68,22 @@ class ModelArguments:
         default="spatial",
         metadata={"help": "How Cosmos latents become world tokens: 'spatial' (one token per latent patch) "
                           "or 'channel' (pooled).", "choices": ["spatial", "channel"]},
+    )
+    world_projector_type: str = field(
+        default="mlp", metadata={"help": "World projector: 'mlp' (Linear-GELU-Linear) or 'linear'.", "choices": ["mlp", "linear"]}
+    )
+    world_tokens_per_side: Optional[int] = field(
+        default=None,
+        metadata={"help": "Average-pool each latent frame to this many positions per side before projecting "
+                          "(default: every latent position becomes a token)."},
+    )
+    world_image_size: Optional[str] = field(
+        default=None,
+        metadata={"help": "'H,W' the world image is resized to for the Cosmos VAE, both multiples of 16 "
+                          "(default: the Gemma vision tower's image size)."},
+    )
+    num_world_steps: int = field(
+        default=0, metadata={"help": "Future latent frames rolled out by the Cosmos transformer and added as world tokens."}
     )
     freeze_gemma_language: bool = field(
         default=False,
@@ -216,10 +233,24 @@ def build_model(model_args: ModelArguments, seed: int):
         tiny_gemma, tiny_cosmos = build_tiny_models(default_tiny_dir())
         gemma, cosmos = gemma or str(tiny_gemma), cosmos or str(tiny_cosmos)
     set_seed(seed)  # the projector's initial weights are part of the run
-    return TheWorld.from_pretrained(
-        gemma, cosmos_model=cosmos, enable_world=model_args.enable_world, world_projection=model_args.world_projection,
-        freeze_gemma_language=model_args.freeze_gemma_language, freeze_gemma_vision=model_args.freeze_gemma_vision,
-    )
+    options = dict(enable_world=model_args.enable_world, world_projection=model_args.world_projection,
+                   world_projector_type=model_args.world_projector_type, num_world_steps=model_args.num_world_steps,
+                   freeze_gemma_language=model_args.freeze_gemma_language,
+                   freeze_gemma_vision=model_args.freeze_gemma_vision)
+    if model_args.world_tokens_per_side is not None:
+        options["world_tokens_per_side"] = model_args.world_tokens_per_side
+    if model_args.world_image_size:
+        options["world_image_size"] = [int(v) for v in model_args.world_image_size.split(",")]
+    if is_saved_theworld(gemma):
+        # A TheWorld saved by an earlier run (its model/ folder) fixes its world settings; only freezing may change.
+        return TheWorld.from_pretrained(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
+                                        freeze_gemma_vision=model_args.freeze_gemma_vision)
+    return TheWorld.from_pretrained(gemma, cosmos_model=cosmos, **options)
+
+
+def is_saved_theworld(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "theworld"
 
 
 def world_projector_parameters(model) -> dict[str, torch.Tensor]:
@@ -283,15 +314,6 @@ def hello_info(client) -> dict:
     return dataclasses.asdict(hello) if dataclasses.is_dataclass(hello) else dict(vars(hello))
 
 
-def require_autograd(where: str):
-    if not torch.is_grad_enabled():
-        raise RuntimeError(
-            f"autograd is switched off in the trainer process ({where}). Something imported cosmos_guardrail or "
-            "retinaface (whose import runs torch.set_grad_enabled(False)) or diffusers' Cosmos pipelines; those "
-            "belong in the safety worker process only (python -m safety_worker serve). Remove that import."
-        )
-
-
 # --------------------------------------------------------------------------------------- evaluation
 
 
@@ -304,13 +326,17 @@ def no_world_collator(model):
     return TheWorldCollator(model.processor, config=config)
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], accelerator) -> dict:
     """Mean answer-token loss and answer accuracy (every answer token predicted right, teacher-forced)."""
     model.eval()
     total_loss = total_tokens = correct = count = 0.0
     for batch in batches:
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             out = model(**batch)
         labels = out.get("labels", None) if hasattr(out, "get") else None
@@ -464,7 +490,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from theworld.data.safety_filter import SafetyFilter
     from theworld.data.sources import SampleStream
 
-    require_autograd("at start")
+    assert_grad_enabled("training (at start)")
     if train_args.num_threads:
         torch.set_num_threads(train_args.num_threads)
     output_dir = Path(train_args.output_dir)
@@ -507,7 +533,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator))
         client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout))
         worker_hello = hello_info(client)
-        require_autograd("after connecting to the safety worker")
+        assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
         eval_filter = SafetyFilter(client, ((i, heldout_data[i]) for i in range(min(len(heldout_data), data_args.eval_size))),
@@ -551,12 +577,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         while step < stop_at:
             micro_losses = []
             for _ in range(train_args.gradient_accumulation_steps):
-                batch = collator([next(samples)[1] for _ in range(train_args.batch_size)])
+                batch = to_device(collator([next(samples)[1] for _ in range(train_args.batch_size)]), accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = model(**batch).loss
                     if not checked_grad:
-                        require_autograd("in the training step")
+                        assert_grad_enabled("the training step")
                         if not loss.requires_grad:
                             raise RuntimeError("the training loss does not require grad although autograd is on: no "
                                                "trainable parameter reaches the loss (is enable_world off with every "

@@ -1,0 +1,180 @@
+"""Benchmark the safety worker against bare pyzmq and against the in-process checker, in one run.
+
+    python scripts/bench_worker.py            # ~2-3 minutes on 2 CPU cores
+    python scripts/bench_worker.py --quick    # fewer repetitions
+
+Prints, side by side from the same run:
+1. small-message round trip p50/p99: worker `ping` and `check_text` vs a bare DEALER/ROUTER echo;
+2. a 16x480x640x3 uint8 clip through the worker's transport (`echo`, no checking) vs a bare pyzmq
+   zero-copy echo of the same bytes (target <= 1.5x);
+3. remote vs in-process for the same real checker calls on the tiny checkpoint, text and a clip
+   (target <= 1.10x for the clip);
+4. check_sample requests/s with 1, 2 and 4 client processes.
+This process imports cosmos_guardrail for part 3 (it is a benchmark, not a trainer).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from safety_worker import SafetyClient, spawn_worker  # noqa: E402
+from safety_worker.tiny import SAFE_EXAMPLE, build_tiny_guardrail, default_tiny_dir, variant_key  # noqa: E402
+
+BARE_ECHO = textwrap.dedent("""
+    import sys, zmq
+    ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+    print("ready", flush=True)
+    while True:
+        s.send_multipart(s.recv_multipart(copy=False), copy=False)
+""")
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def timed_pair(fa, fb, n, warmup=2):
+    """Time fa and fb alternately, so load from other processes hits both alike."""
+    ta, tb = [], []
+    for i in range(n + warmup):
+        for fn, out in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out.append(time.perf_counter() - t)
+    return ta, tb
+
+
+def bare_echo(endpoint):
+    proc = subprocess.Popen([sys.executable, "-c", BARE_ECHO, endpoint], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+
+    def roundtrip(frames):
+        sock.send_multipart(frames, copy=False)
+        return sock.recv_multipart(copy=False)
+
+    def close():
+        sock.close(linger=0)
+        ctx.term()
+        proc.kill()
+        proc.wait()
+
+    return roundtrip, close
+
+
+WINDOW = 8  # requests in flight per client (4 clients x 8 stay below the worker's queue of 64)
+
+
+def client_proc(endpoint, n, queue):
+    frames = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    with SafetyClient(endpoint, timeout=300) as c:
+        c.check_sample(SAFE_EXAMPLE, frames)
+        t = time.perf_counter()
+        in_flight = []
+        for _ in range(n):
+            if len(in_flight) == WINDOW:
+                in_flight.pop(0).result()
+            in_flight.append(c.submit_sample(SAFE_EXAMPLE, frames))
+        for f in in_flight:
+            f.result()
+        queue.put(time.perf_counter() - t)
+
+
+def throughput(endpoint, clients, n_per_client):
+    q = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=client_proc, args=(endpoint, n_per_client, q)) for _ in range(clients)]
+    t = time.perf_counter()
+    for p in procs:
+        p.start()
+    spans = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return clients * n_per_client / max(spans), time.perf_counter() - t
+
+
+def ms(x):
+    return f"{x * 1e3:8.3f} ms"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = ap.parse_args()
+    n_small, n_clip, n_check, n_tp = (200, 10, 3, 20) if args.quick else (1000, 30, 5, 40)
+    tiny_root = default_tiny_dir()
+    rundir = tempfile.mkdtemp(prefix="bench-worker-")
+
+    print(f"# bench_worker: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, zmq {zmq.zmq_version()}")
+    with spawn_worker(preset="tiny", extra_args=["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]) as worker, \
+            SafetyClient(worker.endpoint, timeout=300) as client:
+        bare, close_bare = bare_echo(f"ipc://{rundir}/bare.sock")
+        try:
+            # 1. small round trips
+            small = [b"SWKR\x01", b"\x83\xa2id\x01\xa2op\xa4ping\xa4args\x80"]
+            t_bare, t_ping = timed_pair(lambda: bare(small), client.ping, n_small)
+            print("\n## 1. small-message round trip (ipc)")
+            print(f"bare pyzmq echo      p50 {ms(pct(t_bare, 50))}  p99 {ms(pct(t_bare, 99))}")
+            print(f"worker ping          p50 {ms(pct(t_ping, 50))}  p99 {ms(pct(t_ping, 99))}   ratio p50 {pct(t_ping, 50) / pct(t_bare, 50):.2f}x")
+
+            # 2. clip transport
+            clip = np.random.default_rng(0).integers(0, 256, (16, 480, 640, 3), dtype=np.uint8)
+            t_bare_clip, t_echo_clip = timed_pair(lambda: bare([small[0], small[1], clip]), lambda: client.echo(clip), n_clip)
+            r2 = statistics.median(t_echo_clip) / statistics.median(t_bare_clip)
+            print(f"\n## 2. 16x480x640x3 uint8 clip ({clip.nbytes / 1e6:.1f} MB) round trip")
+            print(f"bare pyzmq zero-copy p50 {ms(statistics.median(t_bare_clip))}")
+            print(f"worker echo          p50 {ms(statistics.median(t_echo_clip))}   ratio {r2:.2f}x (target <= 1.5x: {'met' if r2 <= 1.5 else 'MISSED'})")
+        finally:
+            close_bare()
+
+        # 3. remote vs in-process, same checker on the same tiny checkpoint
+        os.environ["HF_HOME"] = str(tiny_root / variant_key("all"))
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        build_tiny_guardrail(tiny_root, faces="all")
+        import torch
+        from cosmos_guardrail import CosmosSafetyChecker
+
+        torch.set_num_threads(1)
+        checker = CosmosSafetyChecker()
+        small_clip = np.random.default_rng(1).integers(0, 256, (4, 240, 320, 3), dtype=np.uint8)
+        t_in_text, t_text = timed_pair(lambda: checker.check_text_safety(SAFE_EXAMPLE),
+                                       lambda: client.check_text(SAFE_EXAMPLE), n_small // 4)
+        t_in_clip, t_re_clip = timed_pair(lambda: checker.check_video_safety(small_clip.copy()),
+                                          lambda: client.check_video(small_clip), n_check, warmup=1)
+        r_text = statistics.median(t_text) / statistics.median(t_in_text)
+        r_clip = statistics.median(t_re_clip) / statistics.median(t_in_clip)
+        print("\n## 3. remote (worker) vs in-process, real CosmosSafetyChecker on the tiny checkpoint")
+        print(f"text  in-process p50 {ms(statistics.median(t_in_text))}  remote p50 {ms(statistics.median(t_text))}  "
+              f"p99 {ms(pct(t_text, 99))}  ratio {r_text:.2f}x")
+        print(f"clip 4x240x320 in-process p50 {ms(statistics.median(t_in_clip))}  remote p50 {ms(statistics.median(t_re_clip))}  "
+              f"ratio {r_clip:.2f}x (target <= 1.10x: {'met' if r_clip <= 1.10 else 'MISSED'})")
+        del checker
+
+        # 4. throughput
+        print("\n## 4. check_sample (text + 1x32x32x3 frame) requests/s")
+        base = None
+        for k in (1, 2, 4):
+            rps, _ = throughput(worker.endpoint, k, n_tp)
+            base = base or rps
+            print(f"{k} client(s): {rps:7.1f} req/s   ({rps / base:.2f}x of 1 client)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Fail-closed behaviour under injected checker faults (errors, bad outputs, hangs).
+
+The real checker cannot be made to raise or hang on demand, so these tests hand `GuardedChecker`
+and `SafetyWorker` a stand-in checker with the same attributes the worker uses
+(`text_guardrail.safety_models[*].is_safe`, `check_video_safety`). Nothing here imports
+cosmos_guardrail.
+"""
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from safety_worker import SafetyClient
+from safety_worker.server import GuardedChecker, SafetyWorker
+
+
+class _Guard:
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def is_safe(self, text):
+        return self.behaviour(text)
+
+
+def _checker(text_behaviour=lambda t: (True, "ok"), video=lambda f: f):
+    return SimpleNamespace(text_guardrail=SimpleNamespace(safety_models=[_Guard(text_behaviour)]),
+                           check_video_safety=video)
+
+
+def _raise(*_):
+    raise RuntimeError("guard exploded")
+
+
+FRAMES = np.zeros((2, 8, 8, 3), np.uint8)
+
+
+def test_text_guard_exception_is_blocked_not_safe():
+    safe, reason = GuardedChecker(_checker(_raise)).check_text("hello")
+    assert not safe and "fail closed" in reason and "guard exploded" in reason
+
+
+@pytest.mark.parametrize("video", [
+    _raise,
+    lambda f: None,
+    lambda f: f.astype(np.float32),
+    lambda f: f[:1],
+    lambda f: np.zeros((0,)),  # what cosmos_guardrail returns for T=0
+])
+def test_face_filter_error_or_wrong_output_is_blocked(video):
+    safe, reason, frames = GuardedChecker(_checker(video=video)).check_video(FRAMES)
+    assert not safe and frames is None and reason
+
+
+def test_checker_gets_a_private_copy_of_the_frames():
+    def pixelate_in_place(f):
+        f[:] = 255
+        return f
+
+    frames = FRAMES.copy()
+    safe, _, out = GuardedChecker(_checker(video=pixelate_in_place)).check_video(frames)
+    assert safe and (out == 255).all() and (frames == 0).all()
+
+
+def test_checker_that_hangs_is_answered_blocked_at_the_check_timeout(tmp_path):
+    release = threading.Event()
+
+    def hang(text):
+        release.wait(30)
+        return True, "too late"
+
+    worker = SafetyWorker(f"ipc://{tmp_path}/w.sock", lambda: _checker(hang), models={}, check_timeout=0.5)
+    server = threading.Thread(target=worker.serve, daemon=True)
+    server.start()
+    try:
+        with SafetyClient(worker.endpoint, timeout=20) as client:
+            t = time.monotonic()
+            v = client.check_text("anything")
+            assert not v.safe and "timed out" in v.reason and time.monotonic() - t < 5
+            assert client.ping()["instance_id"] == worker.instance_id  # still serving
+            release.set()
+            assert client.stats()["timed_out"] == 1
+    finally:
+        release.set()
+        worker.request_stop()
+        server.join(10)
+    assert not server.is_alive()
