@@ -35,7 +35,8 @@ def small_queue_worker(spawn_tiny_worker):
 
 
 def test_full_queue_answers_busy_at_once(small_queue_worker):
-    with SafetyClient(small_queue_worker.endpoint, timeout=60) as c:
+    # busy_retries=0: see the raw `busy` (by default the client retries it with backoff).
+    with SafetyClient(small_queue_worker.endpoint, timeout=60, busy_retries=0) as c:
         futures = [c.submit_video(SLOW_VIDEO) for _ in range(6)]
         outcomes = []
         for f in futures:
