@@ -157,29 +157,34 @@ def test_bad_frames_get_a_clear_error_and_the_worker_keeps_serving(client, bad, 
     assert client.check_text(SAFE_EXAMPLE).safe
 
 
-def test_worker_verdicts_and_frames_equal_in_process_checker(tiny_safety_worker_faces, faces_client, run_in_checker_process):
-    frames = [_frames(10), _frames(11, (2, 40, 56, 3))]
-    inproc = run_in_checker_process(f"""
-        texts = {TEXTS!r}
-        frames = [np.random.default_rng(10).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8),
-                  np.random.default_rng(11).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)]
-        out = {{"text": [checker.check_text_safety(t) for t in texts],
-                "frames": [checker.check_video_safety(f.copy()).tolist() for f in frames],
-                "grad": torch.is_grad_enabled()}}
-        print(json.dumps(out))
+EQUIV_FRAMES = [((3, 64, 64, 3), 10), ((2, 40, 56, 3), 11)]
+FAIL_OPEN_TEXTS = [CONTROVERSIAL_PHRASE, UNPARSEABLE_PHRASE]
+
+
+@pytest.fixture(scope="module")
+def in_process(run_in_checker_process):
+    """Verdicts and frames from the real checker called in-process (in a subprocess), faces="all"."""
+    return run_in_checker_process(f"""
+        frames = [np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8) for shape, seed in {EQUIV_FRAMES!r}]
+        print(json.dumps({{
+            "text": [checker.check_text_safety(t) for t in {TEXTS!r}],
+            "fail_open_text": [checker.check_text_safety(t) for t in {FAIL_OPEN_TEXTS!r}],
+            "frames": [checker.check_video_safety(f.copy()).tolist() for f in frames],
+            "grad": torch.is_grad_enabled()}}))
     """, faces="all")
-    assert inproc["grad"] is False  # the reason the checker lives in its own process
-    assert [v.safe for v in faces_client.check_text(TEXTS)] == inproc["text"]
-    for f, expected in zip(frames, inproc["frames"]):
-        np.testing.assert_array_equal(faces_client.check_video(f).frames, np.array(expected, dtype=np.uint8))
 
 
-def test_cosmos_fails_open_where_the_worker_fails_closed(client, run_in_checker_process):
-    inproc = run_in_checker_process(f"""
-        print(json.dumps([checker.check_text_safety(t) for t in {[CONTROVERSIAL_PHRASE, UNPARSEABLE_PHRASE]!r}]))
-    """)
-    assert inproc == [True, True]  # cosmos_guardrail: "Controversial" and no label both count as safe
-    assert [v.safe for v in client.check_text([CONTROVERSIAL_PHRASE, UNPARSEABLE_PHRASE])] == [False, False]
+def test_worker_verdicts_and_frames_equal_in_process_checker(faces_client, in_process):
+    assert in_process["grad"] is False  # the reason the checker lives in its own process
+    assert [v.safe for v in faces_client.check_text(TEXTS)] == in_process["text"]
+    for (shape, seed), expected in zip(EQUIV_FRAMES, in_process["frames"]):
+        got = faces_client.check_video(_frames(seed, shape)).frames
+        np.testing.assert_array_equal(got, np.array(expected, dtype=np.uint8))
+
+
+def test_cosmos_fails_open_where_the_worker_fails_closed(faces_client, in_process):
+    assert in_process["fail_open_text"] == [True, True]  # cosmos_guardrail: "Controversial" and no label are safe
+    assert [v.safe for v in faces_client.check_text(FAIL_OPEN_TEXTS)] == [False, False]
 
 
 def test_many_requests_in_flight_are_routed_by_id(client):

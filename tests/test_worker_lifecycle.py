@@ -201,3 +201,14 @@ def test_worker_exits_when_its_parent_is_killed(tiny_guardrail_root):
     while _alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(worker_pid)
+
+
+def test_readme_safety_worker_example_runs(tiny_guardrail_root, monkeypatch, capsys):
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("<!-- section: safety-worker -->")[1].split("<!-- /section: safety-worker -->")[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setenv("SAFETY_WORKER_TINY_DIR", str(tiny_guardrail_root))  # already built: reused
+    exec(compile(code, "README.md#safety-worker", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == ["[(True, None), (False, 'text')]", "[True, True]"]
