@@ -546,7 +546,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
         eval_batches = [collator(eval_samples[i : i + train_args.batch_size]) for i in range(0, len(eval_samples), train_args.batch_size)]
         no_world_batches = None
-        if model_args.enable_world:
+        if accelerator.unwrap_model(model).config.enable_world:
             without_world = no_world_collator(accelerator.unwrap_model(model))
             no_world_batches = [without_world(eval_samples[i : i + train_args.batch_size])
                                 for i in range(0, len(eval_samples), train_args.batch_size)]
@@ -642,7 +642,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "final_eval_accuracy": evals[-1]["eval_accuracy"],
         "final_eval_loss_no_world": evals[-1].get("eval_loss_no_world"),
         "final_eval_accuracy_no_world": evals[-1].get("eval_accuracy_no_world"),
-        "enable_world": model_args.enable_world,
+        "enable_world": accelerator.unwrap_model(model).config.enable_world,
         "eval_samples": len(eval_samples),
         "train_seconds": loop_seconds,
         "steps_per_second": steps_run / loop_seconds if loop_seconds > 0 else None,
