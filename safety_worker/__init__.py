@@ -9,10 +9,10 @@
 
 The worker side (`safety_worker.server`) is the only code that imports cosmos_guardrail.
 """
-from .client import ClientClosed, SafetyClient, Verdict, WorkerError, WorkerTimeout
+from .client import ClientClosed, SafetyClient, Verdict, WorkerDead, WorkerError, WorkerTimeout
 from .spawn import WorkerProcess, WorkerStartFailed, spawn_worker
 
 __all__ = [
-    "SafetyClient", "Verdict", "WorkerError", "WorkerTimeout", "ClientClosed",
+    "SafetyClient", "Verdict", "WorkerError", "WorkerTimeout", "WorkerDead", "ClientClosed",
     "spawn_worker", "WorkerProcess", "WorkerStartFailed",
 ]

@@ -32,9 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", required=True,
                    help="ZeroMQ endpoint to bind: ipc:///private/dir/worker.sock (the directory is created 0700 "
                         "if missing and must not be group/world accessible) or tcp://HOST:PORT (needs --insecure)")
-    s.add_argument("--preset", choices=("tiny", "hub"), default="tiny",
+    s.add_argument("--preset", choices=("tiny", "hub", "local"), default="tiny",
                    help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
-                        "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, --guardrail-repo)")
+                        "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, "
+                        "--guardrail-repo); 'local': real weights from two local directories (--guardrail-dir, --text-guard-dir)")
     s.add_argument("--device", default="cpu", help="torch device for the guard models: cpu (default) or cuda:N")
     s.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op CPU threads (default 1: the worker shares cores with trainers)")
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                         "hub/models--Qwen--Qwen3Guard-Gen-0.6B (default: the environment's HF_HOME)")
     s.add_argument("--guardrail-repo", default=_DEFAULT_GUARDRAIL_REPO,
                    help=f"with --preset hub: hub id of the guardrail checkpoint (default {_DEFAULT_GUARDRAIL_REPO})")
+    s.add_argument("--guardrail-dir", default=None,
+                   help="with --preset local: a local copy of nvidia/Cosmos-1.0-Guardrail (blocklist/, face_blur_filter/)")
+    s.add_argument("--text-guard-dir", default=None,
+                   help="with --preset local: a local copy of Qwen/Qwen3Guard-Gen-0.6B (config, weights, tokenizer)")
     s.add_argument("--controversial", choices=("block", "allow"), default="block",
                    help="policy for a Qwen3Guard 'Controversial' verdict (default: block)")
     s.add_argument("--check-timeout", type=float, default=60.0,
@@ -57,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
     s.add_argument("--insecure", action="store_true",
                    help="allow a tcp:// endpoint without authentication (anyone who can reach the port can use the worker)")
+    s.add_argument("--parent-pid", type=int, default=None,
+                   help="stop (as on SIGTERM) when this process, the worker's parent, exits; spawn_worker sets it")
     s.add_argument("--log-level", default="INFO", help="logging level (prompts are never logged)")
 
     c = sub.add_parser(
@@ -94,8 +101,8 @@ def serve(args) -> int:
     if args.preset == "tiny":
         from . import tiny
 
-        if args.guardrail_repo != _DEFAULT_GUARDRAIL_REPO or args.hf_home:
-            print("error: --guardrail-repo/--hf-home apply to --preset hub only", file=sys.stderr)
+        if args.guardrail_repo != _DEFAULT_GUARDRAIL_REPO or args.hf_home or args.guardrail_dir or args.text_guard_dir:
+            print("error: --guardrail-repo/--hf-home/--guardrail-dir/--text-guard-dir do not apply to --preset tiny", file=sys.stderr)
             return EXIT_ERROR
         root = Path(args.tiny_dir) if args.tiny_dir else tiny.default_tiny_dir()
         home = root / tiny.variant_key(args.tiny_faces)
@@ -104,6 +111,22 @@ def serve(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
         tiny.build_tiny_guardrail(root, faces=args.tiny_faces)
         models.update(tiny_faces=args.tiny_faces, blocked_phrase=tiny.BLOCKED_PHRASE)
+    elif args.preset == "local":
+        import tempfile
+
+        from .tiny import link_local_checkpoints
+
+        if not (args.guardrail_dir and args.text_guard_dir):
+            print("error: --preset local needs --guardrail-dir and --text-guard-dir", file=sys.stderr)
+            return EXIT_ERROR
+        try:
+            home = link_local_checkpoints(tempfile.mkdtemp(prefix="safety-worker-hf-"), args.guardrail_dir, args.text_guard_dir)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        os.environ["HF_HOME"] = str(home)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        models.update(guardrail_dir=str(Path(args.guardrail_dir).resolve()), text_guard_dir=str(Path(args.text_guard_dir).resolve()))
     elif args.hf_home:
         os.environ["HF_HOME"] = args.hf_home
     models["hf_home"] = os.environ.get("HF_HOME")
@@ -116,7 +139,7 @@ def serve(args) -> int:
         worker = SafetyWorker(
             args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,
             check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure,
-            controversial=args.controversial,
+            controversial=args.controversial, parent_pid=args.parent_pid,
         )
     except WorkerStartError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,11 +6,20 @@ it encoded requests through a queue and wake it through a socketpair, and get a
 in flight at once and replies may come back in any order. A request that gets no reply within its
 timeout fails with `WorkerTimeout`; the worker is told the same timeout and skips the request if it
 has not started it by then.
+
+Liveness (docs/RELIABILITY.md): the I/O thread pings the worker while replies are owed
+(`heartbeat`); if the worker stays silent for `dead_after` seconds it is declared dead, every
+pending request fails with `WorkerDead` and so does every later call (no request is ever answered
+"safe" by default). When the connection drops and comes back (a supervised worker restarted on the
+same endpoint, see `safety_worker.liveness.Supervisor`) every request still owed is sent again:
+checks are idempotent and a second reply to the same id is ignored. A `busy` answer is retried with
+exponential backoff (Lazy Pirate), at most `busy_retries` times and never past the request's deadline.
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import math
 import os
 import socket
 import threading
@@ -44,6 +53,13 @@ class ClientClosed(RuntimeError):
     """The client was closed while the request was pending."""
 
 
+class WorkerDead(ConnectionError):
+    """The worker stopped answering (died or hung) for `dead_after` seconds; this client is unusable.
+
+    Raised for every request that was pending and for every later call: open a new client once a
+    worker is serving again (a worker from `spawn_worker` is restarted by its supervisor)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A safety decision. `frames` holds the sanitized (face-pixelated) frames when the input had
@@ -64,19 +80,45 @@ def _verdict(reply: P.Reply) -> Verdict:
 class SafetyClient:
     """Client of one safety worker endpoint; thread-safe; use as a context manager or call close()."""
 
-    def __init__(self, endpoint: str, timeout: float = 60.0):
+    def __init__(self, endpoint: str, timeout: float = 60.0, *, heartbeat: float | None = 1.0,
+                 dead_after: float | None = 60.0, busy_retries: int = 6, curve_server_key: bytes | str | None = None,
+                 curve_keys_dir: str | None = None):
+        """`timeout`: seconds one request may take. `heartbeat`: ping interval while replies are owed
+        (None: no pings). `dead_after`: seconds of silence, while replies are owed, after which the worker
+        is declared dead (None: never; each request still times out). `busy_retries`: resends of a request
+        the worker answered `busy`. `curve_server_key`: the worker's CURVE public key (z85) for a tcp://
+        worker serving with keys; the client's own key pair comes from `curve_keys_dir` (see
+        `python -m safety_worker keys`) or is generated for this client alone."""
         self.endpoint = endpoint
         self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self.busy_retries = busy_retries
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IDENTITY, os.urandom(8) + os.getpid().to_bytes(4, "little"))
+        if curve_server_key is not None:
+            from .security import configure_curve_client
+
+            configure_curve_client(self._sock, curve_server_key, curve_keys_dir)
+        # Connection events tell us when a restarted worker is back, so owed requests can be resent.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._outbox: collections.deque = collections.deque()
-        self._pending: dict[int, tuple[Future, float, Callable[[P.Reply], Any]]] = {}
+        # id -> (future, absolute deadline, decode, request, busy retries used)
+        self._pending: dict[int, list] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._dead: WorkerDead | None = None
+        self._last_heard = time.monotonic()
+        self._owed_since: float | None = None  # when the client started waiting on the worker
+        self._ping_id: int | None = None
+        self._ping_sent = 0.0
+        self._disconnected = False
+        self._retry_at: list[tuple[float, int]] = []  # (when, id) of busy requests waiting to be resent
+        self.resends = 0  # requests sent again after a reconnect or a `busy` (for tests and stats)
         self._wake_rx, self._wake_tx = socket.socketpair()
         self._wake_rx.setblocking(False)
         self._thread = threading.Thread(target=self._io_loop, name=f"SafetyClient({endpoint})", daemon=True)
@@ -132,10 +174,12 @@ class SafetyClient:
         self._thread.join(timeout=5)
         with self._lock:
             pending, self._pending = self._pending, {}
-        for fut, _, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(ClientClosed(f"SafetyClient({self.endpoint}) was closed"))
+        for entry in pending.values():
+            if not entry[0].done():
+                entry[0].set_exception(ClientClosed(f"SafetyClient({self.endpoint}) was closed"))
         # Close sockets before terminating the context, or term() can hang.
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
         self._wake_rx.close()
@@ -160,39 +204,123 @@ class SafetyClient:
     def _submit(self, op: str, args: dict, arrays: list, decode: Callable[[P.Reply], Any]) -> Future:
         if self._closed:
             raise ClientClosed(f"SafetyClient({self.endpoint}) is closed")
+        if self._dead is not None:
+            raise WorkerDead(str(self._dead))
         rid = next(self._ids)
-        frames = P.encode_request(P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=int(self.timeout * 1000)))
+        req = P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=int(self.timeout * 1000))
+        frames = P.encode_request(req)
         fut: Future = Future()
         with self._lock:
-            self._pending[rid] = (fut, time.monotonic() + self.timeout, decode)
+            if not self._pending:
+                self._owed_since = time.monotonic()
+            self._pending[rid] = [fut, time.monotonic() + self.timeout, decode, req, 0]
         self._outbox.append((rid, frames))
         self._wake_tx.send(b"x")
         return fut
+
+    def _resend(self, rid: int) -> None:
+        """Send a request again with the time it has left (the worker skips it past that)."""
+        with self._lock:
+            entry = self._pending.get(rid)
+        if entry is None:
+            return
+        req: P.Request = entry[3]
+        left_ms = max(1, int((entry[1] - time.monotonic()) * 1000))
+        self.resends += 1
+        self._outbox.append((rid, P.encode_request(P.Request(req.id, req.op, req.args, req.arrays, left_ms))))
 
     def _io_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx.fileno(), zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while not self._closed:
             with self._lock:
-                next_deadline = min((d for _, d, _ in self._pending.values()), default=None)
+                next_deadline = min((e[1] for e in self._pending.values()), default=None)
+            if self._retry_at:
+                next_deadline = min(next_deadline or math.inf, min(self._retry_at)[0])
             wait = _MAX_POLL_MS if next_deadline is None else max(0, min(_MAX_POLL_MS, (next_deadline - time.monotonic()) * 1000))
+            if self.heartbeat is not None:
+                wait = min(wait, self.heartbeat * 1000 / 2)
             events = dict(poller.poll(wait))
+            if self._monitor in events:
+                self._on_monitor_events()
+            self._due_retries()
             if self._wake_rx.fileno() in events:
                 try:
                     while self._wake_rx.recv(4096):
                         pass
                 except BlockingIOError:
                     pass
-            while self._outbox:
-                rid, frames = self._outbox.popleft()
-                try:
-                    self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                except zmq.ZMQError as e:
-                    self._fail(rid, WorkerError("send_failed", f"could not send to {self.endpoint}: {e}"))
+            self._flush_outbox()
             if self._sock in events:
                 self._receive_all()
             self._expire()
+            self._check_liveness()
+
+    def _on_monitor_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._disconnected = True
+            elif event == zmq.EVENT_CONNECTED and self._disconnected:
+                # A worker is back on the endpoint (restarted): whatever it had is lost; send it all again.
+                self._disconnected = False
+                self._last_heard = time.monotonic()
+                self._ping_id = None
+                with self._lock:
+                    owed = sorted(self._pending)
+                for rid in owed:
+                    self._resend(rid)
+                self._flush_outbox()
+
+    def _due_retries(self) -> None:
+        now = time.monotonic()
+        due = [rid for when, rid in self._retry_at if when <= now]
+        if due:
+            self._retry_at = [(w, r) for w, r in self._retry_at if w > now]
+            for rid in due:
+                self._resend(rid)
+
+    def _check_liveness(self) -> None:
+        """Ping while replies are owed; declare the worker dead after `dead_after` seconds of silence."""
+        with self._lock:
+            owed = bool(self._pending)
+        if not owed or self._dead is not None:
+            return
+        now = time.monotonic()
+        silent_for = now - max(self._last_heard, self._owed_since or 0.0)
+        if self.dead_after is not None and silent_for > self.dead_after:
+            self._declare_dead(f"the safety worker at {self.endpoint} did not answer for {silent_for:.1f}s "
+                               f"(dead_after={self.dead_after:g}s): it died or hung. Checks fail closed; start or "
+                               "restart the worker and open a new SafetyClient.")
+            return
+        if self.heartbeat is not None and silent_for > self.heartbeat and (
+                self._ping_id is None or now - self._ping_sent > self.heartbeat):
+            rid = next(self._ids)
+            self._ping_id, self._ping_sent = rid, now
+            # Pings are not in _pending: any reply (to a ping or not) just proves the worker alive.
+            self._outbox.append((rid, P.encode_request(P.Request(id=rid, op="ping", timeout_ms=int(self.heartbeat * 1000)))))
+            self._flush_outbox()
+
+    def _declare_dead(self, message: str) -> None:
+        self._dead = WorkerDead(message)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        self._retry_at = []
+        for entry in pending.values():
+            if not entry[0].done():
+                entry[0].set_exception(WorkerDead(message))
+
+    def _flush_outbox(self) -> None:
+        while self._outbox:
+            rid, frames = self._outbox.popleft()
+            try:
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:
+                self._fail(rid, WorkerError("send_failed", f"could not send to {self.endpoint}: {e}"))
 
     def _receive_all(self) -> None:
         while True:
@@ -204,11 +332,23 @@ class SafetyClient:
                 reply = P.decode_reply(frames)
             except P.ProtocolError:
                 continue  # not a reply we can attribute to a request; its caller times out
+            self._last_heard = time.monotonic()
+            if reply.id == self._ping_id:
+                self._ping_id = None
             with self._lock:
+                entry = self._pending.get(reply.id)
+                if (entry is not None and reply.status == P.STATUS_ERROR and reply.error["code"] == P.BUSY
+                        and entry[4] < self.busy_retries):
+                    # Lazy Pirate: back off and send again, unless the deadline comes first.
+                    entry[4] += 1
+                    when = time.monotonic() + min(2.0, 0.05 * 2 ** entry[4])
+                    if when < entry[1]:
+                        self._retry_at.append((when, reply.id))
+                        continue
                 entry = self._pending.pop(reply.id, None)
             if entry is None:
-                continue  # late reply for a request that already timed out
-            fut, _, decode = entry
+                continue  # late or duplicate reply (resent request, or one that already timed out)
+            fut, _, decode = entry[:3]
             if reply.status == P.STATUS_ERROR:
                 fut.set_exception(WorkerError(reply.error["code"], reply.error["message"]))
                 continue
@@ -220,7 +360,7 @@ class SafetyClient:
     def _expire(self) -> None:
         now = time.monotonic()
         with self._lock:
-            expired = [rid for rid, (_, d, _) in self._pending.items() if d <= now]
+            expired = [rid for rid, e in self._pending.items() if e[1] <= now]
         for rid in expired:
             self._fail(rid, WorkerTimeout(
                 f"no reply from the safety worker at {self.endpoint} within {self.timeout:g}s "

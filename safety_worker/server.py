@@ -203,6 +203,7 @@ class SafetyWorker:
         device: str = "cpu",
         insecure: bool = False,
         controversial: str = "block",
+        parent_pid: int | None = None,
     ):
         if endpoint.startswith("tcp://") and not insecure:
             raise WorkerStartError(
@@ -224,7 +225,11 @@ class SafetyWorker:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.queue_size)
         self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
         self._running: _Job | None = None
+        # Jobs queued, running, or finished but not yet handed back: main thread only. Draining
+        # waits for this to reach 0 (queue and _running alone miss a job between the two).
+        self._outstanding = 0
         self._stopping = False
+        self._parent_pid = parent_pid
         self.stats: dict[str, Any] = {
             "requests": {}, "errors": {}, "safe": 0, "blocked": 0, "timed_out": 0,
             "unroutable_replies": 0, "check_seconds": 0.0, "checks": 0,
@@ -268,11 +273,18 @@ class SafetyWorker:
                             break
                         self._on_message(frames)
                 self._expire_running()
-                if self._stopping and self._jobs.empty() and self._running is None:
-                    self._send_done()
+                if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                    # Our parent died (even by SIGKILL) and we were re-parented: do not linger as an orphan.
+                    logger.warning("parent process %d is gone; stopping", self._parent_pid)
+                    self._parent_pid = None
+                    self.request_stop()
+                if self._stopping and (self._outstanding == 0 or self._only_abandoned_job_left()):
                     break
         finally:
-            self._jobs.put(None)
+            try:
+                self._jobs.put_nowait(None)  # stops the checker thread once it is idle
+            except queue.Full:
+                pass  # leaving after an error with a full queue: the daemon thread dies with us
             thread.join(timeout=1.0)
             self._wake_rx.close(linger=0)
             self._router.close(linger=_LINGER_MS)
@@ -300,6 +312,7 @@ class SafetyWorker:
         elif req.op in P.CHECK_OPS:
             try:
                 self._jobs.put_nowait(_Job(envelope, req, time.monotonic()))
+                self._outstanding += 1
             except queue.Full:
                 self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
         else:
@@ -372,7 +385,14 @@ class SafetyWorker:
                 job, reply = self._done.get_nowait()
             except queue.Empty:
                 return
-            self._send(job.envelope, reply)
+            self._outstanding -= 1
+            if reply is not None:  # None: already answered (timed out while running)
+                self._send(job.envelope, reply)
+
+    def _only_abandoned_job_left(self) -> bool:
+        """A hung check that was already answered blocked must not keep a draining worker alive."""
+        job = self._running
+        return self._outstanding == 1 and self._jobs.empty() and job is not None and job._answered
 
     def _error(self, envelope, req: Request, code: str, message: str) -> None:
         self._count("errors", code)
@@ -402,10 +422,9 @@ class SafetyWorker:
                 job = self._jobs.get()
                 if job is None:
                     return
-                reply = self._run_job(job)
-                if reply is not None:
-                    self._done.put((job, reply))
-                    wake.send(b"")
+                # Every job comes back through _done (reply None if it was answered already).
+                self._done.put((job, self._run_job(job)))
+                wake.send(b"")
         finally:
             wake.close(linger=0)
 

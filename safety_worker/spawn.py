@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .client import SafetyClient
+from .liveness import Supervisor
 
 READY_PREFIX = "safety-worker ready"
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -25,26 +26,52 @@ class WorkerStartFailed(RuntimeError):
 
 
 class WorkerProcess:
-    """A running child worker. `.endpoint`, `.pid`, `.hello` (its handshake), `.log_path`; `.stop()`."""
+    """A running child worker. `.endpoint`, `.pid`, `.hello` (its handshake), `.log_path`; `.stop()`.
 
-    def __init__(self, proc: subprocess.Popen, endpoint: str, owner_token: str, rundir: str, log_path: str):
-        self.proc = proc
+    `.supervisor` (a `safety_worker.liveness.Supervisor`, or None) restarts it on the same endpoint
+    if it dies or hangs; `.restart()` does that once."""
+
+    def __init__(self, proc: subprocess.Popen, endpoint: str, owner_token: str, rundir: str, log_path: str,
+                 cmd: Sequence[str] = (), env: dict | None = None, startup_timeout: float = 180.0):
+        self._procs = [proc]  # shared with the finalizer, which must stop whichever process is current
         self.endpoint = endpoint
         self.owner_token = owner_token
         self.log_path = log_path
         self.hello: dict = {}
-        self._finalizer = weakref.finalize(self, _stop_process, proc, rundir, 10.0)
+        self.client_kwargs: dict = {}  # e.g. CURVE keys, for the supervisor's pings
+        self.supervisor = None
+        self._cmd, self._env, self._startup_timeout = list(cmd), env, startup_timeout
+        self._finalizer = weakref.finalize(self, _stop_current, self._procs, rundir, 10.0)
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self._procs[0]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def client(self, timeout: float = 60.0) -> SafetyClient:
-        return SafetyClient(self.endpoint, timeout=timeout)
+        return SafetyClient(self.endpoint, timeout=timeout, **self.client_kwargs)
+
+    def restart(self) -> None:
+        """Kill the current process if it still runs and start the same command on the same endpoint."""
+        old = self.proc
+        if old.poll() is None:
+            old.kill()
+        old.wait()
+        if old.stdout is not None:
+            old.stdout.close()
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self._env)
+        self._procs[0] = proc
+        _wait_ready(proc, self._startup_timeout, self.log_path)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (the worker drains in-flight checks and exits 0), SIGKILL after `timeout`."""
         self._finalizer.detach()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         return _stop_process(self.proc, os.path.dirname(self.log_path), timeout)
 
     def __enter__(self) -> "WorkerProcess":
@@ -52,6 +79,10 @@ class WorkerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _stop_current(procs: list, rundir: str, timeout: float) -> int | None:
+    return _stop_process(procs[0], rundir, timeout)
 
 
 def _stop_process(proc: subprocess.Popen, rundir: str, timeout: float) -> int | None:
@@ -75,6 +106,8 @@ def spawn_worker(
     extra_args: Sequence[str] = (),
     startup_timeout: float = 180.0,
     env: dict[str, str] | None = None,
+    restarts: int = 3,
+    hang_timeout: float = 30.0,
 ) -> WorkerProcess:
     """Start a safety worker subprocess and return once it has answered `hello`.
 
@@ -82,6 +115,11 @@ def spawn_worker(
     child runs this same copy of `safety_worker` (its parent directory is put first on the child's
     PYTHONPATH). A random owner token is passed through the environment (not argv, which other
     users can read); it lets this process send `shutdown`. The worker's log goes to `.log_path`.
+    The worker stops by itself when this process exits, even if it is killed (`--parent-pid`).
+
+    With `restarts > 0` a supervisor thread restarts the worker on the same endpoint when it exits
+    abnormally or does not answer a ping within `hang_timeout` seconds, at most `restarts` times
+    (clients resend what they were owed).
     """
     rundir = tempfile.mkdtemp(prefix="safety-worker-")  # mode 0700
     endpoint = endpoint or f"ipc://{rundir}/worker.sock"
@@ -91,11 +129,11 @@ def spawn_worker(
     child_env["SAFETY_WORKER_OWNER_TOKEN"] = token
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "safety_worker", "serve", "--endpoint", endpoint, "--preset", preset,
-           "--device", device, *extra_args]
+           "--device", device, "--parent-pid", str(os.getpid()), *extra_args]
     log_path = os.path.join(rundir, "worker.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=child_env)
-    worker = WorkerProcess(proc, endpoint, token, rundir, log_path)
+    worker = WorkerProcess(proc, endpoint, token, rundir, log_path, cmd, child_env, startup_timeout)
     try:
         _wait_ready(proc, startup_timeout, log_path)
         with SafetyClient(endpoint, timeout=30.0) as client:
@@ -103,6 +141,8 @@ def spawn_worker(
     except BaseException:
         worker.stop(timeout=2.0)
         raise
+    if restarts > 0:
+        worker.supervisor = Supervisor(worker, restarts=restarts, hang_timeout=hang_timeout).start()
     return worker
 
 

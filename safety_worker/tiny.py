@@ -124,6 +124,24 @@ def build_tiny_guardrail(root: str | os.PathLike | None = None, faces: str = "no
     return final
 
 
+def link_local_checkpoints(home: str | os.PathLike, guardrail_dir: str | os.PathLike, text_guard_dir: str | os.PathLike) -> Path:
+    """Make `home` an HF_HOME whose hub cache points at local checkpoint directories.
+
+    cosmos_guardrail only accepts hub ids (it calls `snapshot_download`, and Qwen3Guard's id is
+    hard-coded), so local copies of nvidia/Cosmos-1.0-Guardrail and Qwen/Qwen3Guard-Gen-0.6B are
+    served through a hub cache whose snapshot entries are symlinks to them.
+    """
+    hub = Path(home) / "hub"
+    for repo_id, src in ((GUARDRAIL_REPO, guardrail_dir), (TEXT_GUARD_REPO, text_guard_dir)):
+        src = Path(src).resolve()
+        if not src.is_dir():
+            raise FileNotFoundError(f"{src} is not a directory (expected a local copy of {repo_id})")
+        snap = _snapshot_dir(hub, repo_id, hashlib.sha1(str(src).encode()).hexdigest())
+        for entry in src.iterdir():
+            (snap / entry.name).symlink_to(entry)
+    return Path(home)
+
+
 def _snapshot_dir(hub: Path, repo_id: str, revision: str) -> Path:
     repo_dir = hub / ("models--" + repo_id.replace("/", "--"))
     (repo_dir / "refs").mkdir(parents=True)

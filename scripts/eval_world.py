@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also evaluate each world checkpoint with N rolled-out frames (default: 0, off)")
     parser.add_argument("--rollout-steps", type=int, default=35, help="denoising steps per rollout (default: 35)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="answer length limit; the tiny tokenizer spends one token per character (default: 16)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows (with every generated answer) as JSON")
     args = parser.parse_args(argv)

@@ -186,3 +186,21 @@ def test_decoded_rollout_is_a_uint8_video_of_four_frames_per_latent(cosmos, imag
 
 def test_rollout_never_imports_the_guardrail():
     assert "cosmos_guardrail" not in sys.modules and "retinaface" not in sys.modules
+
+
+def test_world_latents_are_the_exact_observed_frame_then_the_rollout(tiny_models, image):
+    from theworld import TheWorld
+
+    gemma_dir, cosmos_dir = tiny_models
+    model = TheWorld.from_pretrained(gemma_dir, cosmos_model=cosmos_dir, num_world_steps=1).eval()
+    model.rollout_config = RolloutConfig(num_inference_steps=2, seed=4)
+    pixels = preprocess_world_images([image], HEIGHT, WIDTH)
+    with torch.no_grad():
+        observed = model.world_encoder(pixels)
+        latents = model.encode_world(pixels)
+    rolled = rollout_world_latents(model.world_transformer, model.world_scheduler, observed, 1,
+                                   config=model.rollout_config)
+    assert latents.shape == (1, 16, 2, HEIGHT // 8, WIDTH // 8)
+    assert torch.equal(latents[:, :, :1], observed)  # not the sampler's sigma_min-noisy copy
+    assert not torch.equal(rolled[:, :, :1], observed)
+    assert torch.equal(latents[:, :, 1:], rolled[:, :, 1:])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from safety_worker import SafetyClient, WorkerError
+from safety_worker import SafetyClient, WorkerError, spawn_worker
 from safety_worker.tiny import (
     BLOCKED_PHRASE, BLOCKLIST_WORD, CONTROVERSIAL_PHRASE, EXACT_MATCH_WORD, SAFE_EXAMPLE, UNPARSEABLE_PHRASE,
 )
@@ -157,29 +157,34 @@ def test_bad_frames_get_a_clear_error_and_the_worker_keeps_serving(client, bad, 
     assert client.check_text(SAFE_EXAMPLE).safe
 
 
-def test_worker_verdicts_and_frames_equal_in_process_checker(tiny_safety_worker_faces, faces_client, run_in_checker_process):
-    frames = [_frames(10), _frames(11, (2, 40, 56, 3))]
-    inproc = run_in_checker_process(f"""
-        texts = {TEXTS!r}
-        frames = [np.random.default_rng(10).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8),
-                  np.random.default_rng(11).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)]
-        out = {{"text": [checker.check_text_safety(t) for t in texts],
-                "frames": [checker.check_video_safety(f.copy()).tolist() for f in frames],
-                "grad": torch.is_grad_enabled()}}
-        print(json.dumps(out))
+EQUIV_FRAMES = [((3, 64, 64, 3), 10), ((2, 40, 56, 3), 11)]
+FAIL_OPEN_TEXTS = [CONTROVERSIAL_PHRASE, UNPARSEABLE_PHRASE]
+
+
+@pytest.fixture(scope="module")
+def in_process(run_in_checker_process):
+    """Verdicts and frames from the real checker called in-process (in a subprocess), faces="all"."""
+    return run_in_checker_process(f"""
+        frames = [np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8) for shape, seed in {EQUIV_FRAMES!r}]
+        print(json.dumps({{
+            "text": [checker.check_text_safety(t) for t in {TEXTS!r}],
+            "fail_open_text": [checker.check_text_safety(t) for t in {FAIL_OPEN_TEXTS!r}],
+            "frames": [checker.check_video_safety(f.copy()).tolist() for f in frames],
+            "grad": torch.is_grad_enabled()}}))
     """, faces="all")
-    assert inproc["grad"] is False  # the reason the checker lives in its own process
-    assert [v.safe for v in faces_client.check_text(TEXTS)] == inproc["text"]
-    for f, expected in zip(frames, inproc["frames"]):
-        np.testing.assert_array_equal(faces_client.check_video(f).frames, np.array(expected, dtype=np.uint8))
 
 
-def test_cosmos_fails_open_where_the_worker_fails_closed(client, run_in_checker_process):
-    inproc = run_in_checker_process(f"""
-        print(json.dumps([checker.check_text_safety(t) for t in {[CONTROVERSIAL_PHRASE, UNPARSEABLE_PHRASE]!r}]))
-    """)
-    assert inproc == [True, True]  # cosmos_guardrail: "Controversial" and no label both count as safe
-    assert [v.safe for v in client.check_text([CONTROVERSIAL_PHRASE, UNPARSEABLE_PHRASE])] == [False, False]
+def test_worker_verdicts_and_frames_equal_in_process_checker(faces_client, in_process):
+    assert in_process["grad"] is False  # the reason the checker lives in its own process
+    assert [v.safe for v in faces_client.check_text(TEXTS)] == in_process["text"]
+    for (shape, seed), expected in zip(EQUIV_FRAMES, in_process["frames"]):
+        got = faces_client.check_video(_frames(seed, shape)).frames
+        np.testing.assert_array_equal(got, np.array(expected, dtype=np.uint8))
+
+
+def test_cosmos_fails_open_where_the_worker_fails_closed(faces_client, in_process):
+    assert in_process["fail_open_text"] == [True, True]  # cosmos_guardrail: "Controversial" and no label are safe
+    assert [v.safe for v in faces_client.check_text(FAIL_OPEN_TEXTS)] == [False, False]
 
 
 def test_many_requests_in_flight_are_routed_by_id(client):
@@ -218,3 +223,26 @@ def test_four_client_processes_at_once(tiny_safety_worker):
     results = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in results]
     assert [json.loads(out)["ok"] for out, _ in results] == [12] * 4
+
+
+def test_local_checkpoint_directories_serve_the_same_checker(tiny_guardrail_root, tiny_safety_worker_faces, faces_client):
+    from safety_worker.tiny import GUARDRAIL_REPO, TEXT_GUARD_REPO, variant_key
+
+    hub = tiny_guardrail_root / variant_key("all") / "hub"
+    snapshot = lambda repo: next((hub / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir())  # noqa: E731
+    frames = _frames(12, (2, 32, 32, 3))
+    with spawn_worker(preset="local", extra_args=["--guardrail-dir", str(snapshot(GUARDRAIL_REPO)),
+                                                  "--text-guard-dir", str(snapshot(TEXT_GUARD_REPO))]) as worker, \
+            SafetyClient(worker.endpoint, timeout=60) as c:
+        assert worker.hello["models"]["preset"] == "local"
+        assert [v.safe for v in c.check_text(TEXTS)] == [v.safe for v in faces_client.check_text(TEXTS)]
+        np.testing.assert_array_equal(c.check_video(frames).frames, faces_client.check_video(frames).frames)
+
+
+def test_prompts_are_not_written_to_the_worker_log(tiny_safety_worker, client):
+    secret = f"my-unique-secret-7f3a {BLOCKED_PHRASE}"
+    assert not client.check_text(secret).safe
+    assert client.check_text("another-unique-secret-91b2").safe
+    log = open(tiny_safety_worker.log_path).read()
+    assert log  # the worker did write its log (model loading)
+    assert "unique-secret" not in log and BLOCKED_PHRASE not in log

@@ -29,13 +29,14 @@ def _cli(*args, timeout=60):
 
 @pytest.fixture(scope="module")
 def small_queue_worker(spawn_tiny_worker):
-    worker = spawn_tiny_worker("all", "--queue-size", "2")
+    worker = spawn_tiny_worker("all", "--queue-size", "2", "--max-message-bytes", str(2 * 2**20))
     yield worker
     worker.stop()
 
 
 def test_full_queue_answers_busy_at_once(small_queue_worker):
-    with SafetyClient(small_queue_worker.endpoint, timeout=60) as c:
+    # busy_retries=0: see the raw `busy` (by default the client retries it with backoff).
+    with SafetyClient(small_queue_worker.endpoint, timeout=60, busy_retries=0) as c:
         futures = [c.submit_video(SLOW_VIDEO) for _ in range(6)]
         outcomes = []
         for f in futures:
@@ -63,6 +64,21 @@ def test_request_past_its_deadline_is_skipped_not_computed(small_queue_worker):
         ctx.term()
     assert replies[1].status == "ok" and replies[1].result["safe"]
     assert replies[2].status == "error" and replies[2].error["code"] == "deadline_exceeded"
+
+
+def test_oversize_frame_disconnects_the_peer_and_the_worker_keeps_serving(small_queue_worker):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(small_queue_worker.endpoint)
+    try:
+        big = np.zeros((4, 512, 512, 3), np.uint8)  # 3 MiB > --max-message-bytes 2 MiB
+        sock.send_multipart(P.encode_request(P.Request(id=1, op="echo", arrays=[big])))
+        assert sock.poll(1500) == 0  # dropped by ZeroMQ, no reply
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    with SafetyClient(small_queue_worker.endpoint, timeout=30) as c:
+        assert c.ping()["instance_id"]
 
 
 def test_sigterm_drains_queued_checks_refuses_new_ones_and_exits_0(small_queue_worker):
@@ -155,3 +171,44 @@ def test_help_documents_every_subcommand():
     for sub in ("serve", "check", "status"):
         r = _cli(sub, "--help")
         assert r.returncode == 0 and "--endpoint" in r.stdout
+
+
+ORPHAN_PARENT = """
+import sys, time
+from safety_worker import spawn_worker
+w = spawn_worker(extra_args=["--tiny-dir", sys.argv[1]])
+print(w.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\tZ" not in next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+
+
+def test_worker_exits_when_its_parent_is_killed(tiny_guardrail_root):
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT, str(tiny_guardrail_root)], stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    worker_pid = int(parent.stdout.readline())
+    assert _alive(worker_pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid)
+
+
+def test_readme_safety_worker_example_runs(tiny_guardrail_root, monkeypatch, capsys):
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("<!-- section: safety-worker -->")[1].split("<!-- /section: safety-worker -->")[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setenv("SAFETY_WORKER_TINY_DIR", str(tiny_guardrail_root))  # already built: reused
+    exec(compile(code, "README.md#safety-worker", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == ["[(True, None), (False, 'text')]", "[True, True]"]

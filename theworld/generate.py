@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-logger = logging.getLogger("theworld.generate")
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -60,17 +57,15 @@ def read_frames(path: str | Path, video: bool) -> np.ndarray:
     """An image as `[1, H, W, 3]` or a video as `[T, H, W, 3]`, uint8 RGB."""
     import imageio.v3 as iio
 
+    from theworld.data.sources import as_rgb_array
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such {'video' if video else 'image'} file: {path}")
-    if video:
-        frames = iio.imread(path, plugin="FFMPEG" if path.suffix.lower() != ".gif" else None)
-    else:
-        frames = iio.imread(path)[None]
-    frames = np.asarray(frames)
-    if frames.ndim == 3:  # grayscale
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    return np.ascontiguousarray(frames[..., :3].astype(np.uint8))
+    if not video:
+        return as_rgb_array(path)[None]
+    frames = np.asarray(iio.imread(path, plugin=None if path.suffix.lower() == ".gif" else "FFMPEG"))
+    return np.ascontiguousarray(np.stack([as_rgb_array(frame[..., :3]) for frame in frames]))
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = DEFAULT_VIDEO_FPS) -> None:
@@ -288,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         requests = load_requests(args)
     except (OSError, ValueError) as e:
