@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+HALF_THE_CORES = max(1, (os.cpu_count() or 2) // 2)
 sys.path.insert(0, str(REPO_ROOT))
 
 TRAINER_SIDE = """
@@ -105,7 +106,7 @@ def run_pair(args, workdir: Path, endpoint: str, extra: list[str]) -> dict:
         return [*extra, "--output-dir", str(workdir / name), "--safety-endpoint", endpoint, "--max-steps", str(args.steps),
                 "--batch-size", str(args.batch_size), "--eval-every", str(10 * args.steps),
                 "--save-every", str(10 * args.steps), "--report-to", "none", "--eval-size", "8",
-                "--synthetic-eval-size", "8", "--safety-window", str(args.window), "--num-threads", "1"]
+                "--synthetic-eval-size", "8", "--safety-window", str(args.window), "--num-threads", str(HALF_THE_CORES)]
 
     needed = args.steps * args.batch_size
     prechecked = {}
@@ -137,15 +138,14 @@ def main():
     parser.add_argument("--window", type=int, default=32, help="safety checks in flight ahead of the trainer")
     args = parser.parse_args()
 
-    import torch
-
     from safety_worker import spawn_worker
     from safety_worker.tiny import build_tiny_guardrail
     from theworld.tiny import build_tiny_models, default_tiny_dir
 
-    torch.set_num_threads(1)
     gemma, cosmos = build_tiny_models(default_tiny_dir())
-    with tempfile.TemporaryDirectory() as tmp, spawn_worker(preset="tiny") as worker:
+    # As `python -m theworld.train` does beside a spawned CPU worker: half of the cores each.
+    worker_env = dict(os.environ, OMP_NUM_THREADS=str(HALF_THE_CORES))
+    with tempfile.TemporaryDirectory() as tmp, spawn_worker(preset="tiny", env=worker_env) as worker:
         pairs = {name: run_pair(args, Path(tmp) / str(i), worker.endpoint, extra)
                  for i, (name, extra) in enumerate(SCENARIOS.items())}
     trainer = run_side(TRAINER_SIDE, gemma, cosmos)
