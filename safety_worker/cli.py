@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--endpoint", required=True,
                    help="ZeroMQ endpoint to bind: ipc:///private/dir/worker.sock (the directory is created 0700 "
-                        "if missing and must not be group/world accessible) or tcp://HOST:PORT (needs --insecure)")
+                        "if missing and must not be group/world accessible) or tcp://HOST:PORT (needs --curve-dir or --insecure)")
     s.add_argument("--preset", choices=("tiny", "hub", "local"), default="tiny",
                    help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
                         "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, "
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"checks waiting at most; more are answered 'busy' at once (default {limits.queue_size})")
     s.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
+    s.add_argument("--curve-dir", default=None,
+                   help="CURVE keys for a tcp:// endpoint (from `keys DIR`): the worker's key pair and DIR/authorized/*.key, "
+                        "the only clients it answers")
     s.add_argument("--insecure", action="store_true",
                    help="allow a tcp:// endpoint without authentication (anyone who can reach the port can use the worker)")
     s.add_argument("--parent-pid", type=int, default=None,
@@ -78,18 +81,42 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--video", help="a video file (any format imageio reads, e.g. mp4 via ffmpeg)")
     c.add_argument("--out", help="with --image/--video: write the face-pixelated result here (only when safe)")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the verdict (default 120)")
+    c.add_argument("--curve-dir", default=None, help="CURVE key directory (from `keys`) for a tcp:// worker serving with keys")
 
     st = sub.add_parser("status", help="print what a running worker reports about itself (hello + stats) as JSON",
                         description="Print the worker's hello (pid, versions, models, limits, grad mode, loaded "
                         "modules) and its stats as JSON. Exit 0 if it answered, 2 if not.")
     st.add_argument("--endpoint", required=True, help="the worker's endpoint")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    st.add_argument("--curve-dir", default=None, help="CURVE key directory (from `keys`) for a tcp:// worker serving with keys")
+
+    k = sub.add_parser("keys", help="create CURVE keys for tcp:// workers and their clients",
+                       description="Create DIR (0700) with a worker key pair (server.key, server.key_secret), a client "
+                       "key pair (client.key, client.key_secret) and DIR/authorized/client.key. Serve with "
+                       "`serve --endpoint tcp://... --curve-dir DIR`; give clients DIR (or copy client.key* and "
+                       "server.key to them, and each extra client's public key into the worker's DIR/authorized/).")
+    k.add_argument("dir", help="directory to create the keys in")
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    return {"serve": serve, "check": check, "status": status}[args.command](args)
+    return {"serve": serve, "check": check, "status": status, "keys": keys}[args.command](args)
+
+
+def keys(args) -> int:
+    from .security import create_keys
+
+    print(json.dumps(create_keys(args.dir), indent=2))
+    return 0
+
+
+def _client_kwargs(args) -> dict:
+    if not args.curve_dir:
+        return {}
+    from .security import server_public_key
+
+    return {"curve_server_key": server_public_key(args.curve_dir), "curve_keys_dir": args.curve_dir}
 
 
 def serve(args) -> int:
@@ -138,7 +165,7 @@ def serve(args) -> int:
     try:
         worker = SafetyWorker(
             args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,
-            check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure,
+            check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure, curve_dir=args.curve_dir,
             controversial=args.controversial, parent_pid=args.parent_pid,
         )
     except WorkerStartError as e:
@@ -188,7 +215,7 @@ def check(args) -> int:
     from .client import SafetyClient
 
     try:
-        with SafetyClient(args.endpoint, timeout=args.timeout) as client:
+        with SafetyClient(args.endpoint, timeout=args.timeout, **_client_kwargs(args)) as client:
             if args.text is not None:
                 v = client.check_text(args.text)
                 out = {"input": "text", "safe": v.safe, "reason": v.reason}
@@ -213,7 +240,7 @@ def status(args) -> int:
     from .client import SafetyClient
 
     try:
-        with SafetyClient(args.endpoint, timeout=args.timeout) as client:
+        with SafetyClient(args.endpoint, timeout=args.timeout, **_client_kwargs(args)) as client:
             out = {"hello": client.hello(), "stats": client.stats()}
     except Exception as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))

@@ -79,11 +79,17 @@ class Supervisor:
                 next_ping = time.monotonic() + self.ping_every
 
     def _answers(self, client, proc) -> bool:
+        """True if the worker answered a ping at all: an error reply (`shutting_down` while it drains
+        after SIGTERM, `busy`) proves it alive just as well."""
+        from .client import WorkerError
+
         future = client._submit("ping", {}, [], lambda reply: reply.result)
         deadline = time.monotonic() + self.hang_timeout
         while time.monotonic() < deadline and not self._stop.is_set() and proc.poll() is None:
             try:
                 future.result(timeout=0.2)
+                return True
+            except WorkerError:
                 return True
             except TimeoutError:
                 continue

@@ -204,12 +204,21 @@ class SafetyWorker:
         insecure: bool = False,
         controversial: str = "block",
         parent_pid: int | None = None,
+        curve_dir: str | None = None,
     ):
-        if endpoint.startswith("tcp://") and not insecure:
+        if endpoint.startswith("tcp://") and not insecure and curve_dir is None:
             raise WorkerStartError(
-                f"{endpoint}: tcp endpoints need authentication, which this worker does not configure yet; "
-                "use an ipc:// endpoint, or pass --insecure to accept unauthenticated network clients"
+                f"{endpoint}: tcp endpoints need CURVE authentication: pass --curve-dir DIR (keys from "
+                "`python -m safety_worker keys DIR`), use an ipc:// endpoint, or pass --insecure to accept "
+                "unauthenticated network clients"
             )
+        if curve_dir is not None:  # a bad key directory fails before the slow checker load
+            from .security import CurveConfigError, check_server_dir
+
+            try:
+                check_server_dir(curve_dir)
+            except CurveConfigError as e:
+                raise WorkerStartError(str(e)) from None
         self.endpoint = endpoint
         # Claim the endpoint before the slow checker load, so a second worker fails fast.
         self._lock_file = claim_ipc_endpoint(endpoint)
@@ -240,6 +249,11 @@ class SafetyWorker:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         self._router.setsockopt(zmq.LINGER, _LINGER_MS)
+        self._auth = None
+        if curve_dir is not None:  # before bind: the socket must be a CURVE server from the first peer on
+            from .security import configure_curve_server
+
+            self._auth = configure_curve_server(self._ctx, self._router, curve_dir)
         self._wake_addr = f"inproc://safety-worker-done-{self.instance_id}"
         self._wake_rx = self._ctx.socket(zmq.PULL)
         self._wake_rx.bind(self._wake_addr)
@@ -288,6 +302,8 @@ class SafetyWorker:
             thread.join(timeout=1.0)
             self._wake_rx.close(linger=0)
             self._router.close(linger=_LINGER_MS)
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.term()
             if self._lock_file is not None:
                 Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)

@@ -54,17 +54,15 @@ class RolloutConfig:
             is nothing to guide towards, so it is ignored.
         fps: the frame rate the transformer's rotary embedding is told.
         seed: seeds the initial noise when no generator or noise tensor is passed.
-        max_sequence_length: T5 tokens per prompt (the pipeline pads to 512).
     """
 
     num_inference_steps: int = 35
     guidance_scale: float = 7.0
     fps: int = DEFAULT_FPS
     seed: int | None = 0
-    max_sequence_length: int = 512
 
 
-def video2world_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:
+def _video2world_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler (its step index is per-rollout state) with the Video2World constants set."""
     fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     fresh.register_to_config(
@@ -157,7 +155,7 @@ def rollout_world_latents(
         prompt_embeds = torch.zeros(batch, 1, transformer.config.text_embed_dim, device=device, dtype=transformer_dtype)
 
     with torch.set_grad_enabled(enable_grad):
-        scheduler = video2world_scheduler(scheduler)
+        scheduler = _video2world_scheduler(scheduler)
         sigmas_dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64
         scheduler.set_timesteps(sigmas=torch.linspace(0, 1, config.num_inference_steps, dtype=sigmas_dtype), device=device)
         # final_sigmas_type="sigma_min": the last step lands on sigma_min instead of zero.
