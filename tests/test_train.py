@@ -147,3 +147,23 @@ def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, ti
         task = SyntheticWorldTask(size=64, seed=i, blocked_fraction=0.25)
         blocked = [r["id"] for r in read_jsonl(tmp_path / f"run{i}" / "blocked.jsonl")]
         assert blocked == [x for x in seen_ids(summary, seed=i) if x in task.blocked_ids]
+
+
+def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, tiny_models):
+    """`torchrun`/`accelerate launch`: rank 0 spawns one worker, rank 1 attaches; counters are summed over ranks."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "theworld.train",
+         *small_run_args(tmp_path, tiny_models, "--max-steps", "4", "--blocked-fraction", "0.25")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    finish(proc)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["safety_worker_spawned"]
+    assert summary["worker_stats"]["requests"]["hello"] == 3  # the spawn's readiness check + one per rank
+    assert summary["trained"] == 2 * 4 * 2  # ranks x steps x batch size
+    assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
+    ledgers = read_jsonl(tmp_path / "blocked.jsonl") + read_jsonl(tmp_path / "blocked.rank1.jsonl")
+    assert len(ledgers) == summary["blocked"]
+    assert {r["id"] for r in ledgers} <= SyntheticWorldTask(size=64, blocked_fraction=0.25).blocked_ids
+    assert (tmp_path / "checkpoints" / "step-000004" / "rng_rank1.pt").is_file()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -166,7 +165,11 @@ class TrainArguments:
         default=False,
         metadata={"help": "Continue from the latest checkpoint in --output-dir (same losses as an uninterrupted run)."},
     )
-    num_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    num_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "torch CPU threads of the trainer. Default: torch's choice, except when training on CPU "
+                          "beside a spawned CPU worker: then trainer and worker get half of the cores each."},
+    )
     safety_endpoint: Optional[str] = field(
         default=None,
         metadata={"help": "Attach to this running safety worker (e.g. ipc:///run/safety/worker.sock or "
@@ -282,8 +285,10 @@ def open_datasets(data_args: DataArguments, seed: int):
 
 
 @contextmanager
-def safety_worker(train_args: TrainArguments, accelerator):
-    """The endpoint of the safety worker this process talks to; spawned (and stopped) here unless attached."""
+def safety_worker(train_args: TrainArguments, accelerator, threads: int | None = None):
+    """The endpoint of the safety worker this process talks to; spawned (and stopped) here unless attached.
+
+    ``threads`` caps a spawned worker's CPU threads (OMP_NUM_THREADS), for a worker sharing the trainer's cores."""
     if train_args.safety_endpoint:
         yield train_args.safety_endpoint, None
         return
@@ -291,7 +296,8 @@ def safety_worker(train_args: TrainArguments, accelerator):
 
     endpoint_file = Path(train_args.output_dir) / ENDPOINT_FILE.format(host=socket.gethostname())
     if accelerator.is_local_main_process:
-        with spawn_worker(preset=train_args.safety_preset, device=train_args.safety_device) as worker:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+        with spawn_worker(preset=train_args.safety_preset, device=train_args.safety_device, env=env) as worker:
             endpoint_file.write_text(worker.endpoint)
             accelerator.wait_for_everyone()  # the other local ranks read the endpoint now
             try:
@@ -305,13 +311,6 @@ def safety_worker(train_args: TrainArguments, accelerator):
             yield endpoint_file.read_text().strip(), None
         finally:
             accelerator.wait_for_everyone()
-
-
-def hello_info(client) -> dict:
-    hello = client.hello()
-    if isinstance(hello, dict):
-        return hello
-    return dataclasses.asdict(hello) if dataclasses.is_dataclass(hello) else dict(vars(hello))
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -339,8 +338,7 @@ def evaluate(model, batches: list[dict], accelerator) -> dict:
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             out = model(**batch)
-        labels = out.get("labels", None) if hasattr(out, "get") else None
-        labels = batch["labels"] if labels is None else labels
+        labels = batch["labels"]  # the collator already placed the world tokens, so labels align with logits
         shift_logits, shift_labels = out.logits[:, :-1].float(), labels[:, 1:]
         mask = shift_labels != -100
         losses = torch.nn.functional.cross_entropy(
@@ -491,8 +489,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from theworld.data.sources import SampleStream
 
     assert_grad_enabled("training (at start)")
-    if train_args.num_threads:
-        torch.set_num_threads(train_args.num_threads)
     output_dir = Path(train_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
@@ -502,6 +498,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    worker_threads = None
+    if train_args.num_threads:
+        torch.set_num_threads(train_args.num_threads)
+    elif accelerator.device.type == "cpu" and not train_args.safety_endpoint and train_args.safety_device == "cpu":
+        # Two CPU-bound processes on the same cores with a full thread pool each thrash; split the cores.
+        worker_threads = max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * accelerator.num_processes)))
     checkpoints = checkpoint_dirs(output_dir)
     if train_args.resume and not checkpoints:
         raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINT_DIR}; start without --resume")
@@ -530,9 +533,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
 
     with ExitStack() as stack:
-        endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator))
+        endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator, worker_threads))
         client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout))
-        worker_hello = hello_info(client)
+        worker_hello = client.hello()
         assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
@@ -546,7 +549,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
         eval_batches = [collator(eval_samples[i : i + train_args.batch_size]) for i in range(0, len(eval_samples), train_args.batch_size)]
         no_world_batches = None
-        if model_args.enable_world:
+        if accelerator.unwrap_model(model).config.enable_world:
             without_world = no_world_collator(accelerator.unwrap_model(model))
             no_world_batches = [without_world(eval_samples[i : i + train_args.batch_size])
                                 for i in range(0, len(eval_samples), train_args.batch_size)]
@@ -617,7 +620,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         progress.close()
         loop_seconds = time.perf_counter() - started - other_seconds
         counts = samples.counts
-        stats = client.stats() if hasattr(client, "stats") else None
+        stats = client.stats()
     if train_args.report_to != "none":
         accelerator.end_training()
 
@@ -642,7 +645,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "final_eval_accuracy": evals[-1]["eval_accuracy"],
         "final_eval_loss_no_world": evals[-1].get("eval_loss_no_world"),
         "final_eval_accuracy_no_world": evals[-1].get("eval_accuracy_no_world"),
-        "enable_world": model_args.enable_world,
+        "enable_world": accelerator.unwrap_model(model).config.enable_world,
         "eval_samples": len(eval_samples),
         "train_seconds": loop_seconds,
         "steps_per_second": steps_run / loop_seconds if loop_seconds > 0 else None,

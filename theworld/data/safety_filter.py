@@ -186,10 +186,11 @@ class SafetyFilter:
         }
 
     def close(self):
-        """Forget the checks still in flight (they were never seen) and close the ledgers."""
-        for item in self._pending:
-            for future in item.futures:
-                future.cancel()
+        """Forget the checks still in flight (they were never seen) and close the ledgers.
+
+        Their futures are left to complete and be discarded, not cancelled: the requests are already
+        with the worker, and the client resolves every future it issued (cancelling one under it would
+        make it set a result on a cancelled future)."""
         self._pending.clear()
         self._blocked_file.close()
         self._errors_file.close()
