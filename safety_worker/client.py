@@ -77,6 +77,15 @@ def _verdict(reply: P.Reply) -> Verdict:
                    stage=r.get("stage"))
 
 
+def drain_wakeups(sock: socket.socket) -> None:
+    """Empty a non-blocking wake-up socketpair end (its bytes only mean "look at your queue")."""
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 class SafetyClient:
     """Client of one safety worker endpoint; thread-safe; use as a context manager or call close()."""
 
@@ -249,11 +258,7 @@ class SafetyClient:
                 self._on_monitor_events()
             self._due_retries()
             if self._wake_rx.fileno() in events:
-                try:
-                    while self._wake_rx.recv(4096):
-                        pass
-                except BlockingIOError:
-                    pass
+                drain_wakeups(self._wake_rx)
             self._flush_outbox()
             if self._sock in events:
                 self._receive_all()

@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import socket
-import time
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Sequence
 
 import msgpack
@@ -34,7 +32,8 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .client import WorkerDead, WorkerError, WorkerTimeout
+from .client import WorkerDead, WorkerError, WorkerTimeout, drain_wakeups
+from .server import release_ipc_endpoint
 
 logger = logging.getLogger("safety_worker.proxy")
 
@@ -149,11 +148,7 @@ class ReplicaProxy:
             while True:
                 events = dict(poller.poll(_POLL_MS))
                 if self._wake_rx.fileno() in events:
-                    try:
-                        while self._wake_rx.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                    drain_wakeups(self._wake_rx)
                 self._send_done()
                 if self._front in events:
                     for _ in range(256):
@@ -177,9 +172,7 @@ class ReplicaProxy:
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
-            if self._lock_file is not None:
-                Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
-                self._lock_file.close()
+            release_ipc_endpoint(self.endpoint, self._lock_file)
             logger.info("replica proxy stopped")
 
     # -- front side (main thread only)

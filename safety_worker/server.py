@@ -168,6 +168,13 @@ def claim_ipc_endpoint(endpoint: str):
     return lock
 
 
+def release_ipc_endpoint(endpoint: str, lock) -> None:
+    """Undo `claim_ipc_endpoint`: remove the socket file, then drop the lock (None: nothing to do)."""
+    if lock is not None:
+        Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+        lock.close()
+
+
 # ---------------------------------------------------------------- the server
 
 @dataclasses.dataclass
@@ -305,9 +312,7 @@ class SafetyWorker:
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
-            if self._lock_file is not None:
-                Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
-                self._lock_file.close()
+            release_ipc_endpoint(self.endpoint, self._lock_file)
             logger.info("safety worker stopped")
 
     # -- main thread

@@ -9,7 +9,6 @@ import selectors
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import zmq
