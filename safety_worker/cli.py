@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"checks waiting at most; more are answered 'busy' at once (default {limits.queue_size})")
     s.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
+    s.add_argument("--replicas", type=int, default=0,
+                   help="run N checker processes behind a load-balancing proxy on ENDPOINT, with a verdict cache "
+                        "and a supervisor per replica (restarted if it dies or hangs); default 0: one in-process checker")
+    s.add_argument("--cache-mb", type=float, default=256.0,
+                   help="with --replicas: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
     s.add_argument("--curve-dir", default=None,
                    help="CURVE keys for a tcp:// endpoint (from `keys DIR`): the worker's key pair and DIR/authorized/*.key, "
                         "the only clients it answers")
@@ -100,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # `serve --replicas` passes the checker options on to its replicas
     return {"serve": serve, "check": check, "status": status, "keys": keys}[args.command](args)
 
 
@@ -162,6 +169,10 @@ def serve(args) -> int:
     from .server import SafetyWorker, WorkerStartError, install_signal_handlers, load_checker
 
     limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
+    if args.replicas:
+        from .proxy import serve_replicas
+
+        return serve_replicas(args, token, limits)
     try:
         worker = SafetyWorker(
             args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,

@@ -201,19 +201,21 @@ class SafetyClient:
         # The I/O thread fails the future at its deadline; the margin only guards against a stuck thread.
         return fut.result(timeout=self.timeout + 10)
 
-    def _submit(self, op: str, args: dict, arrays: list, decode: Callable[[P.Reply], Any]) -> Future:
+    def _submit(self, op: str, args: dict, arrays: list, decode: Callable[[P.Reply], Any],
+                timeout: float | None = None) -> Future:
+        timeout = self.timeout if timeout is None else timeout
         if self._closed:
             raise ClientClosed(f"SafetyClient({self.endpoint}) is closed")
         if self._dead is not None:
             raise WorkerDead(str(self._dead))
         rid = next(self._ids)
-        req = P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=int(self.timeout * 1000))
+        req = P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=int(timeout * 1000))
         frames = P.encode_request(req)
         fut: Future = Future()
         with self._lock:
             if not self._pending:
                 self._owed_since = time.monotonic()
-            self._pending[rid] = [fut, time.monotonic() + self.timeout, decode, req, 0]
+            self._pending[rid] = [fut, time.monotonic() + timeout, decode, req, 0]
         self._outbox.append((rid, frames))
         self._wake_tx.send(b"x")
         return fut
@@ -363,7 +365,7 @@ class SafetyClient:
             expired = [rid for rid, e in self._pending.items() if e[1] <= now]
         for rid in expired:
             self._fail(rid, WorkerTimeout(
-                f"no reply from the safety worker at {self.endpoint} within {self.timeout:g}s "
+                f"no reply from the safety worker at {self.endpoint} in time (timeout {self.timeout:g}s) "
                 "(is it running? `python -m safety_worker status --endpoint ...`)"))
 
     def _fail(self, rid: int, exc: BaseException) -> None:
