@@ -167,3 +167,32 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, ti
     assert len(ledgers) == summary["blocked"]
     assert {r["id"] for r in ledgers} <= SyntheticWorldTask(size=64, blocked_fraction=0.25).blocked_ids
     assert (tmp_path / "checkpoints" / "step-000004" / "rng_rank1.pt").is_file()
+
+
+@pytest.mark.parametrize("form", ["jsonl", "save_to_disk"])
+def test_trains_on_jsonl_files_and_saved_datasets(tmp_path, tiny_models, tiny_safety_worker, form):
+    """The two file formats go through the same checked path as the synthetic task."""
+    import datasets
+    from PIL import Image
+
+    from theworld.data.sources import sample_text, write_jsonl
+
+    train_task, heldout_task = SyntheticWorldTask(size=8, blocked_fraction=0.25), SyntheticWorldTask("heldout", size=4)
+    if form == "jsonl":
+        data = ["--data", str(write_jsonl(train_task, tmp_path / "data" / "train.jsonl")),
+                "--eval-data", str(write_jsonl(heldout_task, tmp_path / "data" / "heldout.jsonl"))]
+    else:
+        def rows(task):
+            samples = [task[i] for i in range(len(task))]
+            return datasets.Dataset.from_dict({
+                "key": [s["id"] for s in samples], "picture": [Image.fromarray(s["images"][0]) for s in samples],
+                "prompt": [s["messages"][0]["content"][1]["text"] for s in samples],
+                "label": [sample_text({"messages": s["messages"][1:]}) for s in samples]})
+        datasets.DatasetDict({"train": rows(train_task), "test": rows(heldout_task)}).save_to_disk(str(tmp_path / "ds"))
+        data = ["--data", str(tmp_path / "ds"), "--data-columns", "id=key,images=picture,question=prompt,answer=label"]
+    summary = run_in_process(tmp_path / "run", tiny_models, tiny_safety_worker.endpoint, *data, "--max-steps", "3",
+                             "--eval-every", "3", "--save-every", "3")
+    assert summary["trained"] == 3 * 2 and summary["eval_samples"] == 4
+    assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
+    blocked = {r["id"] for r in read_jsonl(tmp_path / "run" / "blocked.jsonl")}
+    assert blocked and blocked <= train_task.blocked_ids
