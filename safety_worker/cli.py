@@ -1,4 +1,4 @@
-"""Command line: `python -m safety_worker {serve,check,status}` (also the `safety-worker` script)."""
+"""Command line: `python -m safety_worker {serve,check,status,keys}` (also the `safety-worker` script)."""
 from __future__ import annotations
 
 import argparse
