@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                         "and a supervisor per replica (restarted if it dies or hangs); default 0: one in-process checker")
     s.add_argument("--cache-mb", type=float, default=256.0,
                    help="with --replicas: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
+    s.add_argument("--cache-file", default=None,
+                   help="with --replicas: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
+                        "saved at shutdown, loaded at start if the checker is the same)")
     s.add_argument("--curve-dir", default=None,
                    help="CURVE keys for a tcp:// endpoint (from `keys DIR`): the worker's key pair and DIR/authorized/*.key, "
                         "the only clients it answers")

@@ -14,7 +14,8 @@ cosmos-guardrail versions from the replicas' `hello`) and the request's content 
 dtypes, shapes and bytes). A cached verdict (with its sanitized frames) is answered without a
 checker; identical requests in flight at once are computed once. Verdicts that came from a
 fault (checker timeout, guard error: "fail closed" reasons) are not cached. LRU, bounded in bytes;
-in memory only (a restart starts empty).
+with `--cache-file` it is saved at shutdown and loaded at start (only entries of the same checker
+identity; the file must be the worker user's own, mode 0600).
 """
 from __future__ import annotations
 
@@ -102,13 +103,37 @@ class VerdictCache:
         return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes,
                 "hits": self.hits, "misses": self.misses}
 
+    def save(self, path: str | os.PathLike, identity: str) -> None:
+        """Write the entries (msgpack: no code on load) to `path`, 0600, atomically."""
+        entries = [[key, result, [[a.dtype.name, list(a.shape), a.tobytes()] for a in arrays]]
+                   for key, (result, arrays, _) in self._items.items()]
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgpack.packb({"identity": identity, "entries": entries}, use_bin_type=True))
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike, identity: str) -> int:
+        """Add the entries saved for the same checker identity; returns how many. A file that others
+        could have written is refused (a planted entry would be a forged "safe" verdict)."""
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"verdict cache {path} must be yours and mode 0600; remove it or `chmod 600 {path}`")
+        with open(path, "rb") as f:
+            data = msgpack.unpackb(f.read(), raw=False, strict_map_key=True)
+        if data.get("identity") != identity:
+            return 0  # another checker's verdicts: not ours to reuse
+        for key, result, arrays in data["entries"]:
+            self.put(key, result, [np.frombuffer(buf, dtype=np.dtype(dt)).reshape(shape) for dt, shape, buf in arrays])
+        return len(data["entries"])
+
 
 class ReplicaProxy:
     """Serve `endpoint` with the replicas' endpoints behind it; see the module docstring."""
 
     def __init__(self, endpoint: str, replicas: Sequence, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
                  owner_token: str | None = None, curve_dir: str | None = None, insecure: bool = False,
-                 parent_pid: int | None = None, lock_file=None):
+                 parent_pid: int | None = None, lock_file=None, cache_file: str | None = None):
         """`lock_file`: the endpoint's claim (`claim_endpoint`), taken before the replicas were started."""
         self.endpoint = endpoint
         self.replicas = list(replicas)
@@ -119,6 +144,9 @@ class ReplicaProxy:
         self.clients = [r.client(timeout=3600.0) for r in self.replicas]
         self.identity = checker_identity(self.replicas[0].hello)
         self.cache = VerdictCache(cache_bytes)
+        self.cache_file = cache_file
+        if cache_file and os.path.exists(cache_file):
+            logger.info("verdict cache: %d entries loaded from %s", self.cache.load(cache_file, self.identity), cache_file)
         self._inflight: dict[str, list] = {}  # content key -> waiting (envelope, request id)
         self._done: collections.deque = collections.deque()
         self._wake_rx, self._wake_tx = socket.socketpair()
@@ -164,6 +192,8 @@ class ReplicaProxy:
                 if self._stopping and not self._inflight and not any(c._pending for c in self.clients) and not self._done:
                     break
         finally:
+            if self.cache_file:
+                self.cache.save(self.cache_file, self.identity)
             for client in self.clients:
                 client.close()
             for replica in self.replicas:
@@ -266,7 +296,7 @@ class ReplicaProxy:
 
 
 # Options of `serve` that belong to the front process, not to its replicas (value-taking ones first).
-_FRONT_OPTIONS = {"--endpoint": True, "--replicas": True, "--cache-mb": True, "--curve-dir": True, "--parent-pid": True,
+_FRONT_OPTIONS = {"--endpoint": True, "--replicas": True, "--cache-mb": True, "--cache-file": True, "--curve-dir": True, "--parent-pid": True,
                   "--preset": True, "--device": True, "--insecure": False}
 
 
@@ -325,7 +355,7 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
             raise error
         proxy = ReplicaProxy(args.endpoint, replicas, limits=limits, cache_bytes=int(args.cache_mb * 2**20),
                              owner_token=owner_token, curve_dir=args.curve_dir, insecure=args.insecure,
-                             parent_pid=args.parent_pid, lock_file=lock)
+                             parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file)
     except (WorkerStartError, Exception) as e:
         for r in replicas:
             r.stop(timeout=5)

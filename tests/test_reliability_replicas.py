@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from safety_worker import SafetyClient, spawn_worker
-from safety_worker.proxy import checker_identity, replica_args
+from safety_worker.proxy import VerdictCache, checker_identity, replica_args
 from safety_worker.tiny import BLOCKED_PHRASE, SAFE_EXAMPLE
 
 from fixtures_worker import REPO_ROOT
@@ -97,5 +97,25 @@ def test_cache_key_is_the_checker_identity_not_the_process():
 
 def test_replica_args_keep_checker_options_and_drop_front_options():
     argv = ["serve", "--endpoint", "tcp://0.0.0.0:5555", "--replicas", "2", "--curve-dir=/k", "--insecure",
-            "--tiny-dir", "/t", "--check-timeout", "5", "--cache-mb", "8", "--preset", "tiny", "--device=cpu"]
+            "--tiny-dir", "/t", "--check-timeout", "5", "--cache-mb", "8", "--cache-file", "/c", "--preset", "tiny", "--device=cpu"]
     assert replica_args(argv) == ["--tiny-dir", "/t", "--check-timeout", "5"]
+
+
+def test_verdict_cache_persists_for_the_same_checker_only_and_refuses_a_shared_file(tmp_path):
+    cache = VerdictCache(1 << 20)
+    frames = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    cache.put("k1", {"safe": True, "reason": "safe", "stage": None}, [frames])
+    cache.put("k2", {"verdicts": [{"safe": False, "reason": "blocked"}]}, [])
+    path = tmp_path / "verdicts.msgpack"
+    cache.save(path, "checker-A")
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = VerdictCache(1 << 20)
+    assert again.load(path, "checker-A") == 2
+    result, arrays = again.get("k1")
+    assert result["safe"] is True and np.array_equal(arrays[0], frames)
+    assert again.get("k2")[0]["verdicts"][0]["safe"] is False
+    other = VerdictCache(1 << 20)
+    assert other.load(path, "checker-B") == 0 and other.get("k1") is None  # another checker's verdicts
+    path.chmod(0o644)  # anyone could have planted a forged "safe" here
+    with pytest.raises(PermissionError, match="chmod 600"):
+        VerdictCache(1 << 20).load(path, "checker-A")
