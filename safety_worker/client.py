@@ -164,7 +164,10 @@ class SafetyClient:
         return self._submit("check_video", {}, [frames], _verdict)
 
     def submit_sample(self, text: str, frames: np.ndarray | None = None) -> Future:
-        """Non-blocking `check_sample`: returns a Future[Verdict]; keep as many in flight as you like."""
+        """Non-blocking `check_sample`: returns a Future[Verdict]; keep as many in flight as you like.
+
+        The future cannot be cancelled (the request is already sent); drop it if you no longer need it.
+        """
         return self._submit("check_sample", {"text": text}, [] if frames is None else [frames], _verdict)
 
     def echo(self, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -221,6 +224,10 @@ class SafetyClient:
         req = P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=int(timeout * 1000))
         frames = P.encode_request(req)
         fut: Future = Future()
+        # The request is on its way to the worker and cannot be taken back: mark the future running so
+        # that `cancel()` returns False instead of leaving a cancelled future for the I/O thread to
+        # resolve (set_result on it raises, which would kill the thread and every later call).
+        fut.set_running_or_notify_cancel()
         with self._lock:
             if not self._pending:
                 self._owed_since = time.monotonic()

@@ -197,6 +197,13 @@ def test_many_requests_in_flight_are_routed_by_id(client):
             np.testing.assert_array_equal(v.frames, _frames(i, (1, 16, 16, 3)))
 
 
+
+def test_abandoned_future_cannot_be_cancelled_and_the_client_keeps_working(client):
+    fut = client.submit_sample("a calm lake", _frames(0, (1, 16, 16, 3)))
+    assert not fut.cancel()  # already sent: cancelling would orphan the reply
+    assert fut.result(timeout=60).safe
+    assert client.check_sample("a calm lake", _frames(1, (1, 16, 16, 3))).safe
+
 CLIENT_PROCESS = textwrap.dedent("""
     import sys, json, numpy as np
     from safety_worker import SafetyClient
