@@ -83,24 +83,19 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = DEFAULT_VIDEO_F
 
 def load_requests(args: argparse.Namespace) -> list[Request]:
     """The requests named on the command line, or one per line of `--jsonl`."""
+    from theworld.data.sources import iter_jsonl
+
     if args.jsonl is None:
         source = args.video if args.video is not None else args.image
         return [Request(id=Path(source).stem, prompt=args.prompt, frames=read_frames(source, video=args.video is not None))]
     requests = []
     jsonl = Path(args.jsonl)
-    with open(jsonl, encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{jsonl}:{line_no}: not valid JSON ({e})") from None
-            if "prompt" not in record or ("image" in record) == ("video" in record):
-                raise ValueError(f'{jsonl}:{line_no}: each line needs "prompt" and exactly one of "image" or "video"')
-            source = jsonl.parent / record.get("video", record.get("image"))
-            requests.append(Request(id=str(record.get("id", f"line-{line_no}")), prompt=str(record["prompt"]),
-                                    frames=read_frames(source, video="video" in record)))
+    for line_no, record in iter_jsonl(jsonl):
+        if "prompt" not in record or ("image" in record) == ("video" in record):
+            raise ValueError(f'{jsonl}:{line_no}: each line needs "prompt" and exactly one of "image" or "video"')
+        source = jsonl.parent / record.get("video", record.get("image"))
+        requests.append(Request(id=str(record.get("id", f"line-{line_no}")), prompt=str(record["prompt"]),
+                                frames=read_frames(source, video="video" in record)))
     return requests
 
 

@@ -80,27 +80,32 @@ def write_jsonl(samples, path: str | os.PathLike, image_dir: str = "images") -> 
     return path
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for each non-blank line; a line that is not JSON raises naming it."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+
+
 class JsonlDataset:
     """A map-style dataset over a JSONL file; images are read from disk when a sample is accessed."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.records = []
-        with open(self.path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{line_no}: not valid JSON ({e})") from None
-                missing = {"id", "messages", "images"} - set(record)
-                if missing:
-                    raise ValueError(
-                        f"{self.path}:{line_no}: missing keys {sorted(missing)}; each line needs "
-                        '"id", "images" (a list of image or frame paths) and "messages"'
-                    )
-                self.records.append(record)
+        for line_no, record in iter_jsonl(self.path):
+            missing = {"id", "messages", "images"} - set(record)
+            if missing:
+                raise ValueError(
+                    f"{self.path}:{line_no}: missing keys {sorted(missing)}; each line needs "
+                    '"id", "images" (a list of image or frame paths) and "messages"'
+                )
+            self.records.append(record)
 
     def __len__(self) -> int:
         return len(self.records)
