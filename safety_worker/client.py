@@ -34,6 +34,7 @@ import zmq
 from . import protocol as P
 
 _MAX_POLL_MS = 1000  # the I/O thread re-checks deadlines at least this often
+_SEND_RETRY_MS = 20  # how soon a request that found no connected worker is sent again
 
 
 class WorkerError(RuntimeError):
@@ -260,6 +261,8 @@ class SafetyClient:
             wait = _MAX_POLL_MS if next_deadline is None else max(0, min(_MAX_POLL_MS, (next_deadline - time.monotonic()) * 1000))
             if self.heartbeat is not None:
                 wait = min(wait, self.heartbeat * 1000 / 2)
+            if self._outbox:  # requests waiting for a worker to connect
+                wait = min(wait, _SEND_RETRY_MS)
             events = dict(poller.poll(wait))
             if self._monitor in events:
                 self._on_monitor_events()
@@ -330,11 +333,21 @@ class SafetyClient:
 
     def _flush_outbox(self) -> None:
         while self._outbox:
-            rid, frames = self._outbox.popleft()
+            rid, frames = self._outbox[0]
+            if rid != self._ping_id and rid not in self._pending:
+                self._outbox.popleft()  # timed out while it waited for a worker: nobody wants the reply
+                continue
             try:
                 self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # No worker connected right now (starting, restarting, or it refused our CURVE handshake):
+                # keep the request queued; the I/O loop retries, and its deadline still fails it in time.
+                return
             except zmq.ZMQError as e:
+                self._outbox.popleft()
                 self._fail(rid, WorkerError("send_failed", f"could not send to {self.endpoint}: {e}"))
+                continue
+            self._outbox.popleft()
 
     def _receive_all(self) -> None:
         while True:

@@ -12,7 +12,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from safety_worker import SafetyClient, WorkerError
+from safety_worker import SafetyClient, WorkerError, spawn_worker
 from safety_worker import protocol as P
 from safety_worker.tiny import BLOCKED_PHRASE, SAFE_EXAMPLE
 
@@ -216,3 +216,20 @@ def test_readme_safety_worker_example_runs(tiny_guardrail_root, monkeypatch, cap
     monkeypatch.setenv("SAFETY_WORKER_TINY_DIR", str(tiny_guardrail_root))  # already built: reused
     exec(compile(code, "README.md#safety-worker", "exec"), {})
     assert capsys.readouterr().out.splitlines() == ["[(True, None), (False, 'text')]", "[True, True]"]
+
+
+def test_a_request_made_while_the_worker_is_down_is_sent_once_it_is_back(tiny_guardrail_root, tmp_path):
+    args = ["--tiny-dir", str(tiny_guardrail_root), "--tiny-faces", "none"]
+    endpoint = f"ipc://{tmp_path}/worker.sock"
+    with SafetyClient(endpoint, timeout=120) as client:
+        with spawn_worker(endpoint=endpoint, extra_args=args, restarts=0):
+            assert client.ping()
+        deadline = time.monotonic() + 30
+        while not client._disconnected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client._disconnected, "the client never saw the worker go away"
+        fut = client.submit_sample(SAFE_EXAMPLE)  # no worker connected: must wait, not fail
+        time.sleep(0.3)
+        assert not fut.done()
+        with spawn_worker(endpoint=endpoint, extra_args=args, restarts=0):
+            assert fut.result(timeout=120).safe
