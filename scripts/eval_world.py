@@ -20,7 +20,6 @@ The synthetic images are generated here, not user input, so no safety worker is 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -63,12 +62,11 @@ def load_checkpoint(checkpoint: str | Path, num_world_steps: int | None = None, 
 
 
 def _collator(model: TheWorld, world: bool, for_generation: bool) -> TheWorldCollator:
+    from theworld.train import no_world_collator
+
     if world:
         return TheWorldCollator(model, for_generation=for_generation)
-    # The same weights with the world left out: Gemma's own inputs only.
-    config = copy.deepcopy(model.config)
-    config.enable_world = False
-    return TheWorldCollator(model.processor, config=config, for_generation=for_generation)
+    return no_world_collator(model, for_generation=for_generation)
 
 
 def _normalise(text: str) -> str:
@@ -105,7 +103,6 @@ def evaluate_variant(model: TheWorld, samples: list[dict], world: bool, batch_si
     collate = _collator(model, world, for_generation=False)
     batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     teacher_forced = evaluate(model, batches, Accelerator(cpu=model.device.type == "cpu"))
-    model.eval()  # the trainer's evaluate leaves the model in train mode
     return {"accuracy": sum(correct) / len(samples), "tf_accuracy": teacher_forced["accuracy"],
             "loss": teacher_forced["loss"], "answers": answers}
 

@@ -67,7 +67,8 @@ def test_failed_checks_are_counted_ledgered_and_never_handed_on(tmp_path, tiny_s
 
 def test_a_worker_that_keeps_failing_stops_the_run_with_a_clear_error(tmp_path, tiny_safety_worker):
     task = SyntheticWorldTask(size=8)
-    broken = ({**task[i], "images": []} for i in range(8))
+    # Grayscale frames: each sample reaches the worker, which rejects it (an error reply, not a verdict).
+    broken = ({**task[i], "images": [task[i]["images"][0][..., 0]]} for i in range(8))
     with SafetyClient(tiny_safety_worker.endpoint) as client:
         filtered = SafetyFilter(client, enumerate(broken), window=2, output_dir=tmp_path, max_errors=3)
         with pytest.raises(SafetyCheckFailed, match="safety_max_errors"):

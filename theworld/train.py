@@ -269,7 +269,7 @@ def open_datasets(data_args: DataArguments, seed: int):
         if spec == "synthetic":
             size = data_args.synthetic_size if split == "train" else data_args.synthetic_eval_size
             fraction = data_args.blocked_fraction if split == "train" else 0.0
-            return SyntheticWorldTask(split="train" if split == "train" else "heldout", size=size, seed=seed,
+            return SyntheticWorldTask(split=split, size=size, seed=seed,
                                       image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
         if spec.endswith(".jsonl"):
             return JsonlDataset(spec)
@@ -281,6 +281,10 @@ def open_datasets(data_args: DataArguments, seed: int):
     if data_args.eval_data is None and data_args.data.endswith(".jsonl"):
         raise ValueError("set --eval-data to a held-out .jsonl file: a JSONL training file has no held-out split")
     heldout = open_one(data_args.eval_data or data_args.data, "heldout")
+    if data_args.eval_data is None and isinstance(heldout, DiskDataset) and heldout.split != "test":
+        # A plain saved Dataset has no splits: evaluating on it would score the training rows.
+        raise ValueError(f"set --eval-data: {data_args.data} is not a DatasetDict with a 'test' split, so it has no "
+                         "held-out rows of its own")
     return train, heldout
 
 
@@ -316,13 +320,13 @@ def safety_worker(train_args: TrainArguments, accelerator, threads: int | None =
 # --------------------------------------------------------------------------------------- evaluation
 
 
-def no_world_collator(model):
+def no_world_collator(model, for_generation: bool = False):
     """A collator that leaves the world tokens out: the same model answers from Gemma's own inputs only."""
     from theworld.data.collator import TheWorldCollator
 
     config = copy.deepcopy(model.config)
     config.enable_world = False
-    return TheWorldCollator(model.processor, config=config)
+    return TheWorldCollator(model.processor, config=config, for_generation=for_generation)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -332,6 +336,7 @@ def to_device(batch: dict, device) -> dict:
 @torch.no_grad()
 def evaluate(model, batches: list[dict], accelerator) -> dict:
     """Mean answer-token loss and answer accuracy (every answer token predicted right, teacher-forced)."""
+    was_training = model.training
     model.eval()
     total_loss = total_tokens = correct = count = 0.0
     for batch in batches:
@@ -349,7 +354,7 @@ def evaluate(model, batches: list[dict], accelerator) -> dict:
         right = (shift_logits.argmax(-1) == shift_labels) | ~mask
         correct += right.all(dim=1).sum().item()
         count += labels.shape[0]
-    model.train()
+    model.train(was_training)
     return {"loss": total_loss / max(total_tokens, 1), "accuracy": correct / max(count, 1)}
 
 

@@ -92,7 +92,6 @@ class SafetyFilter:
         mode = "w" if fresh_ledgers else "a"
         self._blocked_file = open(self.blocked_path, mode, encoding="utf-8")
         self._errors_file = open(self.errors_path, mode, encoding="utf-8")
-        self._last_error = None
 
     # The trainer takes samples one at a time; each take tops the window up first.
     def __iter__(self):
@@ -163,7 +162,6 @@ class SafetyFilter:
 
     def _record_error(self, item: _Pending, error: str):
         self.counts.errors += 1
-        self._last_error = error
         self._write(self._errors_file, {"id": item.sample["id"], "position": item.position, "error": error})
         if self.counts.errors > self.max_errors:
             raise SafetyCheckFailed(

@@ -148,10 +148,11 @@ class DiskDataset:
 
         self.path = Path(path)
         loaded = datasets.load_from_disk(str(self.path))
+        self.split = None  # a plain saved Dataset has no splits
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"{self.path} has splits {list(loaded)}, not {split!r}; set data_split")
-            loaded = loaded[split]
+            loaded, self.split = loaded[split], split
         self.dataset = loaded
         self.columns = parse_columns(columns)
         names = set(loaded.column_names)
