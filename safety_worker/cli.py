@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     limits = P.Limits()
 
     s = sub.add_parser(
-        "serve", help="run a worker (prints one 'safety-worker ready ...' line when it accepts requests)",
+        # No abbreviations: replica_args strips the front's options by name, and an abbreviated
+        # --replica would reach each replica and make it start replicas of its own.
+        "serve", allow_abbrev=False, help="run a worker (prints one 'safety-worker ready ...' line when it accepts requests)",
         description="Run a safety worker: loads the real cosmos_guardrail CosmosSafetyChecker (blocklist + "
         "Qwen3Guard for text, RetinaFace face pixelation for frames) and serves it on ENDPOINT. Verdicts fail "
         "closed. Stops on SIGTERM/SIGINT (drains queued checks, exits 0) or on `shutdown` from its owner "

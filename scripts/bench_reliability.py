@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from safety_worker import SafetyClient, spawn_worker  # noqa: E402
 from safety_worker.tiny import BLOCKED_PHRASE, SAFE_EXAMPLE  # noqa: E402
 
-IN_FLIGHT = 8  # per process: 8 x 8 = 64 = the worker's default queue, so no `busy` at full load
+IN_FLIGHT = 8  # default per process: 8 x 8 = 64 = the worker's default queue, so no `busy` at full load
 
 
-def _one_client(endpoint: str, n: int, seed: int, out) -> None:
+def _one_client(endpoint: str, n: int, seed: int, in_flight: int, out) -> None:
     """Runs in its own process: n mixed requests, each reply verified; reports latencies and faults."""
     rng = np.random.default_rng(seed)
     latencies, lost, wrong, why = [], 0, 0, {}
@@ -77,7 +77,7 @@ def _one_client(endpoint: str, n: int, seed: int, out) -> None:
                 expect = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
                 fut = client.submit_sample(f"{SAFE_EXAMPLE} {seed}-{i}", expect)
             pending.append((kind, expect, fut, start))
-            if len(pending) >= IN_FLIGHT:
+            if len(pending) >= in_flight:
                 settle(pending.pop(0))
         for item in pending:
             settle(item)
@@ -85,10 +85,10 @@ def _one_client(endpoint: str, n: int, seed: int, out) -> None:
     out.put({"latencies": latencies, "lost": lost, "why": why, "wrong": wrong, "elapsed": elapsed, "n": n})
 
 
-def load(endpoint: str, processes: int = 8, requests: int = 1000) -> dict:
+def load(endpoint: str, processes: int = 8, requests: int = 1000, in_flight: int = IN_FLIGHT) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_one_client, args=(endpoint, requests, seed, out)) for seed in range(processes)]
+    procs = [ctx.Process(target=_one_client, args=(endpoint, requests, seed, in_flight, out)) for seed in range(processes)]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--endpoint", help="load: use this running worker instead of spawning one")
     ap.add_argument("--processes", type=int, default=8, help="load: client processes (default 8)")
     ap.add_argument("--requests", type=int, default=1000, help="load: requests per process (default 1000)")
+    ap.add_argument("--in-flight", type=int, default=IN_FLIGHT,
+                    help=f"load: requests in flight per process (default {IN_FLIGHT}; more than queue/processes "
+                    "shows the busy answers)")
     ap.add_argument("--replicas", default="1,2", help="replica counts to compare (default 1,2)")
     ap.add_argument("--samples", type=int, default=40, help="replicas/cache: video samples per pass (default 40)")
     ap.add_argument("--tiny-dir", default=None, help="tiny guardrail cache root (default: the worker's default)")
@@ -151,11 +154,11 @@ def main(argv=None) -> int:
     result = {"cpus": os.cpu_count()}
     if args.only in (None, "load"):
         if args.endpoint:
-            result["load"] = load(args.endpoint, args.processes, args.requests)
+            result["load"] = load(args.endpoint, args.processes, args.requests, args.in_flight)
         else:
             extra = ["--tiny-dir", args.tiny_dir] if args.tiny_dir else []
             with spawn_worker(extra_args=extra) as worker:
-                result["load"] = load(worker.endpoint, args.processes, args.requests)
+                result["load"] = load(worker.endpoint, args.processes, args.requests, args.in_flight)
     if args.only in (None, "replicas"):
         counts = tuple(int(x) for x in args.replicas.split(","))
         result["replicas"] = replicas_and_cache(args.tiny_dir, counts, args.samples)
