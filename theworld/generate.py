@@ -30,7 +30,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 DEFAULT_MAX_NEW_TOKENS = 32
-DEFAULT_VIDEO_FPS = 16
+DEFAULT_VIDEO_FPS = 16  # == theworld.modeling.rollout.DEFAULT_FPS (not imported here: keeps --help light)
 
 
 @dataclass
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--save-video", metavar="PATH", help="write the decoded rollout (observed frame + predicted "
                        "frames, after the safety worker's face pixelation) to PATH (.mp4 or .gif); with --jsonl a "
                        "directory that receives <id>.mp4")
-    world.add_argument("--fps", type=int, default=DEFAULT_VIDEO_FPS, help=f"video frame rate (default: {DEFAULT_VIDEO_FPS})")
+    world.add_argument("--fps", type=int, default=DEFAULT_VIDEO_FPS, help=f"frame rate of the rollout: the fps the Cosmos transformer is conditioned on and the written "
+                       f"video's rate (default: {DEFAULT_VIDEO_FPS})")
     safety = parser.add_argument_group("safety worker")
     safety.add_argument("--safety-endpoint", help="attach to a running worker (`python -m safety_worker serve`) "
                         "instead of spawning one")
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from theworld.modeling.rollout import RolloutConfig
 
-    rollout_config = RolloutConfig(num_inference_steps=args.rollout_steps, seed=args.seed)
+    rollout_config = RolloutConfig(num_inference_steps=args.rollout_steps, seed=args.seed, fps=args.fps)
     refused = False
     with _safety_client(args) as client:
         generator = SafeGenerator(lambda: load_model(args.model, args.cosmos, args.rollout, args.device), client,

@@ -261,19 +261,23 @@ def _exclusive(lock_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_complete(path: Path) -> bool:
+def _marker_text(seed: int) -> str:
+    return f"{TINY_FORMAT_VERSION} seed={seed}"
+
+
+def _is_complete(path: Path, seed: int) -> bool:
     marker = path / _COMPLETE_MARKER
-    return marker.is_file() and marker.read_text().strip() == str(TINY_FORMAT_VERSION)
+    return marker.is_file() and marker.read_text().strip() == _marker_text(seed)
 
 
 def _build_into(target: Path, builder, seed: int) -> None:
-    if _is_complete(target):
+    if _is_complete(target, seed):
         return
     # Build next to the target and rename, so a crashed build never leaves a half-written model.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         builder(staging, seed)
-        (staging / _COMPLETE_MARKER).write_text(f"{TINY_FORMAT_VERSION}\n")
+        (staging / _COMPLETE_MARKER).write_text(_marker_text(seed) + "\n")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -62,12 +62,6 @@ class WorldProjector(nn.Module):
         """World tokens per sample (all frames)."""
         return self.num_frames * self.tokens_per_frame
 
-    def reset_parameters(self) -> None:
-        for layer in self.proj:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        nn.init.zeros_(self.temporal_embedding)
-
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         batch, channels, frames, height, width = latents.shape
         if frames != self.num_frames:
