@@ -92,3 +92,19 @@ def test_sample_stream_shards_ranks_disjointly_and_resumes_at_a_position():
     run = [next(it) for _ in range(25)]
     resumed = stream.iter_from(13)
     assert [next(resumed) for _ in range(12)] == run[13:]
+
+
+def test_a_saved_dataset_without_splits_needs_its_own_held_out_data(tmp_path):
+    import datasets
+
+    from theworld.train import DataArguments, open_datasets
+
+    task = SyntheticWorldTask(size=2)
+    rows = {"images": [task[i]["images"][0] for i in range(2)], "question": ["q", "q"], "answer": ["a", "b"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="set --eval-data"):  # else the training rows would be scored as held-out
+        open_datasets(DataArguments(data=str(tmp_path / "plain")), seed=0)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "split"))
+    train, heldout = open_datasets(DataArguments(data=str(tmp_path / "split")), seed=0)
+    assert heldout.split == "test" and train.split == "train"
