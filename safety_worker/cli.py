@@ -135,7 +135,7 @@ def serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Read and forget the owner token so nothing this process starts inherits it.
-    token = os.environ.pop("SAFETY_WORKER_OWNER_TOKEN", None)
+    token = os.environ.pop(P.OWNER_TOKEN_ENV, None)
     models = {"preset": args.preset, "guardrail_repo": args.guardrail_repo, "text_guard_repo": None}
     if args.preset == "tiny":
         from . import tiny

@@ -64,7 +64,7 @@ class WorkerDead(ConnectionError):
 @dataclass(frozen=True)
 class Verdict:
     """A safety decision. `frames` holds the sanitized (face-pixelated) frames when the input had
-    frames and is safe, else None. `stage` says what blocked it ("text", "video", "timeout")."""
+    frames and is safe, else None. `stage` says what blocked it ("text", "video", "timeout", "error")."""
 
     safe: bool
     reason: str

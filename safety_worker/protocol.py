@@ -23,6 +23,8 @@ MAGIC = b"SWKR"
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
 TAG = MAGIC + bytes([PROTOCOL_MAJOR])
+# Not on the wire: how spawn_worker hands a worker its owner token (environment, not argv, which others can read).
+OWNER_TOKEN_ENV = "SAFETY_WORKER_OWNER_TOKEN"
 
 # Statuses and error codes (docs/PROTOCOL.md lists when each is sent).
 STATUS_OK = "ok"

@@ -37,7 +37,6 @@ from .protocol import Limits, ProtocolError, Reply, Request
 logger = logging.getLogger("safety_worker")
 
 WORKER_VERSION = "0.1.0"
-OWNER_TOKEN_ENV = "SAFETY_WORKER_OWNER_TOKEN"
 _QWEN_LABEL = re.compile(r"Safety: (Safe|Unsafe|Controversial)")
 _POLL_MS = 100  # how often the main loop looks at signals, drains and checker timeouts
 _LINGER_MS = 1000  # let queued replies leave before the context is terminated
@@ -454,7 +453,7 @@ class SafetyWorker:
         if req.timeout_ms is not None and (time.monotonic() - job.received) * 1000 > req.timeout_ms:
             if not job.claim():
                 return None
-            self.stats["errors"][P.DEADLINE_EXCEEDED] = self.stats["errors"].get(P.DEADLINE_EXCEEDED, 0) + 1
+            self._count("errors", P.DEADLINE_EXCEEDED)
             return P.error_reply(req.id, P.DEADLINE_EXCEEDED, f"not started within timeout_ms={req.timeout_ms}; skipped")
         job.started = time.monotonic()
         self._running = job
@@ -462,7 +461,7 @@ class SafetyWorker:
             reply = self._check(req)
         except Exception as e:  # GuardedChecker catches checker errors; this is a bug in our code
             logger.exception("check id=%s failed", req.id)
-            reply = self._blocked_reply(req, f"worker error, blocked (fail closed): {type(e).__name__}: {e}")
+            reply = self._blocked_reply(req, f"worker error, blocked (fail closed): {type(e).__name__}: {e}", stage="error")
         finally:
             self._running = None
         self.stats["checks"] += 1
@@ -490,10 +489,10 @@ class SafetyWorker:
         self.stats["safe" if safe else "blocked"] += 1
 
     @staticmethod
-    def _blocked_reply(req: Request, reason: str) -> Reply:
+    def _blocked_reply(req: Request, reason: str, stage: str = "timeout") -> Reply:
         if req.op == "check_text":
             return Reply(req.id, P.STATUS_OK, result={"verdicts": [{"safe": False, "reason": reason} for _ in req.args["texts"]]})
-        return Reply(req.id, P.STATUS_OK, result={"safe": False, "reason": reason, "stage": "timeout"})
+        return Reply(req.id, P.STATUS_OK, result={"safe": False, "reason": reason, "stage": stage})
 
 
 def _grad_enabled() -> bool:

@@ -14,6 +14,7 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
+from . import protocol as P
 from .client import SafetyClient
 from .liveness import Supervisor
 
@@ -126,7 +127,7 @@ def spawn_worker(
     token = secrets.token_hex(16)
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, child_env.get("PYTHONPATH")) if p)
-    child_env["SAFETY_WORKER_OWNER_TOKEN"] = token
+    child_env[P.OWNER_TOKEN_ENV] = token
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "safety_worker", "serve", "--endpoint", endpoint, "--preset", preset,
            "--device", device, "--parent-pid", str(os.getpid()), *extra_args]
