@@ -1,21 +1,23 @@
-"""Held-out answer accuracy of TheWorld checkpoints on the synthetic world task: world vs no-world,
-rollout on vs off, measured side by side in one run.
+"""Held-out accuracy of trained TheWorld models, side by side in one run, per question type, against
+the majority-answer baseline, with the content ablations of the world path.
 
-    python scripts/eval_world.py runs/world/model runs/no-world/model --rollout 1
+    python scripts/eval_world.py runs/world/model runs/no-world/model --json eval.json
 
-Each CHECKPOINT is a directory written by `TheWorld.save_pretrained` (a training run's `model/` or
-`checkpoints/step-N/`). For each one, on the same held-out samples (`SyntheticWorldTask(split="heldout")`):
+Each MODEL is a directory written by `TheWorld.save_pretrained` (a training run's `model/`, which also
+records the task, seed and frame count it was trained on in `theworld_task.json`; the held-out split of
+that task is rebuilt here; `--size` overrides its size). For every model, on the same samples
+(`theworld.evaluation.evaluate_by_question`):
 
-- `world`: the model as trained, with its world tokens (the input image's Cosmos latent);
-- `world tokens off`: the same weights answering from Gemma's own inputs only (world models only);
-- `rollout N` (with `--rollout N`): world tokens of the image plus N future latent frames predicted
-  by the Cosmos transformer. A checkpoint trained without rollout has one temporal embedding; the
-  embeddings of the new frames start at zero, exactly as at initialisation (so this measures the
-  rollout zero-shot).
+- `world` (world models): accuracy with its Wilson 95 % interval, the majority baseline, the accuracy
+  with world latents shuffled across samples, and for direction questions the fraction of answers that
+  flip to the opposite direction when the clip is time-reversed;
+- `world tokens off` (world models): the same weights answering from Gemma's inputs only (secondary:
+  the model never trained that way);
+- `no-world model`: a `--no-enable-world` run, the baseline the world model must beat;
+- `world, rollout N` (with `--rollout N`): world tokens of the clip plus N latent frames predicted by
+  the Cosmos transformer; a model trained without rollout meets those temporal embeddings untrained.
 
-Metrics: `accuracy` is greedy generation matching the reference answer (case and spacing ignored);
-`tf_accuracy` and `loss` are teacher-forced on the answer tokens (`theworld.train.evaluate`).
-The synthetic images are generated here, not user input, so no safety worker is involved.
+The synthetic clips are generated here, not user input, so no safety worker is involved.
 """
 from __future__ import annotations
 
@@ -24,143 +26,86 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python scripts/eval_world.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from theworld import TheWorld, TheWorldConfig  # noqa: E402  (after the path fix above)
-from theworld.data.collator import TheWorldCollator  # noqa: E402
-
-TEMPORAL_EMBEDDING = "world_projector.temporal_embedding"
+DEFAULT_TASK = {"data": "synthetic", "seed": 0, "image_size": 32, "num_frames": 9, "eval_size": 512}
 
 
-def load_checkpoint(checkpoint: str | Path, num_world_steps: int | None = None, device: str = "cpu") -> TheWorld:
-    """`TheWorld.from_pretrained(checkpoint)`, or with a different number of rollout frames: the same
-    trained weights, the temporal embedding cut or zero-extended to the new frame count."""
-    from safetensors.torch import load_file
+def task_of(model_dir: str | Path) -> dict:
+    """The task a saved model was trained on (`theworld_task.json`), else the default motion task."""
+    from theworld.train import TASK_FILE
 
-    from theworld.modeling.modeling_theworld import TRAINABLE_WEIGHTS_NAME, WORLD_OPTIONS
-
-    saved = TheWorldConfig.from_pretrained(checkpoint)
-    if num_world_steps is None or num_world_steps == saved.num_world_steps or not saved.enable_world:
-        return TheWorld.from_pretrained(checkpoint).to(device).eval()
-    options = {key: getattr(saved, key) for key in WORLD_OPTIONS if key != "num_world_steps"}
-    model = TheWorld.from_pretrained(saved.gemma_model_name_or_path, cosmos_model=saved.cosmos_model_name_or_path,
-                                     num_world_steps=num_world_steps, **options)
-    state = load_file(Path(checkpoint) / TRAINABLE_WEIGHTS_NAME)
-    trained = state[TEMPORAL_EMBEDDING]
-    extended = torch.zeros_like(model.world_projector.temporal_embedding)
-    frames = min(len(trained), len(extended))
-    extended[:frames] = trained[:frames]
-    state[TEMPORAL_EMBEDDING] = extended
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(f"{checkpoint} holds weights this model does not have: {unexpected[:5]}")
-    return model.to(device).eval()
+    path = Path(model_dir) / TASK_FILE
+    return {**DEFAULT_TASK, **(json.loads(path.read_text()) if path.is_file() else {})}
 
 
-def _collator(model: TheWorld, world: bool, for_generation: bool) -> TheWorldCollator:
-    from theworld.train import no_world_collator
+def heldout_samples(task: dict, size: int | None = None) -> list[dict]:
+    from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
 
-    if world:
-        return TheWorldCollator(model, for_generation=for_generation)
-    return no_world_collator(model, for_generation=for_generation)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def reference_answer(sample: dict) -> str:
-    return "".join(item["text"] for item in sample["messages"][-1]["content"] if item["type"] == "text")
+    size = size or task["eval_size"]
+    if task["data"] == "synthetic":
+        dataset = SyntheticMotionTask(split="heldout", size=size, seed=task["seed"], num_frames=task["num_frames"],
+                                      image_size=task["image_size"])
+    elif task["data"] == "synthetic-arrow":
+        dataset = SyntheticWorldTask(split="heldout", size=size, seed=task["seed"], image_size=task["image_size"])
+    else:
+        raise ValueError(f"the model was trained on {task['data']!r}; this script rebuilds the synthetic tasks only")
+    return [dataset[i] for i in range(len(dataset))]
 
 
-@torch.no_grad()
-def generate_answers(model: TheWorld, samples: list[dict], world: bool, batch_size: int,
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers to the samples' questions (their reference answers are dropped)."""
-    collate = _collator(model, world, for_generation=True)
-    tokenizer = model.processor.tokenizer
-    answers = []
-    for start in range(0, len(samples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(samples[start : start + batch_size]).items()}
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [answer.strip() for answer in answers]
-
-
-def evaluate_variant(model: TheWorld, samples: list[dict], world: bool, batch_size: int,
-                     max_new_tokens: int) -> dict:
-    """Generated-answer accuracy plus the trainer's teacher-forced loss/accuracy for one variant."""
-    from accelerate import Accelerator
-
-    from theworld.train import evaluate
-
-    answers = generate_answers(model, samples, world, batch_size, max_new_tokens)
-    correct = [_normalise(a) == _normalise(reference_answer(s)) for a, s in zip(answers, samples)]
-    collate = _collator(model, world, for_generation=False)
-    batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
-    teacher_forced = evaluate(model, batches, Accelerator(cpu=model.device.type == "cpu"))
-    return {"accuracy": sum(correct) / len(samples), "tf_accuracy": teacher_forced["accuracy"],
-            "loss": teacher_forced["loss"], "answers": answers}
-
-
-def evaluate_checkpoint(checkpoint: str | Path, samples: list[dict], rollout: int, batch_size: int,
-                        max_new_tokens: int, rollout_steps: int, device: str = "cpu") -> list[dict]:
-    """All variants of one checkpoint, one row each."""
+def evaluate_model(model_dir: str | Path, samples: list[dict], rollout: int = 0, batch_size: int = 32,
+                   rollout_steps: int = 35, device: str = "cpu") -> list[dict]:
+    """Every variant of one saved model: `[{"model", "variant", "eval_by_question"}, ...]`."""
+    from theworld import TheWorld
+    from theworld.evaluation import evaluate_by_question
     from theworld.modeling.rollout import RolloutConfig
 
-    model = load_checkpoint(checkpoint, device=device)
-    rows = []
+    model = TheWorld.from_pretrained(model_dir).to(device).eval()
 
-    def row(variant: str, model: TheWorld, world: bool) -> dict:
-        metrics = evaluate_variant(model, samples, world, batch_size, max_new_tokens)
-        return {"checkpoint": str(checkpoint), "variant": variant, "samples": len(samples), **metrics}
+    def row(variant: str, model, **options) -> dict:
+        return {"model": str(model_dir), "variant": variant,
+                "eval_by_question": evaluate_by_question(model, samples, batch_size=batch_size, **options)}
 
     if not model.config.enable_world:
-        return [row("no-world model", model, world=False)]
-    model.rollout_config = RolloutConfig(num_inference_steps=rollout_steps)
-    trained_steps = model.config.num_world_steps
-    rows.append(row("world" if trained_steps == 0 else f"world, rollout {trained_steps}", model, world=True))
-    rows.append(row("world tokens off", model, world=False))
-    if rollout != trained_steps:
-        other = load_checkpoint(checkpoint, num_world_steps=rollout, device=device)
-        other.rollout_config = model.rollout_config
-        rows.append(row(f"world, rollout {rollout}" if rollout else "world, rollout off", other, world=True))
+        return [row("no-world model", model)]
+    rows = [row("world", model), row("world tokens off", model, world=False, ablations=False)]
+    if rollout:
+        rolled = TheWorld.from_pretrained(model_dir, num_world_steps=rollout).to(device).eval()
+        rolled.rollout_config = RolloutConfig(num_inference_steps=rollout_steps)
+        rows.append(row(f"world, rollout {rollout}", rolled, ablations=False))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", help="directories written by TheWorld.save_pretrained")
-    parser.add_argument("--size", type=int, default=64, help="held-out samples (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic task seed; use the training run's (default: 0)")
-    parser.add_argument("--image-size", type=int, default=32, help="synthetic image side in pixels (default: 32)")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="directories written by TheWorld.save_pretrained")
+    parser.add_argument("--size", type=int, default=None,
+                        help="held-out samples (default: the training run's synthetic_eval_size, 512)")
     parser.add_argument("--rollout", type=int, default=0, metavar="N",
-                        help="also evaluate each world checkpoint with N rolled-out frames (default: 0, off)")
+                        help="also evaluate each world model with N rolled-out latent frames (default: 0, off)")
     parser.add_argument("--rollout-steps", type=int, default=35, help="denoising steps per rollout (default: 35)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=16,
-                        help="answer length limit; the tiny tokenizer spends one token per character (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (with every generated answer) as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
-    from theworld.data.synthetic import SyntheticWorldTask
+    import torch
 
-    task = SyntheticWorldTask(split="heldout", size=args.size, seed=args.seed, image_size=args.image_size)
-    samples = [task[i] for i in range(len(task))]
+    from theworld.evaluation import format_table
+
+    torch.manual_seed(0)
+    tasks = {str(m): task_of(m) for m in args.models}
+    if len({json.dumps(t, sort_keys=True) for t in tasks.values()}) > 1:
+        print("warning: the models were trained on different tasks; each is evaluated on its own", file=sys.stderr)
     rows = []
-    for checkpoint in args.checkpoints:
-        rows += evaluate_checkpoint(checkpoint, samples, args.rollout, args.batch_size, args.max_new_tokens,
-                                    args.rollout_steps, args.device)
-    print(f"{'checkpoint':<40} {'variant':<22} {'accuracy':>8} {'tf_acc':>7} {'loss':>8}")
-    for r in rows:
-        print(f"{r['checkpoint'][-40:]:<40} {r['variant']:<22} {r['accuracy']:>8.3f} {r['tf_accuracy']:>7.3f} "
-              f"{r['loss']:>8.4f}")
+    for model_dir in args.models:
+        samples = heldout_samples(tasks[str(model_dir)], args.size)
+        rows += evaluate_model(model_dir, samples, args.rollout, args.batch_size, args.rollout_steps, args.device)
+    print(format_table([(f"{Path(r['model']).parent.name or r['model']}: {r['variant']}", r["eval_by_question"])
+                        for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

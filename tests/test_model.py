@@ -1,4 +1,5 @@
 """TheWorld: fusion, labels, generation, freezing, gradients, save/load, on the tiny models."""
+import numpy as np
 import pytest
 import torch
 from fixtures_model import load_tiny_world, make_sample
@@ -35,7 +36,8 @@ def test_world_tokens_are_added_without_shrinking_the_embedding_table(tiny_model
         token_id = getattr(model.config, f"{name}_index")
         assert tokenizer(token, add_special_tokens=False).input_ids == [token_id]
         assert token_id < rows
-    assert model.num_world_tokens == 16  # 32x32 world image -> 4x4 latent, one token per position
+    # 32x32 world image -> 4x4 latent, one token per position of each latent frame (9 frames -> 3).
+    assert model.processor.num_world_tokens(1) == 16 and model.processor.num_world_tokens(9) == 48
 
 
 def test_embedding_table_grows_when_tokenizer_outgrows_it(tiny_models, tmp_path):
@@ -70,7 +72,7 @@ def test_enable_world_false_gives_exactly_gemma3_logits(tiny_models):
     gemma_dir, _ = tiny_models
     gemma = Gemma3ForConditionalGeneration.from_pretrained(gemma_dir).eval()
     plain = TheWorld.from_pretrained(gemma_dir, enable_world=False).eval()
-    assert plain.world_encoder is None and plain.world_projector is None and plain.num_world_tokens == 0
+    assert plain.world_encoder is None and plain.world_projector is None and not plain.processor.enable_world
     batch = TheWorldCollator(plain)(samples())
     assert "world_pixel_values" not in batch
     with torch.no_grad():
@@ -114,41 +116,59 @@ def test_world_tokens_change_the_prediction(tiny_world_model):
     assert torch.equal(logits, from_latents)
 
 
-def test_unexpanded_world_pairs_are_inserted_per_row(tiny_world_model):
-    """A batch holding one `<start_of_world><end_of_world>` pair per row (at different positions, left
-    padded) gives the same logits as the collator's expanded batch."""
+def clip_sample(index: int, num_frames: int, question: str = "Which way does it move?", answer: str = "left"):
+    """A sample whose images are a clip of `num_frames` random 32x32 frames."""
+    rng = np.random.default_rng(100 + index)
+    sample = make_sample(index, question, answer)
+    return {**sample, "images": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(num_frames)]}
+
+
+def test_a_clip_feeds_every_frame_to_the_world_and_its_last_to_gemma(tiny_world_model):
     model = tiny_world_model
-    collate = TheWorldCollator(model, padding_side="right")
-    expanded = collate(samples(3))
-    world = expanded["input_ids"] == model.config.world_token_index
-    keep = ~world
-    rows = [expanded["input_ids"][i][keep[i]] for i in range(3)]
-    masks = [expanded["attention_mask"][i][keep[i]] for i in range(3)]
-    types = [expanded["token_type_ids"][i][keep[i]] for i in range(3)]
-    labels = [expanded["labels"][i][keep[i]] for i in range(3)]
-    width = max(int(m.sum()) for m in masks)
-
-    def left_pad(tensor, mask, fill):  # move right padding to the left
-        real = tensor[mask.bool()]
-        return torch.cat([real.new_full((width - len(real),), fill), real])
-
-    compact = {
-        "input_ids": torch.stack([left_pad(r, m, 0) for r, m in zip(rows, masks)]),
-        "attention_mask": torch.stack([left_pad(m, m, 0) for m in masks]),
-        "token_type_ids": torch.stack([left_pad(t, m, 0) for t, m in zip(types, masks)]),
-        "labels": torch.stack([left_pad(l, m, -100) for l, m in zip(labels, masks)]),
-        "pixel_values": expanded["pixel_values"],
-        "world_pixel_values": expanded["world_pixel_values"],
-    }
+    clip = clip_sample(0, 9)
+    batch = TheWorldCollator(model)([clip])
+    assert batch["world_pixel_values"].shape == (1, 3, 9, 32, 32)
+    assert int((batch["input_ids"] == model.config.world_token_index).sum()) == 48  # 3 latent frames x 16
+    last_only = TheWorldCollator(model)([{**clip, "images": clip["images"][-1:]}])
+    torch.testing.assert_close(batch["pixel_values"], last_only["pixel_values"], rtol=0, atol=0)
+    earlier = {**clip, "images": [np.zeros_like(clip["images"][0])] * 8 + clip["images"][-1:]}
     with torch.no_grad():
-        reference = model(**expanded)
-        inserted = model(**compact)
-    assert inserted.logits.shape[1] == width + model.num_world_tokens
-    for i in range(3):
-        real_ref = expanded["attention_mask"][i].bool()
-        n = int(real_ref.sum())
-        torch.testing.assert_close(inserted.logits[i, -n:], reference.logits[i][real_ref], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(inserted.loss, reference.loss, rtol=1e-5, atol=1e-5)
+        changed = model(**TheWorldCollator(model)([earlier])).logits[0, -3:]
+        assert not torch.allclose(model(**batch).logits[0, -3:], changed)  # earlier frames reach the answer
+
+
+@pytest.mark.parametrize("num_frames", [2, 4, 6, 8])
+def test_clip_lengths_other_than_1_plus_4k_are_refused_with_the_valid_counts(tiny_world_model, num_frames):
+    with pytest.raises(ValueError, match=r"1 \+ 4k frames \(1, 5, 9"):
+        TheWorldCollator(tiny_world_model)([clip_sample(0, num_frames)])
+
+
+def test_each_row_of_a_batch_of_mixed_clip_lengths_equals_that_row_alone(tiny_world_model):
+    """Clips of 9, 1 and 5 frames in one batch (padded clips, different world-token counts per row)."""
+    model = tiny_world_model
+    collate = TheWorldCollator(model)
+    rows = [clip_sample(0, 9), clip_sample(1, 1), clip_sample(2, 5)]
+    batch = collate(rows)
+    assert batch["world_num_frames"].tolist() == [9, 1, 5]
+    counts = (batch["input_ids"] == model.config.world_token_index).sum(dim=1).tolist()
+    assert counts == [48, 16, 32]
+    with torch.no_grad():
+        batched = model(**batch)
+        for i, row in enumerate(rows):
+            alone = model(**collate([row]))
+            real = batch["attention_mask"][i].bool()
+            torch.testing.assert_close(batched.logits[i][real], alone.logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_processor_is_saved_with_the_model_and_expands_the_world_block(tiny_world_model, tmp_path):
+    from theworld.processing_theworld import TheWorldProcessor
+
+    tiny_world_model.save_pretrained(tmp_path)
+    processor = TheWorldProcessor.from_pretrained(tmp_path)
+    assert processor.world_tokens_per_frame == 16 and processor.world_image_size == [32, 32]
+    text = processor.render(make_sample(0)["messages"], num_frames=5, add_generation_prompt=False)
+    assert text.count(tiny_world_model.config.world_token) == 32
+    assert TheWorld.from_pretrained(tmp_path).processor.to_dict() == tiny_world_model.processor.to_dict()
 
 
 # ---------------------------------------------------------------- labels
@@ -270,7 +290,7 @@ def test_freezing_flags_select_the_trainable_parts(tiny_models):
 def test_projection_modes_train(tiny_models, options):
     model = load_tiny_world(tiny_models, **options).train()
     expected_tokens = 4 if options["world_projection"] == "spatial" else 16
-    assert model.num_world_tokens == expected_tokens
+    assert model.processor.num_world_tokens(1) == expected_tokens
     batch = TheWorldCollator(model)(samples(2))
     assert int((batch["input_ids"][0] == model.config.world_token_index).sum()) == expected_tokens
     model(**batch).loss.backward()
@@ -332,7 +352,7 @@ def test_world_rollout_adds_predicted_frames_as_world_tokens(tiny_models):
     model.rollout_config = RolloutConfig(num_inference_steps=2)
     assert model.world_transformer is not None and not any(
         p.requires_grad for p in model.world_transformer.parameters())
-    assert model.num_world_tokens == 2 * 16  # observed frame + one predicted latent frame
+    assert model.processor.num_world_tokens(1) == 2 * 16  # observed frame + one predicted latent frame
     batch = TheWorldCollator(model)(samples(2))
     latents = model.encode_world(batch["world_pixel_values"])
     assert latents.shape == (2, 16, 2, 4, 4)
@@ -352,17 +372,13 @@ def test_inconsistent_world_inputs_are_refused(tiny_models, tiny_world_model):
         plain(**batch)
     no_pair = {**batch, "input_ids": batch["input_ids"].masked_fill(
         batch["input_ids"] == tiny_world_model.config.world_token_index, 0)}
-    with pytest.raises(ValueError, match="exactly one '<start_of_world><end_of_world>' pair"):
+    with pytest.raises(ValueError, match="world placeholders but their worlds have .* TheWorldProcessor"):
         tiny_world_model(**no_pair)
 
 
 def test_world_model_without_world_inputs_is_its_base_gemma(tiny_models, tiny_world_model):
     """The trainer's no-world evaluation: the same model, fed a batch collated without the world."""
-    import copy
-
-    config = copy.deepcopy(tiny_world_model.config)
-    config.enable_world = False
-    batch = TheWorldCollator(tiny_world_model.processor, config=config)(samples(2))
+    batch = TheWorldCollator(tiny_world_model, world=False)(samples(2))
     assert "world_pixel_values" not in batch
     assert not (batch["input_ids"] == tiny_world_model.config.sow_token_index).any()
     gemma = Gemma3ForConditionalGeneration.from_pretrained(tiny_models[0]).eval()

@@ -37,8 +37,12 @@ class TheWorldConfig(Gemma3Config):
             `[height, width]` the world image is resized to before the Cosmos VAE, both divisible by 16.
             `None` uses the Gemma vision tower's image size.
         num_world_steps (`int`, *optional*, defaults to 0):
-            Future latent frames predicted by the Cosmos transformer (world rollout) and added as world
-            tokens. 0 encodes the input image only and loads no transformer.
+            Future latent frames predicted by the Cosmos transformer (world rollout) after the clip's own and
+            added as world tokens. 0 encodes the input clip only and loads no transformer.
+        world_max_frames (`int`, *optional*, defaults to 8):
+            Most latent frames one sample's world may have: the clip's own (`1 + (F - 1) // 4` for `F` video
+            frames, `F = 1 + 4k`) plus `num_world_steps`. The projector has one learned temporal embedding
+            per latent frame index up to this.
         world_latent_channels (`int`, *optional*, defaults to 16):
             Latent channels of the Cosmos VAE (`z_dim`; 16 for Cosmos-Predict2). Checked when the VAE loads.
         freeze_gemma_vision (`bool`, *optional*, defaults to `True`):
@@ -64,6 +68,7 @@ class TheWorldConfig(Gemma3Config):
     world_tokens_per_side: int | None = None
     world_image_size: list[int] | None = None
     num_world_steps: int = 0
+    world_max_frames: int = 8
     world_latent_channels: int = 16
     freeze_gemma_vision: bool = True
     freeze_gemma_language: bool = True
@@ -85,6 +90,11 @@ class TheWorldConfig(Gemma3Config):
             )
         if self.num_world_steps < 0:
             raise ValueError(f"num_world_steps must be >= 0, got {self.num_world_steps}")
+        if self.world_max_frames < 1 + self.num_world_steps:
+            raise ValueError(
+                f"world_max_frames={self.world_max_frames} leaves no room for a clip plus {self.num_world_steps} "
+                f"rolled-out frame(s): use at least {1 + self.num_world_steps}"
+            )
         if self.world_tokens_per_side is not None and self.world_tokens_per_side < 1:
             raise ValueError(f"world_tokens_per_side must be >= 1 or None, got {self.world_tokens_per_side}")
         if self.world_image_size is not None:
@@ -107,10 +117,6 @@ class TheWorldConfig(Gemma3Config):
             )
         return side, side
 
-    @property
-    def num_world_frames(self) -> int:
-        """Latent frames that become world tokens: the input image plus the rolled-out future."""
-        return 1 + self.num_world_steps
 
 
 AutoConfig.register("theworld", TheWorldConfig)

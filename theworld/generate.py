@@ -64,7 +64,13 @@ def read_frames(path: str | Path, video: bool) -> np.ndarray:
         raise FileNotFoundError(f"no such {'video' if video else 'image'} file: {path}")
     if not video:
         return as_rgb_array(path)[None]
+    from theworld.modeling.world_encoder import check_clip_length
+
     frames = np.asarray(iio.imread(path, plugin=None if path.suffix.lower() == ".gif" else "FFMPEG"))
+    try:
+        check_clip_length(len(frames))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return np.ascontiguousarray(np.stack([as_rgb_array(frame[..., :3]) for frame in frames]))
 
 
@@ -166,11 +172,12 @@ class SafeGenerator:
         if not verdict.safe:
             return Result(request.id, refused=f"the request was blocked by the safety checker ({verdict.stage}): "
                                               f"{verdict.reason}")
-        # The model sees the worker's sanitised frames; the last one is the current observation.
+        # The model sees the worker's sanitised frames: the whole clip feeds the world path, its last frame
+        # (the current observation) Gemma's image path.
         sample = {
             "id": request.id,
             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.prompt}]}],
-            "images": [verdict.frames[-1]],
+            "images": list(verdict.frames),
         }
         model = self.model
         batch = {k: v.to(model.device) for k, v in self._collator([sample]).items()}
@@ -178,7 +185,7 @@ class SafeGenerator:
         with torch.no_grad():
             if "world_pixel_values" in batch:
                 # Encode (and roll out) once: the same latents feed the answer and the video.
-                world_latents = model.encode_world(batch.pop("world_pixel_values"))
+                world_latents = model.encode_world(batch.pop("world_pixel_values"), batch["world_num_frames"])
                 batch["world_latents"] = world_latents
             output = model.generate(**batch, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
         prompt_length = batch["input_ids"].shape[1]
@@ -217,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = parser.add_argument_group("input (either --image/--video with --prompt, or --jsonl)")
     source = inputs.add_mutually_exclusive_group()
     source.add_argument("--image", help="image file (PNG, JPEG, ...)")
-    source.add_argument("--video", help="video file (mp4, gif, ...); every frame is checked, the model sees the last")
+    source.add_argument("--video", help="video clip (mp4, gif, ...) of 1 + 4k frames (1, 5, 9, ...), oldest first; every "
+                        "frame is checked, the world path encodes the whole clip, Gemma sees its last frame")
     source.add_argument("--jsonl", help='batch: one {"id", "prompt", "image" or "video"} object per line (paths '
                         "relative to the file); prints one JSON result per line")
     inputs.add_argument("--prompt", help="the question")

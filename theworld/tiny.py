@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the tiny models change so that cached copies are rebuilt instead of silently reused.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 _COMPLETE_MARKER = ".theworld-tiny-complete"
 
 # The Gemma 3 chat template (as shipped with google/gemma-3-4b-it).
@@ -80,7 +80,11 @@ _GEMMA_SPECIAL_TOKENS = [
 # property so code that adds tokens is tested against "never shrink the table".
 TINY_GEMMA_EMBEDDING_ROWS = 384
 TINY_GEMMA_IMAGE_SIZE = 32
-TINY_GEMMA_IMAGE_TOKENS = 4
+# One image token per 8x8 SigLIP patch (no pooling): with 4 pooled tokens a small object is averaged
+# away and the image path cannot read the last frame (the no-world baseline must be able to).
+TINY_GEMMA_IMAGE_TOKENS = 16
+# Clips the tiny VAE's latent statistics are measured on (motion-task clips, the default's data).
+TINY_VAE_CALIBRATION_CLIPS = 128
 
 
 def default_tiny_dir() -> Path:
@@ -179,8 +183,13 @@ def _build_gemma(outdir: Path, seed: int) -> None:
     model = Gemma3ForConditionalGeneration(config)
     with torch.no_grad():
         # Gemma initialises this projection to zeros: the vision tower would get exactly zero gradient
-        # and the image would not influence the logits. Trained checkpoints are never zero.
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+        # and the image would not influence the logits. Trained checkpoints are never zero. Its inputs are
+        # RMS-normalised (rms 1), so std = text_rms / sqrt(vision hidden) puts image tokens at the scale of
+        # the text embeddings around them, as in a trained Gemma.
+        embeddings = model.get_input_embeddings()
+        text_rms = embeddings(torch.arange(embeddings.num_embeddings)).pow(2).mean().sqrt().item()
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        projection.normal_(0.0, text_rms / projection.shape[0] ** 0.5)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
@@ -204,6 +213,7 @@ def _build_cosmos(outdir: Path, seed: int) -> None:
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
+    _calibrate_latent_statistics(vae)
     vae.save_pretrained(outdir / "vae")
 
     torch.manual_seed(seed + 1)
@@ -247,6 +257,27 @@ def _build_cosmos(outdir: Path, seed: int) -> None:
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     (outdir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+def _calibrate_latent_statistics(vae) -> None:
+    """Set the VAE config's per-channel ``latents_mean`` / ``latents_std`` from its own latents.
+
+    The real Wan VAE ships statistics measured on its own latents; a random tiny VAE normalised with
+    those is almost constant (0.17 % of the latents' second moment varied between images), so the
+    tiny one gets its own, measured the same way (per channel, over motion-task clips).
+    """
+    import torch
+
+    from theworld.data.synthetic import SyntheticMotionTask
+    from theworld.modeling.world_encoder import preprocess_world_clips
+
+    task = SyntheticMotionTask(split="train", size=TINY_VAE_CALIBRATION_CLIPS, seed=12345)
+    clips = [task[i]["images"] for i in range(len(task))]
+    pixels, _ = preprocess_world_clips(clips, task.image_size, task.image_size)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mode()
+    vae.register_to_config(latents_mean=latents.mean(dim=(0, 2, 3, 4)).tolist(),
+                           latents_std=latents.std(dim=(0, 2, 3, 4)).tolist())
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ trained model for ``TheWorld.from_pretrained``).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -38,6 +37,9 @@ import torch
 from theworld import assert_grad_enabled  # importing theworld installs the import guard first
 
 CHECKPOINT_DIR = "checkpoints"
+SYNTHETIC_TASKS = ("synthetic", "synthetic-arrow")
+# Written next to the trained model: which data it was trained on, so evaluations rebuild the task.
+TASK_FILE = "theworld_task.json"
 ENDPOINT_FILE = ".safety-endpoint-{host}"
 
 
@@ -101,9 +103,10 @@ class DataArguments:
 
     data: str = field(
         default="synthetic",
-        metadata={"help": "Training data: 'synthetic' (the built-in world task), a .jsonl file (image or frame "
-                          "paths + chat messages, see theworld.data.sources) or a directory written by "
-                          "datasets' save_to_disk."},
+        metadata={"help": "Training data: 'synthetic' (the built-in motion task: clips of a moving square, asked "
+                          "its direction or colour), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
+                          "(image or clip frame paths + chat messages, see theworld.data.sources) or a directory "
+                          "written by datasets' save_to_disk."},
     )
     eval_data: Optional[str] = field(
         default=None,
@@ -117,14 +120,21 @@ class DataArguments:
                           "(roles: id, images, messages, question, answer)."},
     )
     synthetic_size: int = field(default=2048, metadata={"help": "Training samples in the synthetic task."})
-    synthetic_eval_size: int = field(default=64, metadata={"help": "Held-out samples in the synthetic task."})
+    synthetic_eval_size: int = field(default=512, metadata={"help": "Held-out samples in the synthetic task."})
     synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
+    synthetic_frames: int = field(
+        default=9, metadata={"help": "Frames per clip of the motion task (1 + 4k: 9 frames are 3 Cosmos latent frames)."}
+    )
     blocked_fraction: float = field(
         default=0.05,
         metadata={"help": "Fraction of synthetic training samples whose text carries the tiny guard's blocked "
                           "phrase (they must end up in blocked.jsonl, never in training)."},
     )
-    eval_size: int = field(default=64, metadata={"help": "Evaluate on at most this many held-out samples."})
+    eval_size: int = field(
+        default=512,
+        metadata={"help": "Evaluate on at most this many held-out samples (at least 512 for accuracies with useful "
+                          "confidence intervals)."},
+    )
 
 
 @dataclass
@@ -263,19 +273,22 @@ def world_projector_parameters(model) -> dict[str, torch.Tensor]:
 def open_datasets(data_args: DataArguments, seed: int):
     """``(train, heldout)`` map-style datasets in the sample format."""
     from theworld.data.sources import DiskDataset, JsonlDataset
-    from theworld.data.synthetic import SyntheticWorldTask
+    from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
 
     def open_one(spec: str, split: str):
-        if spec == "synthetic":
+        if spec in SYNTHETIC_TASKS:
             size = data_args.synthetic_size if split == "train" else data_args.synthetic_eval_size
             fraction = data_args.blocked_fraction if split == "train" else 0.0
-            return SyntheticWorldTask(split=split, size=size, seed=seed,
-                                      image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
+            if spec == "synthetic-arrow":
+                return SyntheticWorldTask(split=split, size=size, seed=seed,
+                                          image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
+            return SyntheticMotionTask(split=split, size=size, seed=seed, num_frames=data_args.synthetic_frames,
+                                       image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
         if spec.endswith(".jsonl"):
             return JsonlDataset(spec)
         if Path(spec).is_dir():
             return DiskDataset(spec, split=data_args.data_split if split == "train" else "test", columns=data_args.data_columns)
-        raise ValueError(f"data {spec!r} is neither 'synthetic', a .jsonl file nor a save_to_disk directory")
+        raise ValueError(f"data {spec!r} is neither one of {SYNTHETIC_TASKS}, a .jsonl file nor a save_to_disk directory")
 
     train = open_one(data_args.data, "train")
     if data_args.eval_data is None and data_args.data.endswith(".jsonl"):
@@ -320,13 +333,32 @@ def safety_worker(train_args: TrainArguments, accelerator, threads: int | None =
 # --------------------------------------------------------------------------------------- evaluation
 
 
-def no_world_collator(model, for_generation: bool = False):
-    """A collator that leaves the world tokens out: the same model answers from Gemma's own inputs only."""
+# Held-out batches are inference only: larger than training micro-batches, fewer passes.
+EVAL_BATCH_SIZE = 32
+
+
+def collate_eval_batches(model, samples: list[dict], batch_size: int, world: bool | None) -> list[dict]:
+    """The held-out set collated once. With a frozen Cosmos VAE the world latents never change, so each
+    clip is encoded here once instead of at every evaluation."""
     from theworld.data.collator import TheWorldCollator
 
-    config = copy.deepcopy(model.config)
-    config.enable_world = False
-    return TheWorldCollator(model.processor, config=config, for_generation=for_generation)
+    collate = TheWorldCollator(model, world=world)
+    batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    if "world_pixel_values" in batches[0] and model.config.freeze_cosmos_vae:
+        with torch.no_grad():
+            for batch in batches:
+                batch["world_latents"] = model.encode_world(batch.pop("world_pixel_values").to(model.device),
+                                                            batch["world_num_frames"]).cpu()
+    return batches
+
+
+def task_record(data_args: DataArguments, seed: int) -> dict:
+    """What a saved model was trained on, for `scripts/eval_world.py` to rebuild the held-out task."""
+    record = {"data": data_args.data, "seed": seed}
+    if data_args.data in SYNTHETIC_TASKS:
+        record.update(image_size=data_args.synthetic_image_size, eval_size=data_args.synthetic_eval_size,
+                      num_frames=data_args.synthetic_frames if data_args.data == "synthetic" else 1)
+    return record
 
 
 def to_device(batch: dict, device) -> dict:
@@ -336,24 +368,17 @@ def to_device(batch: dict, device) -> dict:
 @torch.no_grad()
 def evaluate(model, batches: list[dict], accelerator) -> dict:
     """Mean answer-token loss and answer accuracy (every answer token predicted right, teacher-forced)."""
+    from theworld.evaluation import answer_scores
+
     was_training = model.training
     model.eval()
     total_loss = total_tokens = correct = count = 0.0
     for batch in batches:
-        batch = to_device(batch, accelerator.device)
-        with accelerator.autocast():
-            out = model(**batch)
-        labels = batch["labels"]  # the collator already placed the world tokens, so labels align with logits
-        shift_logits, shift_labels = out.logits[:, :-1].float(), labels[:, 1:]
-        mask = shift_labels != -100
-        losses = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-        ).view_as(shift_labels)
-        total_loss += losses[mask].sum().item()
-        total_tokens += mask.sum().item()
-        right = (shift_logits.argmax(-1) == shift_labels) | ~mask
-        correct += right.all(dim=1).sum().item()
-        count += labels.shape[0]
+        right, loss_sum, tokens = answer_scores(model, to_device(batch, accelerator.device), accelerator.autocast)
+        total_loss += loss_sum.sum().item()
+        total_tokens += tokens.sum().item()
+        correct += right.sum().item()
+        count += right.numel()
     model.train(was_training)
     return {"loss": total_loss / max(total_tokens, 1), "accuracy": correct / max(count, 1)}
 
@@ -492,6 +517,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from theworld.data.collator import TheWorldCollator
     from theworld.data.safety_filter import SafetyFilter
     from theworld.data.sources import SampleStream
+    from theworld.evaluation import evaluate_by_question
 
     assert_grad_enabled("training (at start)")
     output_dir = Path(train_args.output_dir)
@@ -552,12 +578,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         eval_filter.close()
         if not eval_samples:
             raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
-        eval_batches = [collator(eval_samples[i : i + train_args.batch_size]) for i in range(0, len(eval_samples), train_args.batch_size)]
+        eval_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_samples, EVAL_BATCH_SIZE, world=None)
         no_world_batches = None
         if accelerator.unwrap_model(model).config.enable_world:
-            without_world = no_world_collator(accelerator.unwrap_model(model))
-            no_world_batches = [without_world(eval_samples[i : i + train_args.batch_size])
-                                for i in range(0, len(eval_samples), train_args.batch_size)]
+            no_world_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_samples, EVAL_BATCH_SIZE,
+                                                    world=False)
 
         if make_sample_filter is None:
             samples = SafetyFilter(client, stream.iter_from(filter_state["next_position"] if filter_state else 0),
@@ -624,6 +649,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             other_seconds += time.perf_counter() - pause
         progress.close()
         loop_seconds = time.perf_counter() - started - other_seconds
+        # The final held-out table: per question type, against the majority baseline, with ablations.
+        eval_by_question = evaluate_by_question(accelerator.unwrap_model(model), eval_samples,
+                                                batch_size=EVAL_BATCH_SIZE, seed=train_args.seed,
+                                                autocast=accelerator.autocast)
         counts = samples.counts
         stats = client.stats()
     if train_args.report_to != "none":
@@ -652,6 +681,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "final_eval_accuracy_no_world": evals[-1].get("eval_accuracy_no_world"),
         "enable_world": accelerator.unwrap_model(model).config.enable_world,
         "eval_samples": len(eval_samples),
+        "eval_by_question": eval_by_question,
         "train_seconds": loop_seconds,
         "steps_per_second": steps_run / loop_seconds if loop_seconds > 0 else None,
         "safety_wait_seconds": wait,
@@ -674,12 +704,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         write_loss_curve(history, evals, output_dir / "loss_curve.png")
         # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.
         accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
+        write_json_atomic(output_dir / "model" / TASK_FILE, task_record(data_args, train_args.seed))
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
 
 
 def print_summary(summary: dict, output_dir: str):
+    import textwrap
+
+    from theworld.evaluation import format_table
+
     print(
         f"\nTheWorld training: {summary['steps']}/{summary['max_steps']} steps, "
         f"{summary['steps_per_second'] or 0:.2f} steps/s\n"
@@ -689,6 +724,7 @@ def print_summary(summary: dict, output_dir: str):
         f"answer accuracy {summary['initial_eval_accuracy']:.2%} -> {summary['final_eval_accuracy']:.2%}"
         + (f" (world tokens off: loss {summary['final_eval_loss_no_world']:.4f}, "
            f"accuracy {summary['final_eval_accuracy_no_world']:.2%})" if summary["final_eval_loss_no_world"] is not None else "")
+        + "\n" + textwrap.indent(format_table([("held-out", summary["eval_by_question"])]), "  ")
         + f"\n  waited on the safety worker {summary['safety_wait_fraction'] or 0:.1%} of the training time\n"
         f"  outputs in {output_dir}: summary.json, metrics.jsonl, loss_curve.png, blocked.jsonl, tensorboard/, checkpoints/"
     )

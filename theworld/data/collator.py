@@ -1,11 +1,14 @@
 """TheWorldCollator: samples -> a batch that `TheWorld(**batch)` and `TheWorld.generate(**batch)` accept.
 
-For each sample it renders the Gemma 3 chat template, marks the world after the world image
-(`<start_of_world><end_of_world>` right after its `<start_of_image>`), lets the Gemma 3 processor
-expand the image tokens and compute `pixel_values` / `token_type_ids`, pads the batch, and splices the
-world placeholders into every row (`theworld.modeling.fusion.insert_world_tokens`, the same code the
-model uses). The world image is the sample's last image (the current observation), resized and
-scaled for the Cosmos VAE exactly as the Video2World pipeline does (`world_pixel_values`).
+Everything about turning a sample into model inputs is `TheWorldProcessor`'s (the chat template, the
+world block of the sample's clip, Gemma's pixels of the last frame, the Cosmos clip); the collator adds
+what only a batch has: padding and the labels.
+
+A sample is `{"id", "messages", "images"}`: `images` is a clip of `F = 1 + 4k` frames of one size,
+oldest first (an image is `F = 1`), and the user message has one `{"type": "image"}` for it. A batch
+may mix clip lengths: the world tokens are expanded per sample, rows are padded to the longest, and the
+clips are padded with zero frames after their last (`world_num_frames` says how many are real; the model
+encodes each clip on its own frames).
 
 Labels are -100 everywhere except the final assistant answer (its text and the `<end_of_turn>` that
 ends it), so `model(**batch).loss` trains the answer only.
@@ -17,8 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from theworld.modeling.fusion import IGNORE_INDEX, insert_world_tokens
-from theworld.modeling.world_encoder import preprocess_world_images
+from theworld.modeling.fusion import IGNORE_INDEX
 
 END_OF_TURN = "<end_of_turn>"
 
@@ -27,35 +29,24 @@ class TheWorldCollator:
     """Collate samples `{"id", "messages", "images"}` into model inputs.
 
     Args:
-        model_or_processor: a `TheWorld` (everything is read from it), or its `processor` together with
-            `config` (a `TheWorldConfig` whose token ids are filled in, i.e. `model.config`).
-        config: required when a processor is passed.
-        num_world_tokens: world tokens per sample; read from the model when one is passed.
+        model_or_processor: a `TheWorld` (its `processor` is used), or a `TheWorldProcessor`.
+        world: add the world (default: the processor's `enable_world`). `world=False` on a world model
+            gives the same model's inputs without world tokens (Gemma's own inputs only).
         for_generation: collate prompts only (the final assistant message, if any, is dropped), end with
             the generation prompt `<start_of_turn>model\\n`, pad on the left, and return no labels.
         padding_side: `"right"` (default for training) or `"left"` (always for generation).
-        max_length: refuse (ValueError) rows longer than this many tokens after world insertion, rather
-            than truncating through an image or the answer.
+        max_length: refuse (ValueError) rows longer than this many tokens, rather than truncating
+            through an image or the answer.
     """
 
-    def __init__(self, model_or_processor, *, config=None, num_world_tokens: int | None = None,
-                 for_generation: bool = False, padding_side: str | None = None, max_length: int | None = None):
-        if hasattr(model_or_processor, "processor") and hasattr(model_or_processor, "config"):
-            model = model_or_processor
-            self.processor = model.processor
-            self.config = model.config
-            self.num_world_tokens = model.num_world_tokens
-        else:
-            if config is None:
-                raise ValueError("pass config=model.config together with a processor (or pass the TheWorld model)")
-            self.processor = model_or_processor
-            self.config = config
-            self.num_world_tokens = num_world_tokens
-        self.enable_world = bool(self.config.enable_world)
-        if self.enable_world and not self.num_world_tokens:
-            raise ValueError("num_world_tokens is required with a processor (model.num_world_tokens)")
-        if self.enable_world and self.config.sow_token_index is None:
-            raise ValueError("the config has no world token ids: use the config of a TheWorld built by from_pretrained")
+    def __init__(self, model_or_processor, *, world: bool | None = None, for_generation: bool = False,
+                 padding_side: str | None = None, max_length: int | None = None):
+        self.processor = getattr(model_or_processor, "processor", None) or model_or_processor
+        if not hasattr(self.processor, "render"):
+            raise TypeError("pass a TheWorld model or its TheWorldProcessor (model.processor)")
+        self.world = self.processor.enable_world if world is None else world
+        if self.world and not self.processor.enable_world:
+            raise ValueError("world=True needs a model built with enable_world=True")
         self.for_generation = for_generation
         self.padding_side = "left" if for_generation else (padding_side or "right")
         if self.padding_side not in ("left", "right"):
@@ -64,64 +55,40 @@ class TheWorldCollator:
             raise ValueError("generation needs left padding (new tokens are appended on the right)")
         self.max_length = max_length
         self.tokenizer = self.processor.tokenizer
-        self.world_image_size = self.config.resolved_world_image_size
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
-    # ------------------------------------------------------------------ text
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
-        if self.enable_world:
-            boi = self.processor.boi_token
-            at = text.rfind(boi)
-            if at < 0:
-                raise ValueError("a world sample needs an image: its messages have no {'type': 'image'} entry")
-            at += len(boi)
-            text = text[:at] + self.config.sow_token + self.config.eow_token + text[at:]
-        return text
-
-    def _tokenize(self, texts: list[str], images: list[list]) -> dict:
-        # The chat template already starts with <bos>: no second one from the tokenizer.
-        kwargs = dict(text=texts, add_special_tokens=False)
-        if any(images):
-            if not all(images):
-                raise ValueError("mix of samples with and without images in one batch; Gemma 3 needs all or none")
-            kwargs["images"] = images
-        return self.processor(**kwargs)
+    def _encode(self, conversations: list[list[dict]], clips: list[list], add_generation_prompt: bool) -> dict:
+        texts = [self.processor.render(messages, num_frames=len(clip), add_generation_prompt=add_generation_prompt,
+                                       with_world=self.world and bool(clip))
+                 for messages, clip in zip(conversations, clips)]
+        if self.world and not all(clips):
+            raise ValueError("a world sample needs its clip: every sample must have 'images'")
+        return self.processor(text=texts, clips=clips, with_world=self.world)
 
     def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        images = [list(sample.get("images") or []) for sample in samples]
+        clips = [list(sample.get("images") or []) for sample in samples]
         if self.for_generation:
             prompts = [s["messages"][:-1] if s["messages"][-1]["role"] == "assistant" else s["messages"]
                        for s in samples]
-            encoded = self._tokenize([self._render(m, add_generation_prompt=True) for m in prompts], images)
+            encoded = self._encode(prompts, clips, add_generation_prompt=True)
             labels = None
         else:
             for sample in samples:
                 if sample["messages"][-1]["role"] != "assistant":
                     raise ValueError(f"sample {sample.get('id')!r} has no final assistant answer to train on")
-            full_texts = [self._render(s["messages"], add_generation_prompt=False) for s in samples]
-            prompt_texts = [self._render(s["messages"][:-1], add_generation_prompt=True) for s in samples]
-            encoded = self._tokenize(full_texts, images)
-            prompt_ids = self._tokenize(prompt_texts, images)["input_ids"]
+            encoded = self._encode([s["messages"] for s in samples], clips, add_generation_prompt=False)
+            prompt_ids = self._encode([s["messages"][:-1] for s in samples], clips, add_generation_prompt=True)["input_ids"]
             labels = [self._answer_labels(ids, prompt, sample.get("id"))
                       for ids, prompt, sample in zip(encoded["input_ids"], prompt_ids, samples)]
 
         batch = self._pad(encoded, labels)
-        if any(images):
+        if any(clips):
             batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(p)) for p in encoded["pixel_values"]])
-        if self.enable_world:
-            batch.update(insert_world_tokens(
-                batch["input_ids"], self.num_world_tokens, sow_id=self.config.sow_token_index,
-                eow_id=self.config.eow_token_index, world_id=self.config.world_token_index,
-                attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-                labels=batch.get("labels"),
-            ))
-            batch["world_pixel_values"] = preprocess_world_images([row[-1] for row in images],
-                                                                  *self.world_image_size)
+        if "world_pixel_values" in encoded:
+            batch["world_pixel_values"] = encoded["world_pixel_values"]
+            batch["world_num_frames"] = encoded["world_num_frames"]
         if self.max_length is not None:
             lengths = batch["attention_mask"].sum(dim=1)
             if int(lengths.max()) > self.max_length:

@@ -4,10 +4,11 @@ The forward pass, top to bottom:
 
 1. token embeddings of `input_ids` (Gemma's scaled embedding table);
 2. SigLIP image features scattered onto the `<image_soft_token>` positions (as Gemma 3 does);
-3. the world image encoded by the Cosmos VAE (`CosmosWorldEncoder`: normalised latents
-   `[B, 16, T, h, w]`), optionally rolled forward by the Cosmos transformer (`num_world_steps`),
-   projected by `WorldProjector` and scattered onto the `<world_soft_token>` positions between
-   `<start_of_world>` and `<end_of_world>`;
+3. the world clip encoded by the Cosmos VAE (`CosmosWorldEncoder`: normalised latents
+   `[B, 16, T, h, w]`, `T = 1 + (F - 1) // 4` for `F` frames), optionally rolled forward by the Cosmos
+   transformer (`num_world_steps`), projected by `WorldProjector` and scattered onto the
+   `<world_soft_token>` positions between `<start_of_world>` and `<end_of_world>` (which
+   `TheWorldProcessor` wrote: the model never expands tokens itself);
 4. Gemma 3's language model on the fused embeddings; the loss on the labelled tokens only (world
    positions are always -100).
 
@@ -27,10 +28,11 @@ from transformers import initialization as init
 
 from theworld._import_guard import assert_grad_enabled
 from theworld.configuration_theworld import TheWorldConfig
-from theworld.modeling.fusion import IGNORE_INDEX, insert_world_tokens
-from theworld.modeling.projector import WorldProjector
+from theworld.modeling.fusion import IGNORE_INDEX
+from theworld.modeling.projector import LatentStandardizer, WorldProjector
 from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
-from theworld.modeling.world_encoder import CosmosWorldEncoder
+from theworld.modeling.world_encoder import CosmosWorldEncoder, latent_frames
+from theworld.processing_theworld import TheWorldProcessor
 
 TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
 # The Wan VAE of Cosmos-Predict2 downsamples height and width by 8.
@@ -38,10 +40,10 @@ VAE_SPATIAL_FACTOR = 8
 # TheWorldConfig fields that `from_pretrained` accepts as keyword arguments.
 WORLD_OPTIONS = (
     "enable_world", "world_projection", "world_projector_type", "world_tokens_per_side", "world_image_size",
-    "num_world_steps", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae",
+    "num_world_steps", "world_max_frames", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae",
 )
 # Options that may differ between saving and reloading (they do not change the saved weights' shapes).
-RELOAD_OVERRIDABLE = ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae")
+RELOAD_OVERRIDABLE = ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae", "num_world_steps")
 
 
 def _saved_theworld_config(path) -> TheWorldConfig | None:
@@ -58,8 +60,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
     """Gemma 3 with Cosmos world tokens. Build it with `TheWorld.from_pretrained`.
 
     Attributes set by `from_pretrained`:
-        processor: the base `Gemma3Processor` with `<start_of_world>`, `<end_of_world>` and
-            `<world_soft_token>` added.
+        processor: `TheWorldProcessor` (Gemma 3's processor with `<start_of_world>`, `<end_of_world>`
+            and `<world_soft_token>` added): the one place that builds inputs; saved with the model.
         world_encoder: `CosmosWorldEncoder` (the Cosmos VAE), when `enable_world`.
         world_transformer / world_scheduler: the Cosmos transformer and its scheduler, when
             `num_world_steps > 0` or after `load_world_rollout_components()`.
@@ -90,7 +92,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
                 latent_channels=config.world_latent_channels,
                 latent_size=(height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR),
                 hidden_size=config.text_config.hidden_size,
-                num_frames=config.num_world_frames,
+                max_frames=config.world_max_frames,
                 projection=config.world_projection,
                 projector_type=config.world_projector_type,
                 tokens_per_side=config.world_tokens_per_side,
@@ -102,6 +104,10 @@ class TheWorld(Gemma3ForConditionalGeneration):
         super()._init_weights(module)
         if isinstance(module, WorldProjector):
             init.zeros_(module.temporal_embedding)
+            init.ones_(module.output_gain)  # from_pretrained then sets it to the text embeddings' rms
+        if isinstance(module, LatentStandardizer):
+            for buffer in (module.count, module.mean, module.sumsq):
+                init.zeros_(buffer)
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -167,8 +173,13 @@ class TheWorld(Gemma3ForConditionalGeneration):
         assert_grad_enabled("loading TheWorld")
 
         model = super().from_pretrained(config.gemma_model_name_or_path, *model_args, config=config, **kwargs)
-        model.processor = AutoProcessor.from_pretrained(config.gemma_model_name_or_path, **_hub_kwargs(kwargs))
-        model._add_world_tokens(expected_ids=saved_dir is not None)
+        if saved_dir is not None and (saved_dir / "processor_config.json").is_file():
+            base_processor = TheWorldProcessor.from_pretrained(saved_dir)  # saved with the model
+        else:
+            base_processor = AutoProcessor.from_pretrained(config.gemma_model_name_or_path, **_hub_kwargs(kwargs))
+        model._add_world_tokens(base_processor.tokenizer, expected_ids=saved_dir is not None)
+        tokens_per_frame = model.world_projector.tokens_per_frame if model.world_projector is not None else 0
+        model.processor = TheWorldProcessor.from_gemma_processor(base_processor, config, tokens_per_frame)
         if config.enable_world:
             vae_kwargs = {"torch_dtype": kwargs["dtype"]} if isinstance(kwargs.get("dtype"), torch.dtype) else {}
             model._attach_world_encoder(CosmosWorldEncoder.from_pretrained(config.cosmos_model_name_or_path,
@@ -177,12 +188,26 @@ class TheWorld(Gemma3ForConditionalGeneration):
                 model.load_world_rollout_components()
         if saved_dir is not None:
             model._load_trainable_weights(saved_dir / TRAINABLE_WEIGHTS_NAME)
+        elif model.world_projector is not None:
+            model._match_world_scale_to_text()
         model.apply_freezing()
         return model
 
-    def _add_world_tokens(self, expected_ids: bool) -> None:
+    def _match_world_scale_to_text(self) -> None:
+        """Start the world tokens at the rms of Gemma's (scaled) text embeddings.
+
+        Why: world tokens far smaller than the text around them (0.0018 vs 0.16 rms on the tiny model with
+        the old init) are invisible to attention, far larger ones swamp it; at the text's scale the language
+        model reads them like any other token from the first step.
+        """
+        embeddings = self.get_input_embeddings()
+        with torch.no_grad():
+            ids = torch.arange(min(embeddings.num_embeddings, 4096), device=embeddings.weight.device)
+            rms = embeddings(ids).float().pow(2).mean().sqrt().item()
+            self.world_projector.output_gain.fill_(rms)
+
+    def _add_world_tokens(self, tokenizer, expected_ids: bool) -> None:
         """Add the world tokens to the tokenizer; grow (never shrink) the embedding table if needed."""
-        tokenizer = self.processor.tokenizer
         tokens = [self.config.sow_token, self.config.eow_token, self.config.world_token]
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
         ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
@@ -251,12 +276,16 @@ class TheWorld(Gemma3ForConditionalGeneration):
         """The trainable weights (what `save_pretrained` writes), from `state_dict` if given (e.g. gathered
         by accelerate) else from the model."""
         names = [name for name, param in self.named_parameters() if param.requires_grad]
-        source = state_dict if state_dict is not None else dict(self.named_parameters())
+        # The projector's running latent statistics are learnt from the data like its weights.
+        names += [f"world_projector.{name}" for name, _ in (self.world_projector.named_buffers()
+                                                             if self.world_projector is not None else [])]
+        source = state_dict if state_dict is not None else {**dict(self.named_parameters()), **dict(self.named_buffers())}
         return {name: source[name].detach().contiguous().cpu() for name in names}
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         is_main_process: bool = True, **kwargs) -> None:
-        """Write `config.json` and the trainable weights only (`theworld_trainable.safetensors`).
+        """Write `config.json`, the processor (`TheWorldProcessor`) and the trainable weights only
+        (`theworld_trainable.safetensors`, with the world projector's running latent statistics).
 
         The frozen parts (Gemma, the Cosmos VAE) are rebuilt from the base ids in the config by
         `TheWorld.from_pretrained(save_directory)`. `state_dict` (e.g. from `accelerator.get_state_dict`)
@@ -268,31 +297,29 @@ class TheWorld(Gemma3ForConditionalGeneration):
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(save_directory)
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
         save_file(self.trainable_state_dict(state_dict), save_directory / TRAINABLE_WEIGHTS_NAME,
                   metadata={"format": "pt"})
 
     # ------------------------------------------------------------------ world tokens
 
-    @property
-    def num_world_tokens(self) -> int:
-        """World tokens inserted per sample (0 when the world is disabled)."""
-        return self.world_projector.num_tokens if self.world_projector is not None else 0
+    def encode_world(self, world_pixel_values: torch.Tensor, world_num_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip pixels `[B, 3, F, H, W]` in `[-1, 1]` -> normalised latents `[B, 16, T, h, w]`, `T` = the clip's
+        latent frames plus `num_world_steps` rolled out.
 
-    def insert_world_tokens(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
-        """Expand each row's `<start_of_world><end_of_world>` pair with `num_world_tokens` placeholders."""
-        return insert_world_tokens(
-            input_ids, self.num_world_tokens, sow_id=self.config.sow_token_index, eow_id=self.config.eow_token_index,
-            world_id=self.config.world_token_index, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            labels=labels,
-        )
-
-    def encode_world(self, world_pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels `[B, 3, 1, H, W]` in `[-1, 1]` -> normalised latents `[B, 16, 1 + num_world_steps, h, w]`."""
+        `world_num_frames` `[B]` (from `TheWorldProcessor`) gives each row's real frame count when clips of
+        several lengths are padded into one batch; each clip is encoded on its own frames and its latents come
+        first in its row (zeros after).
+        """
         if self.world_encoder is None:
             raise ValueError("this TheWorld has no world encoder (enable_world=False)")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_cosmos_vae):
-            latents = self.world_encoder(world_pixel_values)
+            latents, lengths = self.world_encoder.encode_clips(world_pixel_values, world_num_frames)
         if self.config.num_world_steps > 0:
+            if int(lengths.min()) != latents.shape[2]:
+                raise ValueError("a world rollout continues each clip from its last latent frame: batch clips of one "
+                                 "length together when num_world_steps > 0")
             latents = self._roll_out(latents)
         return latents
 
@@ -301,17 +328,23 @@ class TheWorld(Gemma3ForConditionalGeneration):
             self.load_world_rollout_components()
         rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
                                        self.config.num_world_steps, config=self.rollout_config)
-        # The sampler leaves the observed frame at sigma_min noise: keep its exact (differentiable) latent.
+        # The sampler leaves the observed frames at sigma_min noise: keep their exact (differentiable) latents.
         return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
 
-    def embed_world(self, world_pixel_values: torch.Tensor | None = None,
-                    world_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """World-token embeddings `[B, num_world_tokens, hidden]`, from pixels or from precomputed latents."""
-        if world_latents is None:
-            world_latents = self.encode_world(world_pixel_values)
-        return self.world_projector(world_latents)
+    def world_latent_frames(self, world_num_frames: torch.Tensor) -> torch.Tensor:
+        """Latent frames of each row's world (its clip's plus the rollout's) from its video frame counts."""
+        return torch.tensor([latent_frames(int(n)) + self.config.num_world_steps for n in world_num_frames])
 
-    def _fused_embeddings(self, input_ids, pixel_values, world_embeds) -> torch.Tensor:
+    def embed_world(self, world_pixel_values: torch.Tensor | None = None, world_latents: torch.Tensor | None = None,
+                    world_num_frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """World-token embeddings from pixels or from precomputed latents: `(embeds, mask)`, `embeds`
+        `[B, T * tokens_per_frame, hidden]` and `mask` True on each row's real tokens."""
+        if world_latents is None:
+            world_latents = self.encode_world(world_pixel_values, world_num_frames)
+        lengths = None if world_num_frames is None else self.world_latent_frames(world_num_frames)
+        return self.world_projector(world_latents, lengths)
+
+    def _fused_embeddings(self, input_ids, pixel_values, world_embeds, world_mask) -> torch.Tensor:
         llm_input_ids = input_ids
         if self.config.image_token_id >= self.model.vocab_size:  # as Gemma 3: an out-of-table image id
             llm_input_ids = input_ids.masked_fill(input_ids == self.config.image_token_id, 0)
@@ -322,15 +355,17 @@ class TheWorld(Gemma3ForConditionalGeneration):
             image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
                                                          image_features=image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
-        world_mask = input_ids == self.config.world_token_index
-        per_row = world_mask.sum(dim=1)
-        if not bool((per_row == world_embeds.shape[1]).all()):
+        placeholders = input_ids == self.config.world_token_index
+        found, expected = placeholders.sum(dim=1), world_mask.sum(dim=1).to(placeholders.device)
+        if not bool((found == expected).all()):
             raise ValueError(
-                f"each row needs {world_embeds.shape[1]} world placeholders, found {per_row.tolist()}: build batches with "
-                f"TheWorldCollator, or pass an unexpanded '<start_of_world><end_of_world>' pair per row"
+                f"the rows hold {found.tolist()} world placeholders but their worlds have {expected.tolist()} tokens: "
+                f"build inputs with TheWorldProcessor (model.processor) or TheWorldCollator, which expand each "
+                f"sample's world block for its clip length"
             )
-        # masked_scatter fills positions in row-major order: row b's placeholders get world_embeds[b].
-        return inputs_embeds.masked_scatter(world_mask.unsqueeze(-1), world_embeds.to(inputs_embeds.dtype))
+        # masked_scatter fills positions in row-major order: row b's placeholders get row b's real tokens.
+        tokens = world_embeds[world_mask.to(world_embeds.device)]
+        return inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), tokens.to(inputs_embeds.dtype))
 
     # ------------------------------------------------------------------ forward and generate
 
@@ -348,19 +383,22 @@ class TheWorld(Gemma3ForConditionalGeneration):
         logits_to_keep: int | torch.Tensor = 0,
         world_pixel_values: torch.Tensor | None = None,
         world_latents: torch.Tensor | None = None,
+        world_num_frames: torch.LongTensor | None = None,
         **kwargs,
     ):
         r"""Gemma 3's forward with world tokens.
 
-        world_pixel_values (`torch.FloatTensor` of shape `[B, 3, 1, H, W]`, *optional*):
-            The world image in `[-1, 1]` (`theworld.modeling.world_encoder.preprocess_world_images`; the
-            collator produces it).
+        world_pixel_values (`torch.FloatTensor` of shape `[B, 3, F, H, W]`, *optional*):
+            The world clip in `[-1, 1]`, `F = 1 + 4k` frames oldest first (an image is `F = 1`);
+            `TheWorldProcessor` produces it.
         world_latents (`torch.FloatTensor` of shape `[B, 16, T, h, w]`, *optional*):
-            Precomputed normalised Cosmos latents (e.g. from a rollout) instead of `world_pixel_values`.
+            Precomputed normalised Cosmos latents (e.g. from `encode_world` or a rollout) instead of
+            `world_pixel_values`.
+        world_num_frames (`torch.LongTensor` of shape `[B]`, *optional*):
+            Each row's real clip length when clips of several lengths share the batch (the processor's
+            `world_num_frames`); by default every row has all `F` frames.
 
-        `input_ids` carry either `num_world_tokens` `<world_soft_token>` placeholders per row (what the
-        collator produces) or one unexpanded `<start_of_world><end_of_world>` pair per row, which is
-        expanded here (so the outputs are `num_world_tokens` longer than the inputs).
+        `input_ids` must carry each row's world placeholders, as `TheWorldProcessor` writes them.
         """
         gemma_inputs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                             token_type_ids=token_type_ids, labels=labels, use_cache=use_cache,
@@ -376,12 +414,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
             raise ValueError("world inputs were given to a TheWorld built with enable_world=False")
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("world fusion needs input_ids (and no inputs_embeds) to find the world positions")
-        if not bool((input_ids == self.config.world_token_index).any()):
-            expanded = self.insert_world_tokens(input_ids, attention_mask, token_type_ids, labels)
-            input_ids = expanded["input_ids"]
-            gemma_inputs.update({k: v for k, v in expanded.items() if k != "input_ids"})
-        world_embeds = self.embed_world(world_pixel_values, world_latents)
-        inputs_embeds = self._fused_embeddings(input_ids, pixel_values, world_embeds)
+        world_embeds, world_mask = self.embed_world(world_pixel_values, world_latents, world_num_frames)
+        inputs_embeds = self._fused_embeddings(input_ids, pixel_values, world_embeds, world_mask)
         if gemma_inputs["labels"] is not None:
             gemma_inputs["labels"] = gemma_inputs["labels"].masked_fill(
                 input_ids == self.config.world_token_index, IGNORE_INDEX)
@@ -395,24 +429,19 @@ class TheWorld(Gemma3ForConditionalGeneration):
             # The world is in the KV cache after the prefill; later steps feed only new tokens.
             model_inputs["world_pixel_values"] = None
             model_inputs["world_latents"] = None
+            model_inputs["world_num_frames"] = None
         return model_inputs
 
     def generate(self, input_ids=None, attention_mask=None, token_type_ids=None, world_pixel_values=None,
-                 world_latents=None, **kwargs):
+                 world_latents=None, world_num_frames=None, **kwargs):
         """`GenerationMixin.generate` with world tokens (KV cache or not, any batch size).
 
-        Unexpanded `<start_of_world><end_of_world>` pairs are expanded first, so the returned sequences
-        start with the expanded prompt; batches from `TheWorldCollator(for_generation=True)` are already
-        expanded and come back as `prompt + new tokens`.
+        Inputs come from `TheWorldCollator(model, for_generation=True)` (left padded, world blocks expanded);
+        the returned sequences are `prompt + new tokens`.
         """
-        has_world = world_pixel_values is not None or world_latents is not None
-        if has_world and input_ids is not None and not bool((input_ids == self.config.world_token_index).any()):
-            expanded = self.insert_world_tokens(input_ids, attention_mask, token_type_ids)
-            input_ids = expanded["input_ids"]
-            attention_mask = expanded.get("attention_mask")
-            token_type_ids = expanded.get("token_type_ids")
-        if has_world:
-            kwargs.update(world_pixel_values=world_pixel_values, world_latents=world_latents)
+        if world_pixel_values is not None or world_latents is not None:
+            kwargs.update(world_pixel_values=world_pixel_values, world_latents=world_latents,
+                          world_num_frames=world_num_frames)
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

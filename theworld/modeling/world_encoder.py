@@ -20,6 +20,27 @@ from torch import nn
 
 # The Video2World pipeline's scheduler `sigma_data`: latents are scaled by it after normalisation.
 SIGMA_DATA = 1.0
+# The Wan VAE of Cosmos-Predict2 compresses time by 4, causally: 1 + 4k frames -> 1 + k latent frames.
+VAE_TEMPORAL_FACTOR = 4
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames the Cosmos VAE makes of a clip of `num_frames` frames (which must be 1 + 4k)."""
+    check_clip_length(num_frames)
+    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+def check_clip_length(num_frames: int) -> None:
+    """Raise unless the Cosmos VAE can take a clip of this many frames whole (1 + 4k: 1, 5, 9, 13, ...).
+
+    The Wan VAE silently drops frames beyond the last 1 + 4k, so any other count would lose frames.
+    """
+    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR:
+        below = max(1, (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1)
+        raise ValueError(
+            f"a world clip must have 1 + 4k frames (1, 5, 9, 13, 17, ...: the Cosmos VAE compresses time by 4), "
+            f"got {num_frames}; use {below} or {below + VAE_TEMPORAL_FACTOR} frames"
+        )
 
 
 def _to_pil(image) -> PIL.Image.Image:
@@ -46,6 +67,26 @@ def preprocess_world_images(images: Sequence, height: int, width: int) -> torch.
     processor = VideoProcessor(vae_scale_factor=8)
     pil_images = [_to_pil(image) for image in images]
     return processor.preprocess(pil_images, height, width).unsqueeze(2).to(torch.float32)
+
+
+def preprocess_world_clips(clips: Sequence[Sequence], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips (each a list of frames, oldest first; an image is a one-frame clip) -> Cosmos VAE input.
+
+    Returns `(pixels, num_frames)`: `pixels` `[B, 3, F_max, height, width]` float32 in `[-1, 1]`, every
+    frame preprocessed as `preprocess_world_images` does; a clip shorter than `F_max` is padded with
+    zero frames after its last frame. `num_frames` `[B]` says how many frames of each row are real; each
+    must be `1 + 4k`.
+    """
+    counts = [len(clip) for clip in clips]
+    for count in counts:
+        check_clip_length(count)
+    frames = preprocess_world_images([frame for clip in clips for frame in clip], height, width)[:, :, 0]
+    pixels = frames.new_zeros(len(clips), 3, max(counts), height, width)
+    start = 0
+    for row, count in enumerate(counts):
+        pixels[row, :, :count] = frames[start : start + count].transpose(0, 1)
+        start += count
+    return pixels, torch.tensor(counts)
 
 
 class CosmosWorldEncoder(nn.Module):
@@ -88,6 +129,33 @@ class CosmosWorldEncoder(nn.Module):
         std = self.latents_std.to(latents.device, latents.dtype)
         return latents / SIGMA_DATA * std + mean
 
+    def encode_clips(self, world_pixel_values: torch.Tensor, num_frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded clips of mixed lengths (`preprocess_world_clips`) -> padded latents.
+
+        Rows are grouped by length and each group is encoded on its own real frames only (padding frames
+        never reach the VAE). Returns `(latents, num_latent_frames)`: latents `[B, 16, T_max, h, w]` with
+        each row's `num_latent_frames` real latent frames first and zeros after them.
+        """
+        batch, _, frames = world_pixel_values.shape[:3]
+        if num_frames is None:
+            num_frames = torch.full((batch,), frames, dtype=torch.long)
+        counts = [int(n) for n in num_frames]
+        if len(set(counts)) == 1 and counts[0] == frames:
+            latents = self(world_pixel_values)
+            return latents, torch.full((batch,), latents.shape[2], dtype=torch.long)
+        groups: dict[int, list[int]] = {}
+        for row, count in enumerate(counts):
+            groups.setdefault(count, []).append(row)
+        encoded = {count: self(world_pixel_values[rows, :, :count]) for count, rows in groups.items()}
+        longest = max(latents.shape[2] for latents in encoded.values())
+        sample = next(iter(encoded.values()))
+        out = sample.new_zeros(batch, sample.shape[1], longest, *sample.shape[3:])
+        lengths = torch.zeros(batch, dtype=torch.long)
+        for count, rows in groups.items():
+            out[rows, :, : encoded[count].shape[2]] = encoded[count]
+            lengths[rows] = encoded[count].shape[2]
+        return out, lengths
+
     def forward(self, world_pixel_values: torch.Tensor, generator: torch.Generator | None = None,
                 sample: bool = False) -> torch.Tensor:
         """Encode `[B, 3, F, H, W]` pixels in `[-1, 1]` to normalised latents `[B, 16, T, h, w]`.
@@ -102,6 +170,7 @@ class CosmosWorldEncoder(nn.Module):
                 f"world_pixel_values must be [B, 3, frames, H, W] in [-1, 1] (see preprocess_world_images), got "
                 f"shape {tuple(world_pixel_values.shape)}"
             )
+        check_clip_length(world_pixel_values.shape[2])
         posterior = self.vae.encode(world_pixel_values.to(self.vae.dtype)).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
         return self.normalize(latents)
