@@ -385,3 +385,21 @@ def test_world_model_without_world_inputs_is_its_base_gemma(tiny_models, tiny_wo
     with torch.no_grad():
         assert torch.equal(tiny_world_model(**batch).logits,
                            gemma(**{k: v for k, v in batch.items() if k != "labels"}).logits)
+
+
+def test_a_frozen_vae_encodes_a_clip_once_and_the_cache_returns_the_same_latents(tiny_models):
+    from theworld.modeling.world_encoder import LatentCache
+
+    model = load_tiny_world(tiny_models).eval()
+    batch = TheWorldCollator(model)([clip_sample(0, 9), clip_sample(1, 5)])
+    with torch.no_grad():
+        uncached = model.encode_world(batch["world_pixel_values"], batch["world_num_frames"])
+        model.world_encoder.cache = cache = LatentCache()
+        first = model.encode_world(batch["world_pixel_values"], batch["world_num_frames"])
+        again = model.encode_world(batch["world_pixel_values"], batch["world_num_frames"])
+    assert torch.equal(first, uncached) and torch.equal(again, uncached)
+    assert (cache.misses, cache.hits, len(cache)) == (2, 2, 2)
+    trainable = load_tiny_world(tiny_models, freeze_cosmos_vae=False)
+    trainable.world_encoder.cache = LatentCache()
+    trainable.encode_world(batch["world_pixel_values"], batch["world_num_frames"])
+    assert len(trainable.world_encoder.cache) == 0  # a VAE that learns is always run

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from theworld.data.sources import SampleStream
-from theworld.data.synthetic import SyntheticWorldTask
+from theworld.data.synthetic import SyntheticMotionTask
 
 from fixtures_worker import REPO_ROOT
 
@@ -70,7 +70,7 @@ def test_kill9_worker_mid_training_loses_no_sample(tmp_path, tiny_models, tiny_g
     assert summary["errors"] == 0, _lines(tmp_path / "errors.jsonl")
     assert summary["trained"] == STEPS * BATCH
     # Nothing decided twice, nothing skipped: the blocked ledger is exactly the blocked ids the run read.
-    task = SyntheticWorldTask(size=SIZE, seed=0, blocked_fraction=0.25)
+    task = SyntheticMotionTask(size=SIZE, seed=0, blocked_fraction=0.25)
     stream = SampleStream(task, seed=0)
     read = [task.sample_id(stream.index_at(p)) for p in range(summary["seen"])]
     assert len(set(read)) == len(read)

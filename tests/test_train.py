@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from theworld.data.sources import SampleStream
-from theworld.data.synthetic import SyntheticWorldTask
+from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
 from theworld.train import build_model, parse_args, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def read_jsonl(path):
 
 def seen_ids(summary, size=64, seed=0):
     """The sample ids a single-process run read, in order, from its reading position 0."""
-    task = SyntheticWorldTask(size=size, seed=seed)
+    task = SyntheticMotionTask(size=size, seed=seed)
     stream = SampleStream(task, seed=seed)
     return [task.sample_id(stream.index_at(p)) for p in range(summary["seen"])]
 
@@ -99,7 +99,7 @@ def test_heldout_loss_halves_with_world_tokens_and_the_no_world_baseline_is_repo
 def test_blocked_texts_are_ledgered_and_every_sample_is_accounted_for(tmp_path, tiny_models, tiny_safety_worker):
     summary = run_in_process(tmp_path, tiny_models, tiny_safety_worker.endpoint, "--blocked-fraction", "0.25")
     read = seen_ids(summary)
-    expected_blocked = [i for i in read if i in SyntheticWorldTask(size=64, blocked_fraction=0.25).blocked_ids]
+    expected_blocked = [i for i in read if i in SyntheticMotionTask(size=64, blocked_fraction=0.25).blocked_ids]
     ledger = read_jsonl(tmp_path / "blocked.jsonl")
     assert expected_blocked, "the run should have read some blocked samples"
     assert [r["id"] for r in ledger] == expected_blocked
@@ -144,7 +144,7 @@ def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, ti
         summary = json.loads((tmp_path / f"run{i}" / "summary.json").read_text())
         assert not summary["safety_worker_spawned"] and summary["worker"]["instance_id"] == instance
         assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
-        task = SyntheticWorldTask(size=64, seed=i, blocked_fraction=0.25)
+        task = SyntheticMotionTask(size=64, seed=i, blocked_fraction=0.25)
         blocked = [r["id"] for r in read_jsonl(tmp_path / f"run{i}" / "blocked.jsonl")]
         assert blocked == [x for x in seen_ids(summary, seed=i) if x in task.blocked_ids]
 
@@ -165,7 +165,7 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, ti
     assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
     ledgers = read_jsonl(tmp_path / "blocked.jsonl") + read_jsonl(tmp_path / "blocked.rank1.jsonl")
     assert len(ledgers) == summary["blocked"]
-    assert {r["id"] for r in ledgers} <= SyntheticWorldTask(size=64, blocked_fraction=0.25).blocked_ids
+    assert {r["id"] for r in ledgers} <= SyntheticMotionTask(size=64, blocked_fraction=0.25).blocked_ids
     assert (tmp_path / "checkpoints" / "step-000004" / "rng_rank1.pt").is_file()
 
 

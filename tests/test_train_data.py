@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from theworld.data.sources import DiskDataset, JsonlDataset, SampleStream, parse_columns, sample_text, write_jsonl
-from theworld.data.synthetic import COLOURS, SyntheticWorldTask
+from theworld.data.synthetic import COLOURS, SyntheticMotionTask, SyntheticWorldTask
 
 
 def answer(sample):
@@ -108,3 +108,52 @@ def test_a_saved_dataset_without_splits_needs_its_own_held_out_data(tmp_path):
         str(tmp_path / "split"))
     train, heldout = open_datasets(DataArguments(data=str(tmp_path / "split")), seed=0)
     assert heldout.split == "test" and train.split == "train"
+
+
+# ---------------------------------------------------------------- the motion task
+
+def square_top_left(frame, colour):
+    rows, cols = np.nonzero((frame == np.array(COLOURS[colour])).all(axis=-1))
+    return int(rows.min()), int(cols.min())
+
+
+def test_motion_task_is_a_pure_function_with_the_fixed_sample_format():
+    a, b = SyntheticMotionTask(size=8, seed=3), SyntheticMotionTask(size=8, seed=3, num_frames=9)
+    for i in range(8):
+        sample = a[i]
+        assert set(sample) == {"id", "images", "messages", "question_type", "answer"}
+        assert len(sample["images"]) == 9 and all(f.dtype == np.uint8 and f.shape == (32, 32, 3) for f in sample["images"])
+        assert sample["question_type"] in ("direction", "colour") and answer(sample) == sample["answer"]
+        for x, y in zip(sample["images"], b[i]["images"]):
+            np.testing.assert_array_equal(x, y)
+    assert SyntheticMotionTask(split="heldout", size=8, seed=3)[0]["id"] != a[0]["id"]
+
+
+def test_motion_clips_move_one_pixel_per_frame_the_way_the_answer_says():
+    task = SyntheticMotionTask(size=64, questions=("direction",))
+    steps = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+    colour_task = SyntheticMotionTask(size=64, questions=("colour",))
+    for i in range(64):
+        sample, same_scene = task[i], colour_task[i]  # same index and seed: same clip, other question
+        colour = same_scene["answer"]
+        positions = [square_top_left(frame, colour) for frame in sample["images"]]
+        moves = {(b[0] - a[0], b[1] - a[1]) for a, b in zip(positions, positions[1:])}
+        assert moves == {steps[sample["answer"]]}
+
+
+def test_the_last_frame_says_nothing_about_the_direction():
+    """Where the square ends up is drawn from the same range whatever the direction."""
+    task = SyntheticMotionTask(size=800, questions=("colour",))
+    direction_task = SyntheticMotionTask(size=800, questions=("direction",))
+    ranges = {}
+    for i in range(800):
+        top, left = square_top_left(task[i]["images"][-1], task[i]["answer"])
+        ranges.setdefault(direction_task[i]["answer"], set()).add((top, left))
+    spans = {d: (min(p[0] for p in s), max(p[0] for p in s), min(p[1] for p in s), max(p[1] for p in s))
+             for d, s in ranges.items()}
+    assert len(spans) == 4 and len(set(spans.values())) == 1, spans
+
+
+def test_motion_task_refuses_frames_that_do_not_fit():
+    with pytest.raises(ValueError, match="too small"):
+        SyntheticMotionTask(num_frames=17, image_size=32)

@@ -93,7 +93,10 @@ class ModelArguments:
                           "its language model has to learn too."},
     )
     freeze_gemma_vision: bool = field(
-        default=True, metadata={"help": "Freeze the SigLIP vision tower and Gemma's multimodal projector."}
+        default=False,
+        metadata={"help": "Freeze the SigLIP vision tower and Gemma's multimodal projector. Freeze them for real "
+                          "Gemma checkpoints; the tiny default is random, so its image path has to learn too (frozen, "
+                          "its random features hide a small object: the no-world baseline could not read the colour)."},
     )
 
 
@@ -179,6 +182,11 @@ class TrainArguments:
         default=None,
         metadata={"help": "torch CPU threads of the trainer. Default: torch's choice, except when training on CPU "
                           "beside a spawned CPU worker: then trainer and worker get half of the cores each."},
+    )
+    latent_cache_mb: float = field(
+        default=1024,
+        metadata={"help": "Memory for the Cosmos latents of clips already encoded (a frozen VAE encodes a clip the "
+                          "same way every time, so later epochs and evaluations reuse them); 0 turns it off."},
     )
     safety_endpoint: Optional[str] = field(
         default=None,
@@ -338,18 +346,11 @@ EVAL_BATCH_SIZE = 32
 
 
 def collate_eval_batches(model, samples: list[dict], batch_size: int, world: bool | None) -> list[dict]:
-    """The held-out set collated once. With a frozen Cosmos VAE the world latents never change, so each
-    clip is encoded here once instead of at every evaluation."""
+    """The held-out set, collated once for every evaluation of the run."""
     from theworld.data.collator import TheWorldCollator
 
     collate = TheWorldCollator(model, world=world)
-    batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
-    if "world_pixel_values" in batches[0] and model.config.freeze_cosmos_vae:
-        with torch.no_grad():
-            for batch in batches:
-                batch["world_latents"] = model.encode_world(batch.pop("world_pixel_values").to(model.device),
-                                                            batch["world_num_frames"]).cpu()
-    return batches
+    return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
 def task_record(data_args: DataArguments, seed: int) -> dict:
@@ -518,6 +519,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from theworld.data.safety_filter import SafetyFilter
     from theworld.data.sources import SampleStream
     from theworld.evaluation import evaluate_by_question
+    from theworld.modeling.world_encoder import LatentCache
 
     assert_grad_enabled("training (at start)")
     output_dir = Path(train_args.output_dir)
@@ -544,6 +546,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     # ---- model, optimizer, schedule
     model = build_model(model_args, train_args.seed)
+    if model.world_encoder is not None and model.config.freeze_cosmos_vae and train_args.latent_cache_mb > 0:
+        # A frozen VAE encodes a clip the same way every time: later epochs and evaluations reuse it.
+        model.world_encoder.cache = LatentCache(max_bytes=int(train_args.latent_cache_mb * 2**20))
     collator = TheWorldCollator(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)

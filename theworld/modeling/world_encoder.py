@@ -9,6 +9,8 @@ pipeline on the same weights.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,6 +91,47 @@ def preprocess_world_clips(clips: Sequence[Sequence], height: int, width: int) -
     return pixels, torch.tensor(counts)
 
 
+class LatentCache:
+    """Latents of clips already encoded by a frozen VAE, keyed by a digest of their pixels (LRU, bounded
+    in bytes). A frozen VAE's posterior mean is a pure function of the pixels, so a clip seen again in a
+    later epoch (or a held-out clip at every evaluation) is not encoded again.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(pixels: torch.Tensor) -> bytes:
+        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        return hashlib.blake2b(data.tobytes(), digest_size=16, person=str(tuple(data.shape)).encode()[:16]).digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        latents = self._entries.get(key)
+        if latents is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return latents
+
+    def put(self, key: bytes, latents: torch.Tensor) -> None:
+        latents = latents.detach()
+        size = latents.numel() * latents.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = latents
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class CosmosWorldEncoder(nn.Module):
     """The Cosmos VAE as TheWorld's world encoder: pixels `[B, 3, F, H, W]` -> normalised latents.
 
@@ -100,6 +143,8 @@ class CosmosWorldEncoder(nn.Module):
     def __init__(self, vae: AutoencoderKLWan):
         super().__init__()
         self.vae = vae
+        # Set to a `LatentCache` to reuse the latents of clips seen before (only while the VAE is frozen).
+        self.cache: LatentCache | None = None
         z_dim = vae.config.z_dim
         self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1),
                              persistent=False)
@@ -140,6 +185,8 @@ class CosmosWorldEncoder(nn.Module):
         if num_frames is None:
             num_frames = torch.full((batch,), frames, dtype=torch.long)
         counts = [int(n) for n in num_frames]
+        if self.cache is not None and not any(p.requires_grad for p in self.vae.parameters()):
+            return self._encode_clips_cached(world_pixel_values, counts)
         if len(set(counts)) == 1 and counts[0] == frames:
             latents = self(world_pixel_values)
             return latents, torch.full((batch,), latents.shape[2], dtype=torch.long)
@@ -155,6 +202,25 @@ class CosmosWorldEncoder(nn.Module):
             out[rows, :, : encoded[count].shape[2]] = encoded[count]
             lengths[rows] = encoded[count].shape[2]
         return out, lengths
+
+    def _encode_clips_cached(self, world_pixel_values: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [LatentCache.key(world_pixel_values[row, :, :count]) for row, count in enumerate(counts)]
+        rows = [self.cache.get(key) for key in keys]
+        missing = [row for row, latents in enumerate(rows) if latents is None]
+        if missing:
+            self.cache, cache = None, self.cache  # encode the new clips without recursing into the cache
+            try:
+                encoded, lengths = self.encode_clips(world_pixel_values[missing], torch.tensor([counts[r] for r in missing]))
+            finally:
+                self.cache = cache
+            for k, row in enumerate(missing):
+                rows[row] = encoded[k, :, : int(lengths[k])]
+                cache.put(keys[row], rows[row])
+        longest = max(latents.shape[1] for latents in rows)
+        out = rows[0].new_zeros(len(rows), rows[0].shape[0], longest, *rows[0].shape[2:])
+        for row, latents in enumerate(rows):
+            out[row, :, : latents.shape[1]] = latents
+        return out, torch.tensor([latents.shape[1] for latents in rows])
 
     def forward(self, world_pixel_values: torch.Tensor, generator: torch.Generator | None = None,
                 sample: bool = False) -> torch.Tensor:
