@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also draw accuracy per model and question type (95 %% intervals, "
+                        "majority baseline, shuffled-world accuracy) to this PNG")
     args = parser.parse_args(argv)
 
     import torch
@@ -108,7 +110,46 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot:
+        plot_rows(rows, args.plot)
     return 0
+
+
+def plot_rows(rows: list[dict], path: str | Path) -> None:
+    """Grouped bars: one group per question type, one bar per model variant, Wilson 95 % error bars; the
+    majority baseline as a dashed line and the shuffled-world accuracy as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({kind for r in rows for kind in r["eval_by_question"]})
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(kinds), 3.6))
+    for k, r in enumerate(rows):
+        label = f"{Path(r['model']).parent.name or r['model']}: {r['variant']}"
+        xs, ys, errors = [], [], [[], []]
+        for i, kind in enumerate(kinds):
+            e = r["eval_by_question"].get(kind)
+            if e is None:
+                continue
+            x = i - 0.4 + width * (k + 0.5)
+            xs.append(x), ys.append(e["accuracy"])
+            errors[0].append(e["accuracy"] - e["ci_low"]), errors[1].append(e["ci_high"] - e["accuracy"])
+            if "shuffled_world" in e:
+                ax.plot(x, e["shuffled_world"], "kx", label="shuffled world latents" if k == i == 0 else None)
+        ax.bar(xs, ys, width * 0.95, yerr=errors, capsize=3, label=label)
+    for i, kind in enumerate(kinds):
+        majority = max(r["eval_by_question"][kind]["majority"] for r in rows if kind in r["eval_by_question"])
+        ax.hlines(majority, i - 0.45, i + 0.45, colors="grey", linestyles="dashed",
+                  label="majority answer" if i == 0 else None)
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out accuracy (exact answer)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
