@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from safety_worker import SafetyClient
-from safety_worker.server import GuardedChecker, SafetyWorker
+from safety_worker.server import Batching, GuardedChecker, SafetyWorker
 
 
 class _Guard:
@@ -86,3 +86,37 @@ def test_checker_that_hangs_is_answered_blocked_at_the_check_timeout(tmp_path):
         worker.request_stop()
         server.join(10)
     assert not server.is_alive()
+
+
+def _poisoned_video_checker():
+    """Frames that are all 255 make the face filter raise: alone or anywhere in a batch."""
+    def postprocess(frames):
+        if (frames.reshape(len(frames), -1) == 255).all(axis=1).any():
+            raise RuntimeError("poison frame")
+        frames[:] //= 2  # a visible, per-frame "sanitization"
+        return frames
+
+    runner = SimpleNamespace(run_safety_check=lambda frames: (True, ""), postprocess=postprocess, postprocessors=[])
+    return SimpleNamespace(text_guardrail=SimpleNamespace(safety_models=[_Guard(lambda t: (True, "ok"))]),
+                           video_guardrail=runner, check_video_safety=postprocess)
+
+
+def test_a_batch_that_raises_is_retried_one_by_one_so_only_the_bad_input_is_blocked(tmp_path):
+    worker = SafetyWorker(f"ipc://{tmp_path}/w.sock", _poisoned_video_checker, models={}, batching=Batching(wait_ms=200))
+    server = threading.Thread(target=worker.serve, daemon=True)
+    server.start()
+    good = [np.full((1, 8, 8, 3), 10 * (i + 1), np.uint8) for i in range(3)]
+    poison = np.full((1, 8, 8, 3), 255, np.uint8)
+    try:
+        with SafetyClient(worker.endpoint, timeout=20) as client:
+            futures = [client.submit_video(f) for f in (good[0], poison, good[1], good[2])]
+            verdicts = [f.result(timeout=20) for f in futures]
+            stats = client.stats()["batching"]
+    finally:
+        worker.request_stop()
+        server.join(10)
+    assert [v.safe for v in verdicts] == [True, False, True, True]
+    assert "fail closed" in verdicts[1].reason and "poison frame" in verdicts[1].reason
+    for v, f in zip([verdicts[0], *verdicts[2:]], good):
+        np.testing.assert_array_equal(v.frames, f // 2)
+    assert stats["retried_one_by_one"] >= 2 and stats["largest"] >= 2  # they were batched, then retried alone

@@ -29,7 +29,8 @@ def _cli(*args, timeout=60):
 
 @pytest.fixture(scope="module")
 def small_queue_worker(spawn_tiny_worker):
-    worker = spawn_tiny_worker("all", "--queue-size", "2", "--max-message-bytes", str(2 * 2**20))
+    # --max-batch-frames 8: a batch holds exactly one SLOW_VIDEO, so "running + queued" is 1 + 2 checks.
+    worker = spawn_tiny_worker("all", "--queue-size", "2", "--max-message-bytes", str(2 * 2**20), "--max-batch-frames", "8")
     yield worker
     worker.stop()
 
