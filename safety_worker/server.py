@@ -311,17 +311,18 @@ class Batching:
     """How the checker groups queued checks (`serve --max-batch/--max-batch-frames/--batch-wait-ms`).
 
     A batch takes queued checks until it holds `max_batch` texts-or-samples (each text of a
-    check_text counts one, a check_video or check_sample one) or `max_batch_frames` frames, waiting
-    at most `wait_ms` after its first check for more to arrive; a check that would overflow it
-    starts the next batch (a single check bigger than the limits still runs, alone). `max_batch=1`
+    check_text counts one, a check_video or check_sample one) or `max_batch_frames` frames; if it
+    has fewer requests than the previous batch, it waits at most `wait_ms` after its first check
+    for more to arrive. A check that would overflow it starts the next batch (a single check bigger
+    than the limits still runs, alone). `max_batch=1`
     checks one request at a time with the face filter's own batch size, as before batching.
     `max_batch_frames` is also the face filter's forward-pass batch size.
     Defaults: measured on CPU (docs/safety_worker.md).
     """
 
     max_batch: int = 16
-    max_batch_frames: int = 16
-    wait_ms: float = 2.0
+    max_batch_frames: int = 32
+    wait_ms: float = 5.0
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_batch_frames < 1 or self.wait_ms < 0:
@@ -411,6 +412,7 @@ class SafetyWorker:
         self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
         self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
         self._carry = None  # a job (or _STOP) taken from the queue that did not fit the last batch
+        self._expected_jobs = 1  # requests in the previous batch: how many a batch waits for
         # Jobs queued, running, or finished but not yet handed back: main thread only. Draining
         # waits for this to reach 0 (queue and _running alone miss a job between the two).
         self._outstanding = 0
@@ -633,7 +635,11 @@ class SafetyWorker:
             wake.close(linger=0)
 
     def _next_batch(self) -> list[_Job] | None:
-        """The next queued jobs to check together (see `Batching`); None when the worker stops."""
+        """The next queued jobs to check together (see `Batching`); None when the worker stops.
+
+        Takes what is queued; waits (at most `wait_ms`) for more only until the batch has as many
+        requests as the previous one had: with k clients each waiting for its verdict, the batch
+        starts as soon as all k have sent again, and a lone client never waits at all."""
         first, self._carry = (self._carry or self._jobs.get()), None
         if first is None or first is _STOP:
             return None
@@ -641,7 +647,7 @@ class SafetyWorker:
         limits = self.batching
         wait_until = time.monotonic() + limits.wait_ms / 1000
         while limits.max_batch > 1 and units < limits.max_batch and frames < limits.max_batch_frames:
-            left = wait_until - time.monotonic()
+            left = wait_until - time.monotonic() if len(batch) < self._expected_jobs else 0
             try:
                 job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
             except queue.Empty:
@@ -655,6 +661,7 @@ class SafetyWorker:
                 break
             batch.append(job)
             units, frames = units + u, frames + f
+        self._expected_jobs = len(batch)
         return batch
 
     def _run_batch(self, jobs: list[_Job]) -> list[Reply | None]:

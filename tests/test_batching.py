@@ -97,7 +97,9 @@ def test_batched_replies_equal_unbatched_replies_byte_for_byte(tiny_safety_worke
 
 
 def test_batching_reports_itself_in_hello_and_stats(tiny_safety_worker, unbatched_faces_worker):
-    assert tiny_safety_worker.hello["batching"] == {"max_batch": 16, "max_batch_frames": 16, "wait_ms": 2.0}
+    from safety_worker.server import Batching
+
+    assert tiny_safety_worker.hello["batching"] == Batching().to_dict()
     assert unbatched_faces_worker.hello["batching"]["max_batch"] == 1
     s = _batching_stats(unbatched_faces_worker.endpoint)
     assert s["batches"] == s["jobs"] and s["max_batch"] == 1  # --max-batch 1: one request per batch

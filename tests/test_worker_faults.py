@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from safety_worker import SafetyClient
-from safety_worker.server import Batching, GuardedChecker, SafetyWorker
+from safety_worker.server import GuardedChecker, SafetyWorker
 
 
 class _Guard:
@@ -88,8 +88,9 @@ def test_checker_that_hangs_is_answered_blocked_at_the_check_timeout(tmp_path):
     assert not server.is_alive()
 
 
-def _poisoned_video_checker():
-    """Frames that are all 255 make the face filter raise: alone or anywhere in a batch."""
+def _poisoned_video_checker(hold: threading.Event):
+    """Frames that are all 255 make the face filter raise, alone or anywhere in a batch; the text
+    "hold" keeps the checker busy until `hold` is set (so that the checks sent meanwhile queue up)."""
     def postprocess(frames):
         if (frames.reshape(len(frames), -1) == 255).all(axis=1).any():
             raise RuntimeError("poison frame")
@@ -97,26 +98,34 @@ def _poisoned_video_checker():
         return frames
 
     runner = SimpleNamespace(run_safety_check=lambda frames: (True, ""), postprocess=postprocess, postprocessors=[])
-    return SimpleNamespace(text_guardrail=SimpleNamespace(safety_models=[_Guard(lambda t: (True, "ok"))]),
+    text_guard = _Guard(lambda t: (hold.wait(30), "held") if t == "hold" else (True, "ok"))
+    return SimpleNamespace(text_guardrail=SimpleNamespace(safety_models=[text_guard]),
                            video_guardrail=runner, check_video_safety=postprocess)
 
 
 def test_a_batch_that_raises_is_retried_one_by_one_so_only_the_bad_input_is_blocked(tmp_path):
-    worker = SafetyWorker(f"ipc://{tmp_path}/w.sock", _poisoned_video_checker, models={}, batching=Batching(wait_ms=200))
+    hold = threading.Event()
+    worker = SafetyWorker(f"ipc://{tmp_path}/w.sock", lambda: _poisoned_video_checker(hold), models={})
     server = threading.Thread(target=worker.serve, daemon=True)
     server.start()
     good = [np.full((1, 8, 8, 3), 10 * (i + 1), np.uint8) for i in range(3)]
     poison = np.full((1, 8, 8, 3), 255, np.uint8)
     try:
         with SafetyClient(worker.endpoint, timeout=20) as client:
+            busy = client._submit("check_text", {"texts": ["hold"]}, [], lambda rep: rep)
             futures = [client.submit_video(f) for f in (good[0], poison, good[1], good[2])]
+            while client.stats()["queued"] < 4:  # all four wait behind the held check: one batch
+                time.sleep(0.01)
+            hold.set()
+            busy.result(timeout=20)
             verdicts = [f.result(timeout=20) for f in futures]
             stats = client.stats()["batching"]
     finally:
+        hold.set()
         worker.request_stop()
         server.join(10)
     assert [v.safe for v in verdicts] == [True, False, True, True]
     assert "fail closed" in verdicts[1].reason and "poison frame" in verdicts[1].reason
     for v, f in zip([verdicts[0], *verdicts[2:]], good):
         np.testing.assert_array_equal(v.frames, f // 2)
-    assert stats["retried_one_by_one"] >= 2 and stats["largest"] >= 2  # they were batched, then retried alone
+    assert stats["retried_one_by_one"] == 4 and stats["largest"] == 4  # one batch of four, then each alone
