@@ -192,14 +192,40 @@ class _SnapshotCollector:
         return prometheus_families(self._sources())
 
 
-def serve_metrics(port: int, sources: Callable[[], Iterable[tuple[dict[str, str], dict[str, Any]]]]) -> tuple[Any, str]:
+def proxy_families(snapshot: dict[str, Any]):
+    """The front process's own counters under `serve --replicas` (cache hits never reach a replica)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    requests = CounterMetricFamily(PREFIX + "proxy_requests", "Well-formed requests the front process received")
+    requests.add_metric([], snapshot["requests"])
+    cached = CounterMetricFamily(PREFIX + "proxy_answered_from_cache", "Checks answered from the verdict cache")
+    cached.add_metric([], snapshot["answered_from_cache"])
+    dispatched = CounterMetricFamily(PREFIX + "proxy_dispatched", "Requests sent to each replica", labels=["replica"])
+    outstanding = GaugeMetricFamily(PREFIX + "proxy_outstanding", "Requests a replica owes the front", labels=["replica"])
+    for i, (d, o) in enumerate(zip(snapshot["dispatched"], snapshot["outstanding"])):
+        dispatched.add_metric([str(i)], d)
+        outstanding.add_metric([str(i)], o)
+    cache = GaugeMetricFamily(PREFIX + "proxy_cache_bytes", "Bytes held by the verdict cache")
+    cache.add_metric([], snapshot["cache"]["bytes"])
+    return [requests, cached, dispatched, outstanding, cache]
+
+
+class _FunctionCollector:
+    def __init__(self, families: Callable[[], list]):
+        self.collect = families
+
+
+def serve_metrics(port: int, sources: Callable[[], Iterable[tuple[dict[str, str], dict[str, Any]]]],
+                  extra: Callable[[], list] | None = None) -> tuple[Any, str]:
     """Serve Prometheus text at http://127.0.0.1:PORT/metrics (0: a free port) from a daemon thread.
 
-    `sources()` is called at every scrape and returns (labels, stats) per worker process. Returns
-    (the HTTP server, its URL); call `.shutdown()` on the server to stop it."""
+    `sources()` is called at every scrape and returns (labels, stats) per worker process; `extra()`
+    returns more metric families. Returns (the HTTP server, its URL); `.shutdown()` the server to stop it."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(sources))
+    if extra is not None:
+        registry.register(_FunctionCollector(extra))
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     return server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
