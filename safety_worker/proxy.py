@@ -243,7 +243,7 @@ class ReplicaProxy:
         if req.op == "shutdown":
             import hmac
 
-            if not self._owner_token or not hmac.compare_digest(req.args["token"].encode(), self._owner_token.encode()):
+            if not self._owner_token or not hmac.compare_digest(req.args.get("token", "").encode(), self._owner_token.encode()):
                 self._reply(envelope, P.error_reply(req.id, P.FORBIDDEN, "only the worker's owner may shut it down"))
             else:
                 self.request_stop()

@@ -275,7 +275,8 @@ def claim_ipc_endpoint(endpoint: str):
     if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
         raise WorkerStartError(
             f"ipc directory {parent} is not private (owner uid {st.st_uid}, mode {oct(stat.S_IMODE(st.st_mode))}): "
-            f"any local user could connect. Use a directory you own with `chmod 700 {parent}`, or omit --endpoint."
+            f"any local user could connect. Make it private with `chmod 700 {parent}`, or put the socket in a new "
+            f"directory of your own (the worker creates a missing one with mode 0700), e.g. ipc://{parent}/safety-worker/worker.sock"
         )
     lock = open(str(path) + ".lock", "a+")
     os.chmod(lock.name, 0o600)
@@ -533,7 +534,7 @@ class SafetyWorker:
         if req.op == "shutdown":
             if not self._owner_token:
                 return P.error_reply(req.id, P.FORBIDDEN, "this worker has no owner token; stop it with SIGTERM")
-            if not hmac.compare_digest(req.args["token"].encode(), self._owner_token.encode()):
+            if not hmac.compare_digest(req.args.get("token", "").encode(), self._owner_token.encode()):
                 return P.error_reply(req.id, P.FORBIDDEN, "only the worker's owner may shut it down")
             self.request_stop()
             return Reply(req.id, P.STATUS_OK, result={"stopping": True})

@@ -80,7 +80,12 @@ def test_checker_that_hangs_is_answered_blocked_at_the_check_timeout(tmp_path):
             assert not v.safe and "timed out" in v.reason and time.monotonic() - t < 5
             assert client.ping()["instance_id"] == worker.instance_id  # still serving
             release.set()
-            assert client.stats()["timed_out"] == 1
+            while client.stats()["checks"] < 1:  # the abandoned computation finishes late...
+                time.sleep(0.01)
+            stats = client.stats()
+            # ...and its "safe" is dropped: the one verdict sent was blocked, stage timeout.
+            assert (stats["timed_out"], stats["safe"], stats["blocked"]) == (1, 0, 1)
+            assert stats["verdicts_by_stage"]["timeout"] == 1
     finally:
         release.set()
         worker.request_stop()
@@ -113,6 +118,8 @@ def test_a_batch_that_raises_is_retried_one_by_one_so_only_the_bad_input_is_bloc
     try:
         with SafetyClient(worker.endpoint, timeout=20) as client:
             busy = client._submit("check_text", {"texts": ["hold"]}, [], lambda rep: rep)
+            while client.stats()["running_checks"] < 1:  # the held check is running, alone
+                time.sleep(0.01)
             futures = [client.submit_video(f) for f in (good[0], poison, good[1], good[2])]
             while client.stats()["queued"] < 4:  # all four wait behind the held check: one batch
                 time.sleep(0.01)
