@@ -104,3 +104,28 @@ def test_request_roundtrip_through_the_codec():
 def test_arrays_that_cannot_travel_are_refused_by_the_encoder():
     with pytest.raises(TypeError, match="cannot travel"):
         P.encode_request(P.Request(id=1, op="echo", arrays=[np.array(["a"], dtype=object)]))
+
+
+def test_curve_key_files_follow_the_documented_format(tmp_path):
+    """docs/PROTOCOL.md "CURVE key files": what a client in another language parses, with a regex."""
+    import re
+    import stat
+
+    import zmq.auth
+    from zmq.utils import z85
+
+    from safety_worker.security import create_keys
+
+    create_keys(tmp_path / "keys")
+    line = re.compile(r'^\s+(public|secret)-key = "(.{40})"$', re.M)
+    for name, kinds in (("server.key", ["public"]), ("server.key_secret", ["public", "secret"]),
+                        ("client.key_secret", ["public", "secret"]), ("authorized/client.key", ["public"])):
+        path = tmp_path / "keys" / name
+        text = path.read_text()
+        assert "\nmetadata\n" in text and "\ncurve\n" in text
+        keys = dict((kind, value) for kind, value in line.findall(text))
+        assert sorted(keys) == kinds
+        assert all(len(z85.decode(v.encode())) == 32 for v in keys.values())
+        assert (keys["public"].encode(), keys.get("secret", "").encode() or None) == zmq.auth.load_certificate(str(path))
+        if "secret" in kinds:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
