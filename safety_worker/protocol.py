@@ -103,6 +103,45 @@ class Request:
     timeout_ms: int | None = None
 
 
+STAGES = ("text", "video", "timeout", "error")  # what blocked a verdict
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A safety decision: the one type the worker, the client, the proxy's cache and trainers share.
+
+    `safe`; `reason` (why, for a person); `stage`: what blocked it (one of STAGES), None when safe;
+    `fault`: blocked because something failed (a guard raised or returned junk, Qwen3Guard's answer
+    had no label, the check timed out, a worker bug), not because the content was judged unsafe:
+    such a verdict says nothing about the content and is never cached; `frames`: the sanitized
+    (face-pixelated) frames when the input had frames and is safe, else None (they travel as the
+    reply's array, not in the map)."""
+
+    safe: bool
+    reason: str
+    frames: np.ndarray | None = None
+    stage: str | None = None
+    fault: bool = False
+
+    @classmethod
+    def passed(cls, frames: np.ndarray | None = None) -> "Verdict":
+        return cls(True, "safe", frames)
+
+    @classmethod
+    def blocked(cls, reason: str, stage: str, fault: bool = False) -> "Verdict":
+        return cls(False, reason, None, stage, fault)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The verdict's map in a reply (docs/PROTOCOL.md); `frames` go as the reply's array."""
+        return {"safe": self.safe, "reason": self.reason, "stage": self.stage, "fault": self.fault}
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any], frames: np.ndarray | None = None) -> "Verdict":
+        # "fault" is new in 1.1: a 1.0 worker's blocked verdict is taken as a possible fault (never cached).
+        return cls(bool(result["safe"]), str(result["reason"]), frames, result.get("stage"),
+                   bool(result.get("fault", not result["safe"])))
+
+
 @dataclass
 class Reply:
     id: int | None

@@ -13,7 +13,7 @@ Verdict cache: key = SHA-256 over the checker identity (preset, model ids, polic
 cosmos-guardrail versions from the replicas' `hello`) and the request's content (op, args, array
 dtypes, shapes and bytes). A cached verdict (with its sanitized frames) is answered without a
 checker; identical requests in flight at once are computed once. Verdicts that came from a
-fault (checker timeout, guard error: "fail closed" reasons) are not cached. LRU, bounded in bytes;
+fault (`Verdict.fault`: checker timeout, guard error, an unlabeled guard answer) are not cached. LRU, bounded in bytes;
 with `--cache-file` it is saved at shutdown and loaded at start (only entries of the same checker
 identity; the file must be the worker user's own, mode 0600).
 """
@@ -61,8 +61,8 @@ def content_key(identity: str, req: P.Request) -> str:
 def _cacheable(reply: P.Reply) -> bool:
     if reply.status != P.STATUS_OK:
         return False
-    verdicts = reply.result.get("verdicts", [reply.result])
-    return not any("fail closed" in str(v.get("reason", "")) or v.get("stage") == "timeout" for v in verdicts)
+    # A fault (timeout, guard error, unlabeled answer) says nothing about the content: never reuse it.
+    return not any(P.Verdict.from_wire(v).fault for v in reply.result.get("verdicts", [reply.result]))
 
 
 class VerdictCache:

@@ -33,7 +33,7 @@ import zmq
 
 from . import protocol as P
 from .metrics import WorkerMetrics
-from .protocol import Limits, ProtocolError, Reply, Request
+from .protocol import Limits, ProtocolError, Reply, Request, Verdict
 
 logger = logging.getLogger("safety_worker")
 
@@ -80,99 +80,97 @@ class GuardedChecker:
 
     # -- text
 
-    def check_text(self, text: str) -> tuple[bool, str]:
+    def check_text(self, text: str) -> Verdict:
         try:
-            for guard in self.checker.text_guardrail.safety_models:
-                name = type(guard).__name__.upper()
-                if name == "QWEN3GUARD":
-                    safe, message = self._qwen3guard(guard, [text])[0]
-                else:
-                    safe, message = guard.is_safe(text)
-                if not safe:
-                    return False, f"{name}: {message}"
-            return True, "safe"
+            return self.check_texts([text])[0]
         except Exception as e:  # fail closed, whatever broke
-            return False, _text_error(e)
+            return Verdict.blocked(_text_error(e), "text", fault=True)
 
-    def check_texts(self, texts: Sequence[str]) -> list[tuple[bool, str]]:
-        """`check_text` of each text, with Qwen3Guard run once over all texts the blocklist passed."""
-        verdicts: list[tuple[bool, str] | None] = [None] * len(texts)
+    def check_texts(self, texts: Sequence[str]) -> list[Verdict]:
+        """`check_text` of each text, with Qwen3Guard run once over all texts the blocklist passed.
+
+        The guards run in the checker's order; a text blocked by one is not shown to the next. Raises
+        if Qwen3Guard's batch fails (one text: `check_text` turns that into a blocked verdict)."""
+        verdicts: list[Verdict | None] = [None] * len(texts)
         pending = list(range(len(texts)))
         for guard in self.checker.text_guardrail.safety_models:
             name = type(guard).__name__.upper()
             if not pending:
                 break
             if name == "QWEN3GUARD":
-                answers = self._qwen3guard(guard, [texts[i] for i in pending])  # raises: the caller retries alone
+                answers = self._qwen3guard(guard, [texts[i] for i in pending])
             else:
                 answers = []
                 for i in pending:
                     try:
-                        answers.append(guard.is_safe(texts[i]))
-                    except Exception as e:  # this text alone fails closed, as in check_text
-                        verdicts[i] = (False, _text_error(e))
+                        safe, message = guard.is_safe(texts[i])
+                        answers.append((safe, message, False))
+                    except Exception as e:  # this text alone fails closed
+                        verdicts[i] = Verdict.blocked(_text_error(e), "text", fault=True)
                         answers.append(None)
             still = []
             for i, answer in zip(pending, answers):
                 if answer is None:
                     continue
-                safe, message = answer
+                safe, message, fault = answer
                 if safe:
                     still.append(i)
                 else:
-                    verdicts[i] = (False, f"{name}: {message}")
+                    verdicts[i] = Verdict.blocked(f"{name}: {message}", "text", fault=fault)
             pending = still
         for i in pending:
-            verdicts[i] = (True, "safe")
+            verdicts[i] = Verdict.passed()
         return verdicts
 
-    def _qwen3guard(self, guard, prompts: Sequence[str]) -> list[tuple[bool, str]]:
+    def _qwen3guard(self, guard, prompts: Sequence[str]) -> list[tuple[bool, str, bool]]:
+        """(safe, message, fault) per prompt, from one `generate` over all of them."""
         return [self._parse_qwen_answer(content) for content in qwen3guard_answers(guard, prompts)]
 
-    def _parse_qwen_answer(self, content: str) -> tuple[bool, str]:
+    def _parse_qwen_answer(self, content: str) -> tuple[bool, str, bool]:
         from cosmos_guardrail.cosmos_utils import UNSAFE_CATEGORIES
 
         match = _QWEN_LABEL.search(content)
         if match is None:
-            return False, "answer has no 'Safety:' label, blocked (fail closed)"
+            return False, "answer has no 'Safety:' label, blocked (fail closed)", True
         label = match.group(1)
         categories = re.findall("(" + "|".join(map(re.escape, UNSAFE_CATEGORIES.values())) + ")", content)
         if label == "Safe" or (label == "Controversial" and self.controversial == "allow"):
-            return True, ""
-        return False, f"Safety: {label}, Categories: {categories}"
+            return True, "", False
+        return False, f"Safety: {label}, Categories: {categories}", False
 
     # -- frames
 
-    def check_video(self, frames: np.ndarray) -> tuple[bool, str, np.ndarray | None]:
+    def check_video(self, frames: np.ndarray) -> Verdict:
         try:
             # The checker pixelates in place: give it a private, writable, contiguous copy.
             out = self.checker.check_video_safety(np.array(frames, dtype=np.uint8, order="C", copy=True))
         except Exception as e:
-            return False, _video_error(e), None
+            return Verdict.blocked(_video_error(e), "video", fault=True)
         return _video_verdict(frames.shape, out)
 
-    def check_videos(self, clips: Sequence[np.ndarray]) -> list[tuple[bool, str, np.ndarray | None]]:
+    def check_videos(self, clips: Sequence[np.ndarray]) -> list[Verdict]:
         """`check_video` of each clip; clips of the same frame size go through the face filter together.
 
         Uses the checker's own video runner: its safety models per clip (none in cosmos_guardrail
         0.3.2), then its postprocessors (RetinaFaceFilter: each frame on its own, in forward passes of
-        `frame_batch` frames) over the stacked frames, split back per clip."""
+        `frame_batch` frames) over the stacked frames, split back per clip. Raises if the face filter
+        fails on the batch."""
         runner = self.checker.video_guardrail
-        verdicts: list = [None] * len(clips)
+        verdicts: list[Verdict | None] = [None] * len(clips)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, clip in enumerate(clips):
             try:
                 safe, _ = runner.run_safety_check(clip)
             except Exception as e:
-                verdicts[i] = (False, _video_error(e), None)
+                verdicts[i] = Verdict.blocked(_video_error(e), "video", fault=True)
                 continue
             if not safe:
-                verdicts[i] = (False, _VIDEO_BLOCKED, None)
+                verdicts[i] = Verdict.blocked(_VIDEO_BLOCKED, "video")
             else:
                 groups.setdefault(tuple(clip.shape[1:3]), []).append(i)
         for members in groups.values():
             stacked = np.concatenate([np.asarray(clips[i], dtype=np.uint8) for i in members])  # a private copy
-            out = runner.postprocess(stacked)  # raises: the caller retries alone
+            out = runner.postprocess(stacked)
             if not isinstance(out, np.ndarray) or out.shape != stacked.shape:
                 raise ValueError(f"face filter returned {getattr(out, 'shape', type(out).__name__)} for a batch of "
                                  f"{list(stacked.shape)}")  # per clip, check_video gives the exact reason
@@ -230,14 +228,14 @@ def _video_error(e: Exception) -> str:
     return f"video guard error, blocked (fail closed): {type(e).__name__}: {e}"
 
 
-def _video_verdict(shape, out) -> tuple[bool, str, np.ndarray | None]:
+def _video_verdict(shape, out) -> Verdict:
     """The checker's output for frames of `shape` as a verdict: uint8 of the same shape, else blocked."""
     if out is None:
-        return False, _VIDEO_BLOCKED, None
+        return Verdict.blocked(_VIDEO_BLOCKED, "video")
     if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != tuple(shape):
         got = f"{getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}"
-        return False, f"video guard returned {got} for uint8 {list(shape)}, blocked (fail closed)", None
-    return True, "safe", out
+        return Verdict.blocked(f"video guard returned {got} for uint8 {list(shape)}, blocked (fail closed)", "video", fault=True)
+    return Verdict.passed(out)
 
 
 def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-Guardrail", torch_threads: int = 1):
@@ -718,10 +716,10 @@ class SafetyWorker:
             return _texts_reply(req, [self.guard.check_text(t) for t in req.args["texts"]])
         text = req.args.get("text") if req.op == "check_sample" else None
         if text is not None:
-            safe, reason = self.guard.check_text(text)
-            if not safe or not req.arrays:
-                return _verdict_reply(req, safe, reason, stage="text")
-        return _verdict_reply(req, *self.guard.check_video(req.arrays[0]), stage="video")
+            verdict = self.guard.check_text(text)
+            if not verdict.safe or not req.arrays:
+                return _verdict_reply(req, verdict)
+        return _verdict_reply(req, self.guard.check_video(req.arrays[0]))
 
     def _check_batch(self, reqs: list[Request]) -> list[Reply]:
         """Several requests at once: all their texts in one `check_texts`, then the frames of those
@@ -739,39 +737,38 @@ class SafetyWorker:
         for j, req in enumerate(reqs):
             if req.op == "check_text":
                 replies[j] = _texts_reply(req, per_job[j])
-            elif req.op == "check_sample" and (not per_job[j][0][0] or not req.arrays):
-                replies[j] = _verdict_reply(req, *per_job[j][0], stage="text")
+            elif req.op == "check_sample" and (not per_job[j][0].safe or not req.arrays):
+                replies[j] = _verdict_reply(req, per_job[j][0])
             else:
                 video.append(j)
         for j, verdict in zip(video, self.guard.check_videos([reqs[j].arrays[0] for j in video]) if video else []):
-            replies[j] = _verdict_reply(reqs[j], *verdict, stage="video")
+            replies[j] = _verdict_reply(reqs[j], verdict)
         return replies
 
     def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
         latency = time.monotonic() - job.received
         if reply.status != P.STATUS_OK:
             return
-        if "verdicts" in reply.result:
-            for v in reply.result["verdicts"]:
-                self.metrics.verdict(None if v["safe"] else ("timeout" if timed_out else "text"), latency, timed_out)
-                latency = None  # one latency per request
-        else:
-            self.metrics.verdict(reply.result["stage"], latency, timed_out)
+        for v in reply.result.get("verdicts", [reply.result]):
+            self.metrics.verdict(v["stage"], latency, timed_out)
+            latency = None  # one latency per request
 
     @staticmethod
     def _blocked_reply(req: Request, reason: str, stage: str = "timeout") -> Reply:
+        """A fault verdict for the whole request (timeout, worker error)."""
+        verdict = Verdict.blocked(reason, stage, fault=True)
         if req.op == "check_text":
-            return Reply(req.id, P.STATUS_OK, result={"verdicts": [{"safe": False, "reason": reason} for _ in req.args["texts"]]})
-        return Reply(req.id, P.STATUS_OK, result={"safe": False, "reason": reason, "stage": stage})
+            return _texts_reply(req, [verdict] * len(req.args["texts"]))
+        return _verdict_reply(req, verdict)
 
 
-def _texts_reply(req: Request, verdicts: Sequence[tuple[bool, str]]) -> Reply:
-    return Reply(req.id, P.STATUS_OK, result={"verdicts": [{"safe": s, "reason": r} for s, r in verdicts]})
+def _texts_reply(req: Request, verdicts: Sequence[Verdict]) -> Reply:
+    return Reply(req.id, P.STATUS_OK, result={"verdicts": [v.to_wire() for v in verdicts]})
 
 
-def _verdict_reply(req: Request, safe: bool, reason: str, frames: np.ndarray | None = None, *, stage: str) -> Reply:
-    return Reply(req.id, P.STATUS_OK, result={"safe": safe, "reason": reason, "stage": None if safe else stage},
-                 arrays=[frames] if safe and frames is not None else [])
+def _verdict_reply(req: Request, verdict: Verdict) -> Reply:
+    return Reply(req.id, P.STATUS_OK, result=verdict.to_wire(),
+                 arrays=[verdict.frames] if verdict.safe and verdict.frames is not None else [])
 
 
 def _grad_enabled() -> bool:

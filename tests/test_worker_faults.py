@@ -37,8 +37,8 @@ FRAMES = np.zeros((2, 8, 8, 3), np.uint8)
 
 
 def test_text_guard_exception_is_blocked_not_safe():
-    safe, reason = GuardedChecker(_checker(_raise)).check_text("hello")
-    assert not safe and "fail closed" in reason and "guard exploded" in reason
+    v = GuardedChecker(_checker(_raise)).check_text("hello")
+    assert not v.safe and v.fault and v.stage == "text" and "guard exploded" in v.reason
 
 
 @pytest.mark.parametrize("video", [
@@ -49,8 +49,9 @@ def test_text_guard_exception_is_blocked_not_safe():
     lambda f: np.zeros((0,)),  # what cosmos_guardrail returns for T=0
 ])
 def test_face_filter_error_or_wrong_output_is_blocked(video):
-    safe, reason, frames = GuardedChecker(_checker(video=video)).check_video(FRAMES)
-    assert not safe and frames is None and reason
+    v = GuardedChecker(_checker(video=video)).check_video(FRAMES)
+    assert not v.safe and v.frames is None and v.reason and v.stage == "video"
+    assert v.fault == (video(FRAMES.copy()) is not None if video is not _raise else True)  # None: the runner's own "blocked"
 
 
 def test_checker_gets_a_private_copy_of_the_frames():
@@ -59,8 +60,8 @@ def test_checker_gets_a_private_copy_of_the_frames():
         return f
 
     frames = FRAMES.copy()
-    safe, _, out = GuardedChecker(_checker(video=pixelate_in_place)).check_video(frames)
-    assert safe and (out == 255).all() and (frames == 0).all()
+    v = GuardedChecker(_checker(video=pixelate_in_place)).check_video(frames)
+    assert v.safe and (v.frames == 255).all() and (frames == 0).all()
 
 
 def test_checker_that_hangs_is_answered_blocked_at_the_check_timeout(tmp_path):
