@@ -62,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"checks waiting at most; more are answered 'busy' at once (default {limits.queue_size})")
     s.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
+    from .server import Batching  # light: the checker is imported only when a worker loads it
+
+    batching = Batching()
+    s.add_argument("--max-batch", type=int, default=batching.max_batch,
+                   help="dynamic batching: the checker takes up to N queued checks' texts-or-samples at once (each text "
+                        "of a check_text counts one; a check_video or check_sample one): their texts go through the "
+                        "blocklist and ONE left-padded Qwen3Guard generate, their frames of the same size through "
+                        f"RetinaFace together; 1 checks one request at a time (no batching). Default {batching.max_batch}")
+    s.add_argument("--max-batch-frames", type=int, default=batching.max_batch_frames,
+                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size "
+                        f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
+    s.add_argument("--batch-wait-ms", type=float, default=batching.wait_ms,
+                   help="after the first queued check, wait at most M ms for more to join its batch "
+                        f"(checks that queue while a batch computes join the next one anyway). Default {batching.wait_ms:g}")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://127.0.0.1:P/metrics (0: any free port, shown in `hello`); "
+                        "names start with safety_worker_ (docs/safety_worker.md). Default: off")
     s.add_argument("--replicas", type=int, default=0,
                    help="run N checker processes behind a load-balancing proxy on ENDPOINT, with a verdict cache "
                         "and a supervisor per replica (restarted if it dies or hangs); default 0: one in-process checker")
@@ -178,11 +195,18 @@ def serve(args) -> int:
         from .proxy import serve_replicas
 
         return serve_replicas(args, token, limits)
+    from .server import Batching
+
+    try:
+        batching = Batching(args.max_batch, args.max_batch_frames, args.batch_wait_ms)
+    except ValueError as e:
+        print(f"error: --max-batch/--max-batch-frames/--batch-wait-ms: {e}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         worker = SafetyWorker(
             args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,
             check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure, curve_dir=args.curve_dir,
-            controversial=args.controversial, parent_pid=args.parent_pid,
+            controversial=args.controversial, parent_pid=args.parent_pid, batching=batching, metrics_port=args.metrics_port,
         )
     except WorkerStartError as e:
         print(f"error: {e}", file=sys.stderr)

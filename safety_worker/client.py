@@ -25,7 +25,6 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -61,21 +60,11 @@ class WorkerDead(ConnectionError):
     worker is serving again (a worker from `spawn_worker` is restarted by its supervisor)."""
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """A safety decision. `frames` holds the sanitized (face-pixelated) frames when the input had
-    frames and is safe, else None. `stage` says what blocked it ("text", "video", "timeout", "error")."""
-
-    safe: bool
-    reason: str
-    frames: np.ndarray | None = None
-    stage: str | None = None
+Verdict = P.Verdict  # defined next to the codec: the worker, this client, the proxy and trainers share it
 
 
 def _verdict(reply: P.Reply) -> Verdict:
-    r = reply.result
-    return Verdict(safe=bool(r["safe"]), reason=str(r["reason"]), frames=reply.arrays[0] if reply.arrays else None,
-                   stage=r.get("stage"))
+    return Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
 
 
 def drain_wakeups(sock: socket.socket) -> None:
@@ -150,7 +139,7 @@ class SafetyClient:
         """Check one prompt (returns a Verdict) or a list of prompts (returns a list, same order)."""
         single = isinstance(texts, str)
         verdicts = self._call("check_text", {"texts": [texts] if single else list(texts)},
-                              decode=lambda rep: [Verdict(bool(v["safe"]), str(v["reason"])) for v in rep.result["verdicts"]])
+                              decode=lambda rep: [Verdict.from_wire(v) for v in rep.result["verdicts"]])
         return verdicts[0] if single else verdicts
 
     def check_video(self, frames: np.ndarray) -> Verdict:

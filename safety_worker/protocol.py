@@ -21,7 +21,7 @@ import numpy as np
 
 MAGIC = b"SWKR"
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: hello.batching, hello.metrics_url, stats outcomes/verdicts_by_stage/batching/histograms
 TAG = MAGIC + bytes([PROTOCOL_MAJOR])
 # Not on the wire: how spawn_worker hands a worker its owner token (environment, not argv, which others can read).
 OWNER_TOKEN_ENV = "SAFETY_WORKER_OWNER_TOKEN"
@@ -54,7 +54,7 @@ OPS: dict[str, tuple[dict[str, bool], int, int]] = {
     "check_text": ({"texts": True}, 0, 0),
     "check_video": ({}, 1, 1),
     "check_sample": ({"text": True}, 0, 1),
-    "shutdown": ({"token": True}, 0, 0),
+    "shutdown": ({"token": False}, 0, 0),  # no token: `forbidden`, like a wrong one
 }
 CHECK_OPS = frozenset({"check_text", "check_video", "check_sample"})
 
@@ -103,6 +103,45 @@ class Request:
     timeout_ms: int | None = None
 
 
+STAGES = ("text", "video", "timeout", "error")  # what blocked a verdict
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A safety decision: the one type the worker, the client, the proxy's cache and trainers share.
+
+    `safe`; `reason` (why, for a person); `stage`: what blocked it (one of STAGES), None when safe;
+    `fault`: blocked because something failed (a guard raised or returned junk, Qwen3Guard's answer
+    had no label, the check timed out, a worker bug), not because the content was judged unsafe:
+    such a verdict says nothing about the content and is never cached; `frames`: the sanitized
+    (face-pixelated) frames when the input had frames and is safe, else None (they travel as the
+    reply's array, not in the map)."""
+
+    safe: bool
+    reason: str
+    frames: np.ndarray | None = None
+    stage: str | None = None
+    fault: bool = False
+
+    @classmethod
+    def passed(cls, frames: np.ndarray | None = None) -> "Verdict":
+        return cls(True, "safe", frames)
+
+    @classmethod
+    def blocked(cls, reason: str, stage: str, fault: bool = False) -> "Verdict":
+        return cls(False, reason, None, stage, fault)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The verdict's map in a reply (docs/PROTOCOL.md); `frames` go as the reply's array."""
+        return {"safe": self.safe, "reason": self.reason, "stage": self.stage, "fault": self.fault}
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any], frames: np.ndarray | None = None) -> "Verdict":
+        # "fault" is new in 1.1: a 1.0 worker's blocked verdict is taken as a possible fault (never cached).
+        return cls(bool(result["safe"]), str(result["reason"]), frames, result.get("stage"),
+                   bool(result.get("fault", not result["safe"])))
+
+
 @dataclass
 class Reply:
     id: int | None
@@ -125,7 +164,8 @@ def _array_frames(arrays: Sequence[np.ndarray]) -> tuple[list[dict], list]:
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         # A copy only for non-contiguous input (e.g. negative strides); the caller's array is untouched.
-        a = np.ascontiguousarray(a)
+        # (Not np.ascontiguousarray: it turns a 0-d array into shape [1].)
+        a = a if a.flags.c_contiguous else a.copy(order="C")
         descs.append({"dtype": name, "shape": list(a.shape)})
         bufs.append(memoryview(a).cast("B") if a.size else b"")
     return descs, bufs
@@ -201,7 +241,7 @@ def _is_int(x) -> bool:
 
 def _decode_arrays(descs, frames: Sequence, limits: Limits) -> list[np.ndarray]:
     if not isinstance(descs, list):
-        raise ProtocolError(BAD_MESSAGE, "'arrays' must be a list of {dtype, shape} maps")
+        raise ProtocolError(BAD_MESSAGE, "'arrays' must be a list of {dtype, shape} maps (omit it for no arrays)")
     if len(descs) != len(frames):
         raise ProtocolError(BAD_ARRAY, f"header describes {len(descs)} arrays but {len(frames)} buffer frames follow")
     arrays = []
@@ -238,12 +278,14 @@ def decode_request(frames: Sequence, limits: Limits) -> Request:
             raise ProtocolError(BAD_MESSAGE, "'op' must be a string")
         if op not in OPS:
             raise ProtocolError(UNKNOWN_OP, f"unknown op {op!r}; ops are {sorted(OPS)}")
+        # An optional field is omitted or well-typed: nil is ill-typed too (bad_message for each of them).
         args = header.get("args", {})
         if not isinstance(args, dict):
-            raise ProtocolError(BAD_ARGS, "'args' must be a map")
+            raise ProtocolError(BAD_MESSAGE, "'args' must be a map (omit it for no args)")
+        timeout_ms = header.get("timeout_ms", 0)
+        if not (_is_int(timeout_ms) and timeout_ms >= 0):
+            raise ProtocolError(BAD_MESSAGE, "'timeout_ms' must be a non-negative integer (omit it for no deadline)")
         timeout_ms = header.get("timeout_ms")
-        if timeout_ms is not None and not (_is_int(timeout_ms) and timeout_ms >= 0):
-            raise ProtocolError(BAD_MESSAGE, "'timeout_ms' must be a non-negative integer")
         arrays = _decode_arrays(header.get("arrays", []), frames[2:], limits)
         req = Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=timeout_ms)
         validate_request(req, limits)
@@ -302,7 +344,7 @@ def validate_request(req: Request, limits: Limits) -> None:
         if not isinstance(req.args["text"], str):
             raise ProtocolError(BAD_ARGS, "'text' must be a string")
         validate_text(req.args["text"], limits)
-    elif req.op == "shutdown" and not isinstance(req.args["token"], str):
+    elif req.op == "shutdown" and not isinstance(req.args.get("token", ""), str):
         raise ProtocolError(BAD_ARGS, "'token' must be a string")
     if req.op in ("check_video", "check_sample"):
         for a in req.arrays:

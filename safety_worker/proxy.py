@@ -13,7 +13,7 @@ Verdict cache: key = SHA-256 over the checker identity (preset, model ids, polic
 cosmos-guardrail versions from the replicas' `hello`) and the request's content (op, args, array
 dtypes, shapes and bytes). A cached verdict (with its sanitized frames) is answered without a
 checker; identical requests in flight at once are computed once. Verdicts that came from a
-fault (checker timeout, guard error: "fail closed" reasons) are not cached. LRU, bounded in bytes;
+fault (`Verdict.fault`: checker timeout, guard error, an unlabeled guard answer) are not cached. LRU, bounded in bytes;
 with `--cache-file` it is saved at shutdown and loaded at start (only entries of the same checker
 identity; the file must be the worker user's own, mode 0600).
 """
@@ -61,8 +61,8 @@ def content_key(identity: str, req: P.Request) -> str:
 def _cacheable(reply: P.Reply) -> bool:
     if reply.status != P.STATUS_OK:
         return False
-    verdicts = reply.result.get("verdicts", [reply.result])
-    return not any("fail closed" in str(v.get("reason", "")) or v.get("stage") == "timeout" for v in verdicts)
+    # A fault (timeout, guard error, unlabeled answer) says nothing about the content: never reuse it.
+    return not any(P.Verdict.from_wire(v).fault for v in reply.result.get("verdicts", [reply.result]))
 
 
 class VerdictCache:
@@ -164,6 +164,26 @@ class ReplicaProxy:
 
             self._auth = configure_curve_server(self._ctx, self._front, curve_dir)
         self._front.bind(endpoint)
+        self._metrics_server, self.metrics_url, self._scrape_clients = None, None, []
+
+    def serve_metrics(self, port: int) -> str:
+        """Serve Prometheus metrics for all replicas (label `replica`) and the front's own counters."""
+        from .metrics import proxy_families, serve_metrics
+
+        # Separate clients with a short timeout: a scrape must not wait an hour on a hung replica.
+        self._scrape_clients = [r.client(timeout=5.0) for r in self.replicas]
+
+        def sources():
+            out = []
+            for i, client in enumerate(self._scrape_clients):
+                try:
+                    out.append(({"replica": str(i)}, client.stats()))
+                except Exception as e:  # a replica being restarted: leave it out of this scrape
+                    logger.warning("metrics: replica %d did not answer stats: %s", i, e)
+            return out
+
+        self._metrics_server, self.metrics_url = serve_metrics(port, sources, lambda: proxy_families(self.snapshot()))
+        return self.metrics_url
 
     def request_stop(self, *_):
         self._stopping = True
@@ -194,7 +214,9 @@ class ReplicaProxy:
         finally:
             if self.cache_file:
                 self.cache.save(self.cache_file, self.identity)
-            for client in self.clients:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+            for client in self.clients + self._scrape_clients:
                 client.close()
             for replica in self.replicas:
                 replica.stop()
@@ -221,7 +243,7 @@ class ReplicaProxy:
         if req.op == "shutdown":
             import hmac
 
-            if not self._owner_token or not hmac.compare_digest(req.args["token"].encode(), self._owner_token.encode()):
+            if not self._owner_token or not hmac.compare_digest(req.args.get("token", "").encode(), self._owner_token.encode()):
                 self._reply(envelope, P.error_reply(req.id, P.FORBIDDEN, "only the worker's owner may shut it down"))
             else:
                 self.request_stop()
@@ -297,7 +319,7 @@ class ReplicaProxy:
 
 # Options of `serve` that belong to the front process, not to its replicas (value-taking ones first).
 _FRONT_OPTIONS = {"--endpoint": True, "--replicas": True, "--cache-mb": True, "--cache-file": True, "--curve-dir": True, "--parent-pid": True,
-                  "--preset": True, "--device": True, "--insecure": False}
+                  "--preset": True, "--device": True, "--insecure": False, "--metrics-port": True}
 
 
 def replica_args(argv: Sequence[str]) -> list[str]:
@@ -363,9 +385,18 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
         return 2
     if args.insecure and args.endpoint.startswith("tcp://"):
         logger.warning("INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
+    if args.metrics_port is not None:
+        try:
+            logger.info("metrics at %s", proxy.serve_metrics(args.metrics_port))
+        except OSError as e:
+            print(f"error: --metrics-port {args.metrics_port}: {e}; pick a free port (0: any)", file=sys.stderr)
+            for r in replicas:
+                r.stop(timeout=5)
+            return 2
     signal.signal(signal.SIGTERM, proxy.request_stop)
     signal.signal(signal.SIGINT, proxy.request_stop)
     print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} replicas={len(replicas)} "
-          f"replica_pids={','.join(str(r.pid) for r in replicas)}", flush=True)
+          f"replica_pids={','.join(str(r.pid) for r in replicas)}"
+          + (f" metrics={proxy.metrics_url}" if proxy.metrics_url else ""), flush=True)
     proxy.serve()
     return 0

@@ -26,13 +26,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zmq
 
 from . import protocol as P
-from .protocol import Limits, ProtocolError, Reply, Request
+from .metrics import WorkerMetrics
+from .protocol import Limits, ProtocolError, Reply, Request, Verdict
 
 logger = logging.getLogger("safety_worker")
 
@@ -49,65 +50,192 @@ class WorkerStartError(RuntimeError):
 # ---------------------------------------------------------------- fail-closed checker
 
 class GuardedChecker:
-    """`cosmos_guardrail.CosmosSafetyChecker` with verdicts that fail closed.
+    """`cosmos_guardrail.CosmosSafetyChecker` with verdicts that fail closed, one input or a batch.
 
     cosmos_guardrail returns *safe* when Qwen3Guard raises or answers without a label, counts
     "Controversial" as safe, and modifies the caller's frames. Here: the blocklist runs as is; the
     Qwen3Guard step runs the same chat template, tokenizer and greedy generation as
     `Qwen3Guard.extract_label_and_categories` but a missing label is *blocked* and "Controversial"
     follows `controversial` ("block" by default); any exception anywhere is *blocked*; video is
-    checked with `check_video_safety` on a private copy and the result must be uint8 of the input
-    shape, else *blocked*.
+    checked with the checker's video runner on a private copy and the result must be uint8 of the
+    input shape, else *blocked*.
+
+    `check_texts`/`check_videos` are the batched forms the worker uses to check several requests at
+    once: texts through the blocklist, then one left-padded Qwen3Guard `generate`; frames of clips
+    that share a size through the face filter together (`frame_batch` frames per forward pass).
+    They give the same verdicts, reasons and frames as the one-input forms, and raise when the
+    batch itself fails (the worker then retries each request alone, so each still fails closed on
+    its own).
     """
 
-    def __init__(self, checker, controversial: str = "block"):
+    def __init__(self, checker, controversial: str = "block", frame_batch: int = 1):
         if controversial not in ("block", "allow"):
             raise ValueError("controversial must be 'block' or 'allow'")
         self.checker = checker
         self.controversial = controversial
+        if frame_batch > 1:  # RetinaFaceFilter runs batch_size frames per forward pass (1 in cosmos_guardrail)
+            for post in getattr(getattr(checker, "video_guardrail", None), "postprocessors", None) or ():
+                if hasattr(post, "batch_size"):
+                    post.batch_size = frame_batch
 
-    def check_text(self, text: str) -> tuple[bool, str]:
+    # -- text
+
+    def check_text(self, text: str) -> Verdict:
         try:
-            for guard in self.checker.text_guardrail.safety_models:
-                name = type(guard).__name__.upper()
-                if name == "QWEN3GUARD":
-                    safe, message = self._qwen3guard(guard, text)
-                else:
-                    safe, message = guard.is_safe(text)
-                if not safe:
-                    return False, f"{name}: {message}"
-            return True, "safe"
+            return self.check_texts([text])[0]
         except Exception as e:  # fail closed, whatever broke
-            return False, f"text guard error, blocked (fail closed): {type(e).__name__}: {e}"
+            return Verdict.blocked(_text_error(e), "text", fault=True)
 
-    def _qwen3guard(self, guard, prompt: str) -> tuple[bool, str]:
+    def check_texts(self, texts: Sequence[str]) -> list[Verdict]:
+        """`check_text` of each text, with Qwen3Guard run once over all texts the blocklist passed.
+
+        The guards run in the checker's order; a text blocked by one is not shown to the next. Raises
+        if Qwen3Guard's batch fails (one text: `check_text` turns that into a blocked verdict)."""
+        verdicts: list[Verdict | None] = [None] * len(texts)
+        pending = list(range(len(texts)))
+        for guard in self.checker.text_guardrail.safety_models:
+            name = type(guard).__name__.upper()
+            if not pending:
+                break
+            if name == "QWEN3GUARD":
+                answers = self._qwen3guard(guard, [texts[i] for i in pending])
+            else:
+                answers = []
+                for i in pending:
+                    try:
+                        safe, message = guard.is_safe(texts[i])
+                        answers.append((safe, message, False))
+                    except Exception as e:  # this text alone fails closed
+                        verdicts[i] = Verdict.blocked(_text_error(e), "text", fault=True)
+                        answers.append(None)
+            still = []
+            for i, answer in zip(pending, answers):
+                if answer is None:
+                    continue
+                safe, message, fault = answer
+                if safe:
+                    still.append(i)
+                else:
+                    verdicts[i] = Verdict.blocked(f"{name}: {message}", "text", fault=fault)
+            pending = still
+        for i in pending:
+            verdicts[i] = Verdict.passed()
+        return verdicts
+
+    def _qwen3guard(self, guard, prompts: Sequence[str]) -> list[tuple[bool, str, bool]]:
+        """(safe, message, fault) per prompt, from one `generate` over all of them."""
+        return [self._parse_qwen_answer(content) for content in qwen3guard_answers(guard, prompts)]
+
+    def _parse_qwen_answer(self, content: str) -> tuple[bool, str, bool]:
         from cosmos_guardrail.cosmos_utils import UNSAFE_CATEGORIES
 
-        text = guard.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
-        inputs = guard.tokenizer([text], return_tensors="pt").to(guard.model.device)
-        generated = guard.model.generate(**inputs, max_new_tokens=128)
-        content = guard.tokenizer.decode(generated[0][inputs.input_ids.shape[1]:].tolist(), skip_special_tokens=True)
         match = _QWEN_LABEL.search(content)
         if match is None:
-            return False, "answer has no 'Safety:' label, blocked (fail closed)"
+            return False, "answer has no 'Safety:' label, blocked (fail closed)", True
         label = match.group(1)
         categories = re.findall("(" + "|".join(map(re.escape, UNSAFE_CATEGORIES.values())) + ")", content)
         if label == "Safe" or (label == "Controversial" and self.controversial == "allow"):
-            return True, ""
-        return False, f"Safety: {label}, Categories: {categories}"
+            return True, "", False
+        return False, f"Safety: {label}, Categories: {categories}", False
 
-    def check_video(self, frames: np.ndarray) -> tuple[bool, str, np.ndarray | None]:
+    # -- frames
+
+    def check_video(self, frames: np.ndarray) -> Verdict:
         try:
             # The checker pixelates in place: give it a private, writable, contiguous copy.
             out = self.checker.check_video_safety(np.array(frames, dtype=np.uint8, order="C", copy=True))
         except Exception as e:
-            return False, f"video guard error, blocked (fail closed): {type(e).__name__}: {e}", None
-        if out is None:
-            return False, "video guardrail blocked the frames", None
-        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != frames.shape:
-            got = f"{getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}"
-            return False, f"video guard returned {got} for uint8 {list(frames.shape)}, blocked (fail closed)", None
-        return True, "safe", out
+            return Verdict.blocked(_video_error(e), "video", fault=True)
+        return _video_verdict(frames.shape, out)
+
+    def check_videos(self, clips: Sequence[np.ndarray]) -> list[Verdict]:
+        """`check_video` of each clip; clips of the same frame size go through the face filter together.
+
+        Uses the checker's own video runner: its safety models per clip (none in cosmos_guardrail
+        0.3.2), then its postprocessors (RetinaFaceFilter: each frame on its own, in forward passes of
+        `frame_batch` frames) over the stacked frames, split back per clip. Raises if the face filter
+        fails on the batch."""
+        runner = self.checker.video_guardrail
+        verdicts: list[Verdict | None] = [None] * len(clips)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, clip in enumerate(clips):
+            try:
+                safe, _ = runner.run_safety_check(clip)
+            except Exception as e:
+                verdicts[i] = Verdict.blocked(_video_error(e), "video", fault=True)
+                continue
+            if not safe:
+                verdicts[i] = Verdict.blocked(_VIDEO_BLOCKED, "video")
+            else:
+                groups.setdefault(tuple(clip.shape[1:3]), []).append(i)
+        for members in groups.values():
+            stacked = np.concatenate([np.asarray(clips[i], dtype=np.uint8) for i in members])  # a private copy
+            out = runner.postprocess(stacked)
+            if not isinstance(out, np.ndarray) or out.shape != stacked.shape:
+                raise ValueError(f"face filter returned {getattr(out, 'shape', type(out).__name__)} for a batch of "
+                                 f"{list(stacked.shape)}")  # per clip, check_video gives the exact reason
+            start = 0
+            for i in members:
+                n = len(clips[i])
+                verdicts[i] = _video_verdict(clips[i].shape, out[start:start + n])
+                start += n
+        return verdicts
+
+
+def qwen3guard_answers(guard, prompts: Sequence[str]) -> list[str]:
+    """Qwen3Guard's decoded answer for each prompt, from one greedy `generate` (left-padded when several)."""
+    return [guard.tokenizer.decode(row, skip_special_tokens=True) for row in qwen3guard_generate(guard, prompts)]
+
+
+def qwen3guard_generate(guard, prompts: Sequence[str]) -> list[list[int]]:
+    """The answer tokens Qwen3Guard generates for each prompt, as if each were generated alone.
+
+    One prompt is exactly cosmos_guardrail's call (`Qwen3Guard.extract_label_and_categories`)."""
+    tokenizer, model = guard.tokenizer, guard.model
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
+    if len(texts) == 1:  # exactly cosmos_guardrail's call: no padding, no attention mask games
+        inputs = tokenizer(texts, return_tensors="pt").to(model.device)
+        generated = model.generate(**inputs, max_new_tokens=_QWEN_MAX_NEW_TOKENS)
+        rows = [generated[0][inputs.input_ids.shape[1]:].tolist()]
+    else:
+        # Left padding keeps every prompt's last token at the same column, so generation starts
+        # together; generate derives position ids from the attention mask (cumsum), so a padded
+        # prompt sees the same positions and attends to the same tokens as alone.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        extra = {"pad_token_id": pad} if model.generation_config.pad_token_id is None else {}
+        generated = model.generate(**inputs, max_new_tokens=_QWEN_MAX_NEW_TOKENS, **extra)
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        rows = []
+        for row in generated[:, inputs.input_ids.shape[1]:].tolist():
+            # Alone, generation stops after the first end-of-sequence token; in a batch the
+            # finished row is padded until the others finish: cut it where it would have stopped.
+            end = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+            rows.append(row[:end])
+    return rows
+
+
+_QWEN_MAX_NEW_TOKENS = 128  # as cosmos_guardrail's Qwen3Guard
+_VIDEO_BLOCKED = "video guardrail blocked the frames"
+
+
+def _text_error(e: Exception) -> str:
+    return f"text guard error, blocked (fail closed): {type(e).__name__}: {e}"
+
+
+def _video_error(e: Exception) -> str:
+    return f"video guard error, blocked (fail closed): {type(e).__name__}: {e}"
+
+
+def _video_verdict(shape, out) -> Verdict:
+    """The checker's output for frames of `shape` as a verdict: uint8 of the same shape, else blocked."""
+    if out is None:
+        return Verdict.blocked(_VIDEO_BLOCKED, "video")
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != tuple(shape):
+        got = f"{getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}"
+        return Verdict.blocked(f"video guard returned {got} for uint8 {list(shape)}, blocked (fail closed)", "video", fault=True)
+    return Verdict.passed(out)
 
 
 def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-Guardrail", torch_threads: int = 1):
@@ -145,7 +273,8 @@ def claim_ipc_endpoint(endpoint: str):
     if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
         raise WorkerStartError(
             f"ipc directory {parent} is not private (owner uid {st.st_uid}, mode {oct(stat.S_IMODE(st.st_mode))}): "
-            f"any local user could connect. Use a directory you own with `chmod 700 {parent}`, or omit --endpoint."
+            f"any local user could connect. Make it private with `chmod 700 {parent}`, or put the socket in a new "
+            f"directory of your own (the worker creates a missing one with mode 0700), e.g. ipc://{parent}/safety-worker/worker.sock"
         )
     lock = open(str(path) + ".lock", "a+")
     os.chmod(lock.name, 0o600)
@@ -175,6 +304,43 @@ def release_ipc_endpoint(endpoint: str, lock) -> None:
 
 
 # ---------------------------------------------------------------- the server
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How the checker groups queued checks (`serve --max-batch/--max-batch-frames/--batch-wait-ms`).
+
+    A batch takes queued checks until it holds `max_batch` texts-or-samples (each text of a
+    check_text counts one, a check_video or check_sample one) or `max_batch_frames` frames; if it
+    has fewer requests than the previous batch, it waits at most `wait_ms` after its first check
+    for more to arrive. A check that would overflow it starts the next batch (a single check bigger
+    than the limits still runs, alone). `max_batch=1`
+    checks one request at a time with the face filter's own batch size, as before batching.
+    `max_batch_frames` is also the face filter's forward-pass batch size.
+    Defaults: measured on CPU (docs/safety_worker.md).
+    """
+
+    max_batch: int = 16
+    max_batch_frames: int = 32
+    wait_ms: float = 5.0
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_batch_frames < 1 or self.wait_ms < 0:
+            raise ValueError("max_batch and max_batch_frames must be >= 1 and wait_ms >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _units(req: Request) -> int:
+    return len(req.args["texts"]) if req.op == "check_text" else 1
+
+
+def _frame_count(req: Request) -> int:
+    return sum(a.shape[0] for a in req.arrays)
+
+
+_STOP = object()  # the checker thread's stop signal, carried over when a batch runs into it
+
 
 @dataclasses.dataclass
 class _Job:
@@ -211,6 +377,8 @@ class SafetyWorker:
         controversial: str = "block",
         parent_pid: int | None = None,
         curve_dir: str | None = None,
+        batching: Batching = Batching(),
+        metrics_port: int | None = None,
     ):
         if endpoint.startswith("tcp://") and not insecure and curve_dir is None:
             raise WorkerStartError(
@@ -229,7 +397,9 @@ class SafetyWorker:
         # Claim the endpoint before the slow checker load, so a second worker fails fast.
         self._lock_file = claim_ipc_endpoint(endpoint)
         checker = load_checker()
-        self.guard = GuardedChecker(checker, controversial=controversial)
+        self.batching = batching
+        self.guard = GuardedChecker(checker, controversial=controversial,
+                                    frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1)
         self.models = models
         self.limits = limits
         self.check_timeout = check_timeout
@@ -239,16 +409,15 @@ class SafetyWorker:
         self.started_at = time.time()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.queue_size)
         self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
-        self._running: _Job | None = None
+        self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
+        self._carry = None  # a job (or _STOP) taken from the queue that did not fit the last batch
+        self._expected_jobs = 1  # requests in the previous batch: how many a batch waits for
         # Jobs queued, running, or finished but not yet handed back: main thread only. Draining
         # waits for this to reach 0 (queue and _running alone miss a job between the two).
         self._outstanding = 0
         self._stopping = False
         self._parent_pid = parent_pid
-        self.stats: dict[str, Any] = {
-            "requests": {}, "errors": {}, "safe": 0, "blocked": 0, "timed_out": 0,
-            "unroutable_replies": 0, "check_seconds": 0.0, "checks": 0,
-        }
+        self.metrics = WorkerMetrics()
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         # Without this a ROUTER silently drops replies to peers it cannot route to.
@@ -265,6 +434,14 @@ class SafetyWorker:
         self._wake_rx.bind(self._wake_addr)
         self._router.bind(endpoint)
         self._grad_enabled = _grad_enabled()
+        self._metrics_server, self.metrics_url = None, None
+        if metrics_port is not None:
+            from .metrics import serve_metrics
+
+            try:
+                self._metrics_server, self.metrics_url = serve_metrics(metrics_port, lambda: [({}, self.snapshot_stats())])
+            except OSError as e:
+                raise WorkerStartError(f"--metrics-port {metrics_port}: {e}; pick a free port (0: any)") from None
 
     # -- lifecycle
 
@@ -311,6 +488,8 @@ class SafetyWorker:
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
             release_ipc_endpoint(self.endpoint, self._lock_file)
             logger.info("safety worker stopped")
 
@@ -323,10 +502,9 @@ class SafetyWorker:
         try:
             req = P.decode_request(body, self.limits)
         except ProtocolError as e:
-            self._count("errors", e.code)
             self._send(envelope, P.error_reply(e.request_id, e.code, e.message))
             return
-        self._count("requests", req.op)
+        self.metrics.request(req.op)
         if self._stopping:
             self._error(envelope, req, P.SHUTTING_DOWN, "the worker is shutting down; use another worker")
         elif req.op in P.CHECK_OPS:
@@ -337,7 +515,7 @@ class SafetyWorker:
                 self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
         else:
             try:
-                self._send(envelope, self._answer_now(req))
+                self._send(envelope, self._answer_now(req), req.op)
             except Exception as e:  # a bug must not kill the worker
                 logger.exception("op %s failed", req.op)
                 self._error(envelope, req, P.INTERNAL, f"{type(e).__name__}: {e}")
@@ -354,7 +532,7 @@ class SafetyWorker:
         if req.op == "shutdown":
             if not self._owner_token:
                 return P.error_reply(req.id, P.FORBIDDEN, "this worker has no owner token; stop it with SIGTERM")
-            if not hmac.compare_digest(req.args["token"].encode(), self._owner_token.encode()):
+            if not hmac.compare_digest(req.args.get("token", "").encode(), self._owner_token.encode()):
                 return P.error_reply(req.id, P.FORBIDDEN, "only the worker's owner may shut it down")
             self.request_stop()
             return Reply(req.id, P.STATUS_OK, result={"stopping": True})
@@ -379,25 +557,32 @@ class SafetyWorker:
             "models": self.models,
             "policy": {"controversial": self.guard.controversial, "fail_closed": True},
             "limits": {**self.limits.to_dict(), "check_timeout_s": self.check_timeout},
+            "batching": self.batching.to_dict(),
+            "metrics_url": self.metrics_url,
             "grad_enabled": self._grad_enabled,
             "modules_loaded": {m: m in sys.modules for m in ("cosmos_guardrail", "retinaface")},
             "ops": sorted(P.OPS),
         }
 
     def snapshot_stats(self) -> dict[str, Any]:
-        s = dict(self.stats, requests=dict(self.stats["requests"]), errors=dict(self.stats["errors"]))
-        s.update(queued=self._jobs.qsize(), running=self._running is not None,
+        s = self.metrics.snapshot()
+        running = self._running
+        s["batching"].update(self.batching.to_dict())
+        s.update(queued=self._jobs.qsize(), running=bool(running), running_checks=len(running),
                  uptime_s=time.time() - self.started_at, instance_id=self.instance_id)
         return s
 
     def _expire_running(self) -> None:
-        job = self._running
-        if job is None or job.started is None or time.monotonic() - job.started <= self.check_timeout:
-            return
-        if job.claim():
-            self.stats["timed_out"] += 1
-            logger.error("check id=%s overran %.1fs; answered blocked (fail closed)", job.request.id, self.check_timeout)
-            self._send(job.envelope, self._blocked_reply(job.request, f"checker timed out after {self.check_timeout:g}s, blocked (fail closed)"))
+        """Answer blocked each running check that overran `check_timeout` (its own clock, batched or not)."""
+        now = time.monotonic()
+        for job in self._running:
+            if job.started is None or now - job.started <= self.check_timeout:
+                continue
+            if job.claim():
+                logger.error("check id=%s overran %.1fs; answered blocked (fail closed)", job.request.id, self.check_timeout)
+                reply = self._blocked_reply(job.request, f"checker timed out after {self.check_timeout:g}s, blocked (fail closed)")
+                self._record_verdicts(job, reply, timed_out=True)
+                self._send(job.envelope, reply, job.request.op)
 
     def _send_done(self) -> None:
         while True:
@@ -407,27 +592,26 @@ class SafetyWorker:
                 return
             self._outstanding -= 1
             if reply is not None:  # None: already answered (timed out while running)
-                self._send(job.envelope, reply)
+                self._send(job.envelope, reply, job.request.op)
 
     def _only_abandoned_job_left(self) -> bool:
-        """A hung check that was already answered blocked must not keep a draining worker alive."""
-        job = self._running
-        return self._outstanding == 1 and self._jobs.empty() and job is not None and job._answered
+        """Hung checks that were already answered blocked must not keep a draining worker alive."""
+        running = self._running
+        return (bool(running) and self._outstanding == len(running) and self._jobs.empty()
+                and all(job._answered for job in running))
 
     def _error(self, envelope, req: Request, code: str, message: str) -> None:
-        self._count("errors", code)
-        self._send(envelope, P.error_reply(req.id, code, message))
+        self._send(envelope, P.error_reply(req.id, code, message), req.op)
 
-    def _send(self, envelope: list, reply: Reply) -> None:
+    def _send(self, envelope: list, reply: Reply, op: str | None = None) -> None:
+        """Send one reply and count it (`op` None: the request could not be read)."""
+        self.metrics.replied(op, None if reply.status == P.STATUS_OK else reply.error["code"])
         try:
             # NOBLOCK: a client that stopped reading must not stall every other client.
             self._router.send_multipart(envelope + P.encode_reply(reply), flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer's queue full)
-            self.stats["unroutable_replies"] += 1
+            self.metrics.unroutable()
             logger.warning("reply id=%s not delivered: %s", reply.id, e)
-
-    def _count(self, key: str, name: str) -> None:
-        self.stats[key][name] = self.stats[key].get(name, 0) + 1
 
     # -- checker thread
 
@@ -439,60 +623,152 @@ class SafetyWorker:
         wake.connect(self._wake_addr)
         try:
             while True:
-                job = self._jobs.get()
-                if job is None:
+                jobs = self._next_batch()
+                if jobs is None:
                     return
                 # Every job comes back through _done (reply None if it was answered already).
-                self._done.put((job, self._run_job(job)))
+                for job, reply in zip(jobs, self._run_batch(jobs)):
+                    self._done.put((job, reply))
                 wake.send(b"")
         finally:
             wake.close(linger=0)
 
-    def _run_job(self, job: _Job) -> Reply | None:
-        req = job.request
-        if req.timeout_ms is not None and (time.monotonic() - job.received) * 1000 > req.timeout_ms:
-            if not job.claim():
-                return None
-            self._count("errors", P.DEADLINE_EXCEEDED)
-            return P.error_reply(req.id, P.DEADLINE_EXCEEDED, f"not started within timeout_ms={req.timeout_ms}; skipped")
-        job.started = time.monotonic()
-        self._running = job
+    def _next_batch(self) -> list[_Job] | None:
+        """The next queued jobs to check together (see `Batching`); None when the worker stops.
+
+        Takes what is queued; waits (at most `wait_ms`) for more only until the batch has as many
+        requests as the previous one had: with k clients each waiting for its verdict, the batch
+        starts as soon as all k have sent again, and a lone client never waits at all."""
+        first, self._carry = (self._carry or self._jobs.get()), None
+        if first is None or first is _STOP:
+            return None
+        batch, units, frames = [first], _units(first.request), _frame_count(first.request)
+        limits = self.batching
+        wait_until = time.monotonic() + limits.wait_ms / 1000
+        while limits.max_batch > 1 and units < limits.max_batch and frames < limits.max_batch_frames:
+            left = wait_until - time.monotonic() if len(batch) < self._expected_jobs else 0
+            try:
+                job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._carry = _STOP  # finish this batch, then stop
+                break
+            u, f = _units(job.request), _frame_count(job.request)
+            if units + u > limits.max_batch or frames + f > limits.max_batch_frames:
+                self._carry = job  # it starts the next batch
+                break
+            batch.append(job)
+            units, frames = units + u, frames + f
+        self._expected_jobs = len(batch)
+        return batch
+
+    def _run_batch(self, jobs: list[_Job]) -> list[Reply | None]:
+        """Replies for `jobs` (None for a job answered already): skip expired ones, check the rest
+        together, and if that raises, check each alone so each verdict fails closed on its own."""
+        replies: list[Reply | None] = [None] * len(jobs)
+        live = []
+        now = time.monotonic()
+        for k, job in enumerate(jobs):
+            req = job.request
+            if req.timeout_ms is not None and (now - job.received) * 1000 > req.timeout_ms:
+                if job.claim():
+                    replies[k] = P.error_reply(req.id, P.DEADLINE_EXCEEDED, f"not started within timeout_ms={req.timeout_ms}; skipped")
+            else:
+                job.started = now
+                live.append(k)
+        if not live:
+            return replies
+        self._running = [jobs[k] for k in live]
+        computed: list[Reply] | None = None
         try:
-            reply = self._check(req)
+            if self.batching.max_batch > 1:
+                try:
+                    computed = self._check_batch([jobs[k].request for k in live])
+                except Exception:
+                    logger.exception("a batch of %d checks failed; checking each alone", len(live))
+                    self.metrics.retried(len(live))
+            if computed is None:
+                computed = []
+                for k in live:
+                    jobs[k].started = time.monotonic()  # each retried check gets its own check_timeout
+                    computed.append(self._check_alone(jobs[k].request))
+        finally:
+            self._running = []
+            reqs = [jobs[k].request for k in live]
+            self.metrics.batch(len(live), sum(map(_units, reqs)), sum(map(_frame_count, reqs)), time.monotonic() - now)
+        for k, reply in zip(live, computed):
+            if jobs[k].claim():  # else it was answered blocked at its timeout: the late verdict is dropped
+                self._record_verdicts(jobs[k], reply)
+                replies[k] = reply
+        return replies
+
+    def _check_alone(self, req: Request) -> Reply:
+        try:
+            return self._check(req)
         except Exception as e:  # GuardedChecker catches checker errors; this is a bug in our code
             logger.exception("check id=%s failed", req.id)
-            reply = self._blocked_reply(req, f"worker error, blocked (fail closed): {type(e).__name__}: {e}", stage="error")
-        finally:
-            self._running = None
-        self.stats["checks"] += 1
-        self.stats["check_seconds"] += time.monotonic() - job.started
-        return reply if job.claim() else None
+            return self._blocked_reply(req, f"worker error, blocked (fail closed): {type(e).__name__}: {e}", stage="error")
 
     def _check(self, req: Request) -> Reply:
+        """One request alone (`--max-batch 1`, and the retry of a failed batch)."""
         if req.op == "check_text":
-            verdicts = [self.guard.check_text(t) for t in req.args["texts"]]
-            for safe, _ in verdicts:
-                self._tally(safe)
-            return Reply(req.id, P.STATUS_OK, result={"verdicts": [{"safe": s, "reason": r} for s, r in verdicts]})
+            return _texts_reply(req, [self.guard.check_text(t) for t in req.args["texts"]])
         text = req.args.get("text") if req.op == "check_sample" else None
         if text is not None:
-            safe, reason = self.guard.check_text(text)
-            if not safe or not req.arrays:
-                self._tally(safe)
-                return Reply(req.id, P.STATUS_OK, result={"safe": safe, "reason": reason, "stage": None if safe else "text"})
-        safe, reason, frames = self.guard.check_video(req.arrays[0])
-        self._tally(safe)
-        return Reply(req.id, P.STATUS_OK, result={"safe": safe, "reason": reason, "stage": None if safe else "video"},
-                     arrays=[frames] if safe else [])
+            verdict = self.guard.check_text(text)
+            if not verdict.safe or not req.arrays:
+                return _verdict_reply(req, verdict)
+        return _verdict_reply(req, self.guard.check_video(req.arrays[0]))
 
-    def _tally(self, safe: bool) -> None:
-        self.stats["safe" if safe else "blocked"] += 1
+    def _check_batch(self, reqs: list[Request]) -> list[Reply]:
+        """Several requests at once: all their texts in one `check_texts`, then the frames of those
+        still safe in one `check_videos`. Same replies as `_check` of each."""
+        texts, owners = [], []
+        for j, req in enumerate(reqs):
+            mine = req.args["texts"] if req.op == "check_text" else [req.args["text"]] if req.op == "check_sample" else []
+            texts += mine
+            owners += [j] * len(mine)
+        per_job: list[list] = [[] for _ in reqs]
+        for j, verdict in zip(owners, self.guard.check_texts(texts) if texts else []):
+            per_job[j].append(verdict)
+        replies: list[Reply | None] = [None] * len(reqs)
+        video = []
+        for j, req in enumerate(reqs):
+            if req.op == "check_text":
+                replies[j] = _texts_reply(req, per_job[j])
+            elif req.op == "check_sample" and (not per_job[j][0].safe or not req.arrays):
+                replies[j] = _verdict_reply(req, per_job[j][0])
+            else:
+                video.append(j)
+        for j, verdict in zip(video, self.guard.check_videos([reqs[j].arrays[0] for j in video]) if video else []):
+            replies[j] = _verdict_reply(reqs[j], verdict)
+        return replies
+
+    def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
+        latency = time.monotonic() - job.received
+        if reply.status != P.STATUS_OK:
+            return
+        for v in reply.result.get("verdicts", [reply.result]):
+            self.metrics.verdict(v["stage"], latency, timed_out)
+            latency = None  # one latency per request
 
     @staticmethod
     def _blocked_reply(req: Request, reason: str, stage: str = "timeout") -> Reply:
+        """A fault verdict for the whole request (timeout, worker error)."""
+        verdict = Verdict.blocked(reason, stage, fault=True)
         if req.op == "check_text":
-            return Reply(req.id, P.STATUS_OK, result={"verdicts": [{"safe": False, "reason": reason} for _ in req.args["texts"]]})
-        return Reply(req.id, P.STATUS_OK, result={"safe": False, "reason": reason, "stage": stage})
+            return _texts_reply(req, [verdict] * len(req.args["texts"]))
+        return _verdict_reply(req, verdict)
+
+
+def _texts_reply(req: Request, verdicts: Sequence[Verdict]) -> Reply:
+    return Reply(req.id, P.STATUS_OK, result={"verdicts": [v.to_wire() for v in verdicts]})
+
+
+def _verdict_reply(req: Request, verdict: Verdict) -> Reply:
+    return Reply(req.id, P.STATUS_OK, result=verdict.to_wire(),
+                 arrays=[verdict.frames] if verdict.safe and verdict.frames is not None else [])
 
 
 def _grad_enabled() -> bool:

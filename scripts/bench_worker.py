@@ -9,8 +9,14 @@ Prints, side by side from the same run:
    zero-copy echo of the same bytes (target <= 1.5x);
 3. remote vs in-process for the same real checker calls on the tiny checkpoint, text and a clip
    (target <= 1.10x for the clip);
-4. check_sample requests/s with 1, 2 and 4 client processes.
+4. check_sample requests/s with 1, 2 and 4 client processes;
+5. dynamic batching: two workers side by side, batching on (the `serve` defaults) and `--max-batch 1`
+   (one request at a time): single-client p50 latency of check_sample (text + one 32x32 frame;
+   target <= 1.2x), and check_sample requests/s with 1 and 8 client processes for one 32x32 frame
+   (target: 8 clients batched >= 3x one client unbatched), 9-frame 32x32 clips and one 240x320 frame.
 This process imports cosmos_guardrail for part 3 (it is a benchmark, not a trainer).
+
+    python scripts/bench_worker.py --batching-only   # part 5 alone (~2 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 
@@ -83,46 +89,100 @@ def bare_echo(endpoint):
 WINDOW = 8  # requests in flight per client (4 clients x 8 stay below the worker's queue of 64)
 
 
-def client_proc(endpoint, n, queue):
-    frames = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+def client_proc(endpoint, n, queue, start, shape=(1, 32, 32, 3), window=WINDOW, seed=0):
+    frames = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     with SafetyClient(endpoint, timeout=300) as c:
         c.check_sample(SAFE_EXAMPLE, frames)
-        t = time.perf_counter()
+        queue.put("ready")
+        start.wait()  # all clients begin together: process start-up is not part of the measurement
         in_flight = []
         for _ in range(n):
-            if len(in_flight) == WINDOW:
+            if len(in_flight) == window:
                 in_flight.pop(0).result()
             in_flight.append(c.submit_sample(SAFE_EXAMPLE, frames))
         for f in in_flight:
             f.result()
-        queue.put(time.perf_counter() - t)
+        queue.put(time.monotonic())  # CLOCK_MONOTONIC: one clock for all processes of the machine
 
 
-def throughput(endpoint, clients, n_per_client):
-    q = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=client_proc, args=(endpoint, n_per_client, q)) for _ in range(clients)]
-    t = time.perf_counter()
+def throughput(endpoint, clients, n_per_client, shape=(1, 32, 32, 3), window=WINDOW):
+    """Requests/s of `clients` processes, each keeping `window` check_sample requests in flight,
+    from the moment all of them start sending to the moment the last one has all its verdicts."""
+    ctx = mp.get_context("spawn")
+    q, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=client_proc, args=(endpoint, n_per_client, q, start, shape, window, k))
+             for k in range(clients)]
     for p in procs:
         p.start()
-    spans = [q.get() for _ in procs]
+    assert [q.get() for _ in procs] == ["ready"] * clients
+    t0 = time.monotonic()
+    start.set()
+    finished = [q.get() for _ in procs]
     for p in procs:
         p.join()
-    return clients * n_per_client / max(spans), time.perf_counter() - t
+    return clients * n_per_client / (max(finished) - t0), time.monotonic() - t0
 
 
 def ms(x):
     return f"{x * 1e3:8.3f} ms"
 
 
+BATCH_WORKLOADS = (  # (name, frames shape, requests in flight per client, requests per client with 1 / 8 clients)
+    ("text + 1x32x32", (1, 32, 32, 3), 1, 60, 30),
+    ("text + 1x32x32", (1, 32, 32, 3), 4, 80, 40),
+    ("text + 9x32x32 clip", (9, 32, 32, 3), 4, 12, 6),
+    ("text + 1x240x320", (1, 240, 320, 3), 4, 8, 4),
+)
+
+
+def batching_section(tiny_root, quick: bool) -> None:
+    """Part 5: the same requests to a batching worker and a --max-batch 1 worker, side by side."""
+    scale = 0.5 if quick else 1.0
+    extra = ["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]
+    with spawn_worker(preset="tiny", extra_args=extra) as on, \
+            spawn_worker(preset="tiny", extra_args=[*extra, "--max-batch", "1"]) as off, \
+            SafetyClient(on.endpoint, timeout=300) as c_on, SafetyClient(off.endpoint, timeout=300) as c_off:
+        b = on.hello["batching"]
+        print(f"\n## 5. dynamic batching: batching on (--max-batch {b['max_batch']} --max-batch-frames "
+              f"{b['max_batch_frames']} --batch-wait-ms {b['wait_ms']:g}) vs off (--max-batch 1), tiny checkpoint, faces all")
+        frame = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+        t_off, t_on = timed_pair(lambda: c_off.check_sample(SAFE_EXAMPLE, frame),
+                                 lambda: c_on.check_sample(SAFE_EXAMPLE, frame), int(100 * scale), warmup=5)
+        r_lat = statistics.median(t_on) / statistics.median(t_off)
+        print(f"single client, one request in flight, check_sample text + 1x32x32: p50 {ms(statistics.median(t_off))} off"
+              f"  {ms(statistics.median(t_on))} on  ratio {r_lat:.2f}x (target <= 1.2x: {'met' if r_lat <= 1.2 else 'MISSED'})")
+        print("check_sample requests/s from client processes that each keep `window` requests in flight "
+              "(window 1: each waits for its verdict; the trainer's SafetyFilter keeps 32). mean batch: "
+              "texts-or-samples per checker batch. x: 8 clients with batching on / 1 client with batching off.")
+        for name, shape, window, n1, n8 in BATCH_WORKLOADS:
+            rates = {}
+            for clients, n in ((1, n1), (8, n8)):
+                for label, worker, client in (("off", off, c_off), ("on", on, c_on)):
+                    before = client.stats()["batching"]
+                    rates[label, clients], _ = throughput(worker.endpoint, clients, max(2, int(n * scale)), shape, window)
+                    after = client.stats()["batching"]
+                    batches = after["batches"] - before["batches"]
+                    rates[label, clients, "mean"] = (after["units"] - before["units"]) / batches if batches else 0.0
+            r8 = rates["on", 8] / rates["off", 1]
+            target = f" (target >= 3x: {'met' if r8 >= 3 else 'MISSED'})" if shape == (1, 32, 32, 3) else ""
+            print(f"{name:20s} window {window}: 1 client {rates['off', 1]:6.1f} off {rates['on', 1]:6.1f} on (mean batch "
+                  f"{rates['on', 1, 'mean']:4.1f}) | 8 clients {rates['off', 8]:6.1f} off {rates['on', 8]:6.1f} on (mean batch "
+                  f"{rates['on', 8, 'mean']:4.1f}) | x {r8:.2f}{target}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--batching-only", action="store_true", help="run part 5 (batching on vs --max-batch 1) alone")
     args = ap.parse_args()
     n_small, n_clip, n_check, n_tp = (200, 10, 3, 20) if args.quick else (1000, 30, 5, 40)
     tiny_root = default_tiny_dir()
     rundir = tempfile.mkdtemp(prefix="bench-worker-")
 
     print(f"# bench_worker: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, zmq {zmq.zmq_version()}")
+    if args.batching_only:
+        batching_section(tiny_root, args.quick)
+        return
     with spawn_worker(preset="tiny", extra_args=["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]) as worker, \
             SafetyClient(worker.endpoint, timeout=300) as client:
         bare, close_bare = bare_echo(f"ipc://{rundir}/bare.sock")
@@ -174,6 +234,8 @@ def main():
             rps, _ = throughput(worker.endpoint, k, n_tp)
             base = base or rps
             print(f"{k} client(s): {rps:7.1f} req/s   ({rps / base:.2f}x of 1 client)")
+
+    batching_section(tiny_root, args.quick)
 
 
 if __name__ == "__main__":

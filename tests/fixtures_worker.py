@@ -32,8 +32,9 @@ def _spawn_tiny(root, faces, *extra):
 
 @pytest.fixture(scope="session")
 def tiny_safety_worker(tiny_guardrail_root):
-    """One tiny worker shared by the session: text guard blocks BLOCKED_PHRASE, no faces found."""
-    with _spawn_tiny(tiny_guardrail_root, "none") as worker:
+    """One tiny worker shared by the session: text guard blocks BLOCKED_PHRASE, no faces found;
+    Prometheus metrics on a free port (`worker.hello["metrics_url"]`)."""
+    with _spawn_tiny(tiny_guardrail_root, "none", "--metrics-port", "0") as worker:
         yield worker
 
 

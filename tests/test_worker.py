@@ -253,3 +253,18 @@ def test_prompts_are_not_written_to_the_worker_log(tiny_safety_worker, client):
     log = open(tiny_safety_worker.log_path).read()
     assert log  # the worker did write its log (model loading)
     assert "unique-secret" not in log and BLOCKED_PHRASE not in log
+
+
+def test_fault_tells_a_failed_check_from_a_judged_content(client):
+    """`Verdict.fault`: blocked because the check failed (here: an answer without a label), not
+    because the content was judged unsafe; the proxy's cache reuses only judged verdicts."""
+    from safety_worker import protocol as P
+    from safety_worker.proxy import _cacheable
+
+    unsafe, unlabeled, safe = client.check_text([BLOCKED_PHRASE, UNPARSEABLE_PHRASE, SAFE_EXAMPLE])
+    assert (unsafe.safe, unsafe.stage, unsafe.fault) == (False, "text", False)
+    assert (unlabeled.safe, unlabeled.stage, unlabeled.fault) == (False, "text", True)
+    assert (safe.safe, safe.stage, safe.fault) == (True, None, False)
+    reply = lambda *vs: P.Reply(1, "ok", result={"verdicts": [v.to_wire() for v in vs]})  # noqa: E731
+    assert _cacheable(reply(unsafe, safe)) and not _cacheable(reply(safe, unlabeled))
+    assert P.Verdict.from_wire(unlabeled.to_wire()) == unlabeled

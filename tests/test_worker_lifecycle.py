@@ -29,7 +29,8 @@ def _cli(*args, timeout=60):
 
 @pytest.fixture(scope="module")
 def small_queue_worker(spawn_tiny_worker):
-    worker = spawn_tiny_worker("all", "--queue-size", "2", "--max-message-bytes", str(2 * 2**20))
+    # --max-batch-frames 8: a batch holds exactly one SLOW_VIDEO, so "running + queued" is 1 + 2 checks.
+    worker = spawn_tiny_worker("all", "--queue-size", "2", "--max-message-bytes", str(2 * 2**20), "--max-batch-frames", "8")
     yield worker
     worker.stop()
 
@@ -129,6 +130,8 @@ def test_ipc_directory_must_be_private(tmp_path, tiny_guardrail_root):
     shared.chmod(0o755)
     r = _cli("serve", "--endpoint", f"ipc://{shared}/w.sock", "--tiny-dir", str(tiny_guardrail_root))
     assert r.returncode == 2 and "not private" in r.stderr and "chmod 700" in r.stderr
+    assert "omit --endpoint" not in r.stderr  # --endpoint is required: the advice must be one the user can take
+    assert f"ipc://{shared}/safety-worker/worker.sock" in r.stderr
 
 
 def test_tcp_endpoint_requires_explicit_insecure(tiny_guardrail_root):

@@ -47,6 +47,10 @@ U8 = np.zeros((1, 4, 4, 3), np.uint8)
     ([P.TAG, _header(op="format_disk")], "unknown_op"),
     ([P.TAG, _header(extra=1)], "bad_message"),
     ([P.TAG, _header(timeout_ms="soon")], "bad_message"),
+    ([P.TAG, _header(timeout_ms=None)], "bad_message"),  # nil is ill-typed for every optional field
+    ([P.TAG, _header(args=None)], "bad_message"),
+    ([P.TAG, _header(arrays=None)], "bad_message"),
+    ([P.TAG, _header(args=[])], "bad_message"),
     ([P.TAG, _header(args={"x": 1})], "bad_args"),
     ([P.TAG, _header(op="check_text", args={})], "bad_args"),
     ([P.TAG, _header(op="check_text", args={"texts": "not a list"})], "bad_args"),
@@ -62,6 +66,8 @@ U8 = np.zeros((1, 4, 4, 3), np.uint8)
     ([P.TAG, _header(op="check_video", arrays=[{"dtype": "uint8", "shape": [2000, 1, 1, 3]}]), bytes(6000)], "too_large"),
     ([P.TAG, msgpack.packb({"id": 7, "op": "ping", "args": msgpack.ExtType(5, b"x")})], "bad_message"),
     ([P.TAG, _header(op="shutdown", args={"token": "guess"})], "forbidden"),
+    ([P.TAG, _header(op="shutdown")], "forbidden"),  # no token at all: forbidden too, as the doc says
+    ([P.TAG, _header(op="shutdown", args={"token": 5})], "bad_args"),
 ])
 def test_malformed_request_gets_one_error_reply_and_worker_keeps_serving(raw, frames, code):
     reply = raw(frames)
@@ -76,12 +82,13 @@ def test_error_reply_carries_the_request_id_when_it_could_be_read(raw):
 
 
 def test_echo_returns_buffers_unchanged(raw):
-    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.zeros((0, 5), np.uint8)]
+    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.zeros((0, 5), np.uint8), np.array(7, np.int64)]
     req = P.Request(id=9, op="echo", arrays=arrays)
     reply = raw(P.encode_request(req))
-    assert reply.id == 9 and len(reply.arrays) == 2
+    assert reply.id == 9
+    assert len(reply.arrays) == len(arrays)
     for got, sent in zip(reply.arrays, arrays):
-        assert got.dtype == sent.dtype
+        assert got.dtype == sent.dtype and got.shape == sent.shape  # a 0-d array stays 0-d
         np.testing.assert_array_equal(got, sent)
 
 
@@ -97,3 +104,28 @@ def test_request_roundtrip_through_the_codec():
 def test_arrays_that_cannot_travel_are_refused_by_the_encoder():
     with pytest.raises(TypeError, match="cannot travel"):
         P.encode_request(P.Request(id=1, op="echo", arrays=[np.array(["a"], dtype=object)]))
+
+
+def test_curve_key_files_follow_the_documented_format(tmp_path):
+    """docs/PROTOCOL.md "CURVE key files": what a client in another language parses, with a regex."""
+    import re
+    import stat
+
+    import zmq.auth
+    from zmq.utils import z85
+
+    from safety_worker.security import create_keys
+
+    create_keys(tmp_path / "keys")
+    line = re.compile(r'^\s+(public|secret)-key = "(.{40})"$', re.M)
+    for name, kinds in (("server.key", ["public"]), ("server.key_secret", ["public", "secret"]),
+                        ("client.key_secret", ["public", "secret"]), ("authorized/client.key", ["public"])):
+        path = tmp_path / "keys" / name
+        text = path.read_text()
+        assert "\nmetadata\n" in text and "\ncurve\n" in text
+        keys = dict((kind, value) for kind, value in line.findall(text))
+        assert sorted(keys) == kinds
+        assert all(len(z85.decode(v.encode())) == 32 for v in keys.values())
+        assert (keys["public"].encode(), keys.get("secret", "").encode() or None) == zmq.auth.load_certificate(str(path))
+        if "secret" in kinds:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safety_worker import Verdict
 from theworld.data.sources import sample_text
 
 
@@ -103,19 +104,19 @@ class SafetyFilter:
             if not self._pending:
                 raise StopIteration  # a finite stream (the held-out set) is exhausted
             item = self._pending.popleft()
-            verdict, error = self._wait(item)
+            verdict, images, error = self._wait(item)
             self.counts.seen += 1
             self.next_position = item.position + 1
             if error is not None:
                 self._record_error(item, error)
                 continue
-            if not verdict[0]:
+            if not verdict.safe:
                 self.counts.blocked += 1
-                self._write(self._blocked_file, {"id": item.sample["id"], "position": item.position, "reason": verdict[1], "stage": verdict[2]})
+                self._write(self._blocked_file, {"id": item.sample["id"], "position": item.position, "reason": verdict.reason, "stage": verdict.stage})
                 continue
             self.counts.passed += 1
             sample = dict(item.sample)
-            sample["images"] = verdict[2]
+            sample["images"] = images
             return item.position, sample
 
     def _fill(self):
@@ -137,28 +138,30 @@ class SafetyFilter:
             return _Pending(position, sample, [], error=f"{type(e).__name__}: {e}")
         return _Pending(position, sample, futures)
 
-    def _wait(self, item: _Pending):
-        """``((True, None, sanitized_images), None)``, ``((False, reason, stage), None)`` or ``(None, error)``.
+    def _wait(self, item: _Pending) -> tuple[Verdict | None, list[np.ndarray] | None, str | None]:
+        """``(verdict, sanitized images, None)`` when safe, ``(blocked verdict, None, None)`` or
+        ``(None, None, error)`` when the check failed. A sample sent as several videos is safe only if
+        all are (the first blocked one is its verdict).
 
         Only the time spent blocked here counts as the trainer waiting on the worker."""
         if item.error is not None:
-            return None, item.error
+            return None, None, item.error
         start = time.perf_counter()
         try:
-            verdicts = [future.result(timeout=self.result_timeout) for future in item.futures]
+            verdicts: list[Verdict] = [future.result(timeout=self.result_timeout) for future in item.futures]
         except Exception as e:
-            return None, f"{type(e).__name__}: {e}"
+            return None, None, f"{type(e).__name__}: {e}"
         finally:
             self.counts.wait_seconds += time.perf_counter() - start
         for verdict in verdicts:
             if not verdict.safe:
-                return (False, verdict.reason, getattr(verdict, "stage", None)), None
+                return verdict, None, None
             if verdict.frames is None:
-                return None, "the worker passed the sample but returned no sanitized frames"
+                return None, None, "the worker passed the sample but returned no sanitized frames"
         images = [np.asarray(frame) for verdict in verdicts for frame in verdict.frames]
         if len(images) != len(item.sample["images"]):
-            return None, f"the worker returned {len(images)} frames for {len(item.sample['images'])} images"
-        return (True, None, images), None
+            return None, None, f"the worker returned {len(images)} frames for {len(item.sample['images'])} images"
+        return verdicts[0], images, None
 
     def _record_error(self, item: _Pending, error: str):
         self.counts.errors += 1
