@@ -174,3 +174,18 @@ def test_help_describes_the_safety_contract():
                           timeout=120, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0
     assert "--safety-endpoint" in done.stdout and "--save-video" in done.stdout
+
+
+def test_a_video_must_be_a_clip_of_1_plus_4k_frames(tmp_path):
+    import imageio.v3 as iio
+
+    from theworld.generate import read_frames
+
+    def distinct_frames(count):  # a GIF writer may merge identical frames
+        return (np.zeros((count, 32, 32, 3)) + 20 * np.arange(count)[:, None, None, None]).astype(np.uint8)
+
+    iio.imwrite(tmp_path / "six.gif", distinct_frames(6), duration=50, loop=0)
+    with pytest.raises(ValueError, match=r"six.gif: a world clip must have 1 \+ 4k frames .* use 5 or 9 frames"):
+        read_frames(tmp_path / "six.gif", video=True)
+    iio.imwrite(tmp_path / "nine.gif", distinct_frames(9), duration=50, loop=0)
+    assert read_frames(tmp_path / "nine.gif", video=True).shape == (9, 32, 32, 3)
