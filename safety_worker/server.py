@@ -13,25 +13,23 @@ checker (which switches autograd off in this process: that is why it is a separa
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hmac
 import logging
 import os
 import queue
 import re
 import signal
-import stat
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import zmq
 
 from . import protocol as P
+from .endpoint import LINGER_MS, WorkerStartError, bind_router, claim_endpoint, release_endpoint
 from .metrics import WorkerMetrics
 from .protocol import Limits, ProtocolError, Reply, Request, Verdict
 
@@ -40,11 +38,6 @@ logger = logging.getLogger("safety_worker")
 WORKER_VERSION = "0.1.0"
 _QWEN_LABEL = re.compile(r"Safety: (Safe|Unsafe|Controversial)")
 _POLL_MS = 100  # how often the main loop looks at signals, drains and checker timeouts
-_LINGER_MS = 1000  # let queued replies leave before the context is terminated
-
-
-class WorkerStartError(RuntimeError):
-    """The worker cannot start (endpoint taken or unsafe, checkpoint missing...)."""
 
 
 # ---------------------------------------------------------------- fail-closed checker
@@ -253,56 +246,6 @@ def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-G
     return checker
 
 
-# ---------------------------------------------------------------- ipc endpoint safety
-
-def claim_ipc_endpoint(endpoint: str):
-    """For ipc://PATH: make sure PATH's directory is private (0700, ours) and take PATH.lock.
-
-    Binding an ipc path that another worker holds silently steals it, so a second worker must
-    refuse instead. Returns the open lock file (keep it open while serving) or None for non-ipc.
-    """
-    if not endpoint.startswith("ipc://"):
-        return None
-    path = Path(endpoint[len("ipc://"):])
-    if not path.is_absolute():
-        raise WorkerStartError(f"ipc endpoint {endpoint!r} must use an absolute path (ipc:///dir/worker.sock)")
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
-    st = parent.stat()
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise WorkerStartError(
-            f"ipc directory {parent} is not private (owner uid {st.st_uid}, mode {oct(stat.S_IMODE(st.st_mode))}): "
-            f"any local user could connect. Make it private with `chmod 700 {parent}`, or put the socket in a new "
-            f"directory of your own (the worker creates a missing one with mode 0700), e.g. ipc://{parent}/safety-worker/worker.sock"
-        )
-    lock = open(str(path) + ".lock", "a+")
-    os.chmod(lock.name, 0o600)
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise WorkerStartError(
-            f"another safety worker (pid {holder}) is serving {endpoint}; stop it or pass a different --endpoint"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    if path.exists():  # left by a worker that died without cleaning up (we hold the lock now)
-        path.unlink()
-    return lock
-
-
-def release_ipc_endpoint(endpoint: str, lock) -> None:
-    """Undo `claim_ipc_endpoint`: remove the socket file, then drop the lock (None: nothing to do)."""
-    if lock is not None:
-        Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
-        lock.close()
-
-
 # ---------------------------------------------------------------- the server
 
 @dataclasses.dataclass(frozen=True)
@@ -380,22 +323,9 @@ class SafetyWorker:
         batching: Batching = Batching(),
         metrics_port: int | None = None,
     ):
-        if endpoint.startswith("tcp://") and not insecure and curve_dir is None:
-            raise WorkerStartError(
-                f"{endpoint}: tcp endpoints need CURVE authentication: pass --curve-dir DIR (keys from "
-                "`python -m safety_worker keys DIR`), use an ipc:// endpoint, or pass --insecure to accept "
-                "unauthenticated network clients"
-            )
-        if curve_dir is not None:  # a bad key directory fails before the slow checker load
-            from .security import CurveConfigError, check_server_dir
-
-            try:
-                check_server_dir(curve_dir)
-            except CurveConfigError as e:
-                raise WorkerStartError(str(e)) from None
         self.endpoint = endpoint
-        # Claim the endpoint before the slow checker load, so a second worker fails fast.
-        self._lock_file = claim_ipc_endpoint(endpoint)
+        # Claim the endpoint before the slow checker load, so a bad or taken one fails fast.
+        self._lock_file = claim_endpoint(endpoint, curve_dir, insecure)
         checker = load_checker()
         self.batching = batching
         self.guard = GuardedChecker(checker, controversial=controversial,
@@ -419,20 +349,10 @@ class SafetyWorker:
         self._parent_pid = parent_pid
         self.metrics = WorkerMetrics()
         self._ctx = zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
-        # Without this a ROUTER silently drops replies to peers it cannot route to.
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        self._router.setsockopt(zmq.LINGER, _LINGER_MS)
-        self._auth = None
-        if curve_dir is not None:  # before bind: the socket must be a CURVE server from the first peer on
-            from .security import configure_curve_server
-
-            self._auth = configure_curve_server(self._ctx, self._router, curve_dir)
         self._wake_addr = f"inproc://safety-worker-done-{self.instance_id}"
         self._wake_rx = self._ctx.socket(zmq.PULL)
         self._wake_rx.bind(self._wake_addr)
-        self._router.bind(endpoint)
+        self._router, self._auth = bind_router(self._ctx, endpoint, limits.max_message_bytes, curve_dir)
         self._grad_enabled = _grad_enabled()
         self._metrics_server, self.metrics_url = None, None
         if metrics_port is not None:
@@ -484,13 +404,13 @@ class SafetyWorker:
                 pass  # leaving after an error with a full queue: the daemon thread dies with us
             thread.join(timeout=1.0)
             self._wake_rx.close(linger=0)
-            self._router.close(linger=_LINGER_MS)
+            self._router.close(linger=LINGER_MS)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
-            release_ipc_endpoint(self.endpoint, self._lock_file)
+            release_endpoint(self.endpoint, self._lock_file)
             logger.info("safety worker stopped")
 
     # -- main thread
