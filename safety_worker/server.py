@@ -61,15 +61,25 @@ class GuardedChecker:
     its own).
     """
 
-    def __init__(self, checker, controversial: str = "block", frame_batch: int = 1):
+    def __init__(self, checker, controversial: str = "block", frame_batch: int = 1, pass_pixels: int | None = None):
+        """`frame_batch`: frames per face-filter forward pass (1: cosmos_guardrail's own); `pass_pixels`:
+        if set, fewer frames per pass for large frames (at most this many pixels per pass, at least one
+        frame)."""
         if controversial not in ("block", "allow"):
             raise ValueError("controversial must be 'block' or 'allow'")
         self.checker = checker
         self.controversial = controversial
-        if frame_batch > 1:  # RetinaFaceFilter runs batch_size frames per forward pass (1 in cosmos_guardrail)
-            for post in getattr(getattr(checker, "video_guardrail", None), "postprocessors", None) or ():
-                if hasattr(post, "batch_size"):
-                    post.batch_size = frame_batch
+        self.frame_batch = frame_batch
+        self.pass_pixels = pass_pixels
+        self._set_frame_batch(frame_batch)
+
+    def _set_frame_batch(self, n: int) -> None:
+        # RetinaFaceFilter runs batch_size frames per forward pass (1 in cosmos_guardrail).
+        if self.frame_batch <= 1:
+            return
+        for post in getattr(getattr(self.checker, "video_guardrail", None), "postprocessors", None) or ():
+            if hasattr(post, "batch_size"):
+                post.batch_size = n
 
     # -- text
 
@@ -161,7 +171,9 @@ class GuardedChecker:
                 verdicts[i] = Verdict.blocked(_VIDEO_BLOCKED, "video")
             else:
                 groups.setdefault(tuple(clip.shape[1:3]), []).append(i)
-        for members in groups.values():
+        for (h, w), members in groups.items():
+            if self.pass_pixels is not None:
+                self._set_frame_batch(max(1, min(self.frame_batch, self.pass_pixels // (h * w))))
             stacked = np.concatenate([np.asarray(clips[i], dtype=np.uint8) for i in members])  # a private copy
             out = runner.postprocess(stacked)
             if not isinstance(out, np.ndarray) or out.shape != stacked.shape:
@@ -209,6 +221,10 @@ def qwen3guard_generate(guard, prompts: Sequence[str]) -> list[list[int]]:
     return rows
 
 
+# On a CPU RetinaFace gains from batching small frames only: 32x32 frames ~5x at 16 per pass, 240x320
+# none (compute-bound), and 8 per pass measured slower under load. 2**17 pixels: 32 frames of 64x64,
+# one of 240x320. A GPU gets whole batches.
+_CPU_PASS_PIXELS = 2**17
 _QWEN_MAX_NEW_TOKENS = 128  # as cosmos_guardrail's Qwen3Guard
 _VIDEO_BLOCKED = "video guardrail blocked the frames"
 
@@ -329,7 +345,8 @@ class SafetyWorker:
         checker = load_checker()
         self.batching = batching
         self.guard = GuardedChecker(checker, controversial=controversial,
-                                    frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1)
+                                    frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1,
+                                    pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
         self.models = models
         self.limits = limits
         self.check_timeout = check_timeout
