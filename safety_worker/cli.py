@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                         "blocklist and ONE left-padded Qwen3Guard generate, their frames of the same size through "
                         f"RetinaFace together; 1 checks one request at a time (no batching). Default {batching.max_batch}")
     s.add_argument("--max-batch-frames", type=int, default=batching.max_batch_frames,
-                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size "
+                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size (with --device cpu "
+                        "at most 2^17 pixels per pass: large frames gain nothing from batching on a CPU) "
                         f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
     s.add_argument("--batch-wait-ms", type=float, default=batching.wait_ms,
                    help="after the first queued check, wait at most M ms for more to join its batch "

@@ -274,7 +274,8 @@ class Batching:
     for more to arrive. A check that would overflow it starts the next batch (a single check bigger
     than the limits still runs, alone). `max_batch=1`
     checks one request at a time with the face filter's own batch size, as before batching.
-    `max_batch_frames` is also the face filter's forward-pass batch size.
+    `max_batch_frames` is also the face filter's forward-pass batch size (on a CPU, at most
+    `_CPU_PASS_PIXELS` pixels per pass).
     Defaults: measured on CPU (docs/safety_worker.md).
     """
 
