@@ -6,12 +6,11 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from . import protocol as P
 
 EXIT_SAFE, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
-_DEFAULT_GUARDRAIL_REPO = "nvidia/Cosmos-1.0-Guardrail"
+_DEFAULT_GUARDRAIL_REPO = "nvidia/Cosmos-1.0-Guardrail"  # = presets.DEFAULT_GUARDRAIL_REPO (not imported: --help stays light)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", required=True,
                    help="ZeroMQ endpoint to bind: ipc:///private/dir/worker.sock (the directory is created 0700 "
                         "if missing and must not be group/world accessible) or tcp://HOST:PORT (needs --curve-dir or --insecure)")
-    s.add_argument("--preset", choices=("tiny", "hub", "local"), default="tiny",
+    s.add_argument("--preset", choices=("tiny", "hub", "local"), default="tiny",  # resolved by safety_worker.presets
                    help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
                         "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, "
                         "--guardrail-repo); 'local': real weights from two local directories (--guardrail-dir, --text-guard-dir)")
@@ -71,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                         "blocklist and ONE left-padded Qwen3Guard generate, their frames of the same size through "
                         f"RetinaFace together; 1 checks one request at a time (no batching). Default {batching.max_batch}")
     s.add_argument("--max-batch-frames", type=int, default=batching.max_batch_frames,
-                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size "
+                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size (with --device cpu "
+                        "at most 2^17 pixels per pass: large frames gain nothing from batching on a CPU) "
                         f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
     s.add_argument("--batch-wait-ms", type=float, default=batching.wait_ms,
                    help="after the first queued check, wait at most M ms for more to join its batch "
@@ -153,40 +153,15 @@ def serve(args) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Read and forget the owner token so nothing this process starts inherits it.
     token = os.environ.pop(P.OWNER_TOKEN_ENV, None)
-    models = {"preset": args.preset, "guardrail_repo": args.guardrail_repo, "text_guard_repo": None}
-    if args.preset == "tiny":
-        from . import tiny
+    from .presets import PresetError, use_preset
 
-        if args.guardrail_repo != _DEFAULT_GUARDRAIL_REPO or args.hf_home or args.guardrail_dir or args.text_guard_dir:
-            print("error: --guardrail-repo/--hf-home/--guardrail-dir/--text-guard-dir do not apply to --preset tiny", file=sys.stderr)
-            return EXIT_ERROR
-        root = Path(args.tiny_dir) if args.tiny_dir else tiny.default_tiny_dir()
-        home = root / tiny.variant_key(args.tiny_faces)
-        # huggingface_hub reads HF_HOME once, at import: set it before anything imports it.
-        os.environ["HF_HOME"] = str(home)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        tiny.build_tiny_guardrail(root, faces=args.tiny_faces)
-        models.update(tiny_faces=args.tiny_faces, blocked_phrase=tiny.BLOCKED_PHRASE)
-    elif args.preset == "local":
-        import tempfile
-
-        from .tiny import link_local_checkpoints
-
-        if not (args.guardrail_dir and args.text_guard_dir):
-            print("error: --preset local needs --guardrail-dir and --text-guard-dir", file=sys.stderr)
-            return EXIT_ERROR
-        try:
-            home = link_local_checkpoints(tempfile.mkdtemp(prefix="safety-worker-hf-"), args.guardrail_dir, args.text_guard_dir)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        os.environ["HF_HOME"] = str(home)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        models.update(guardrail_dir=str(Path(args.guardrail_dir).resolve()), text_guard_dir=str(Path(args.text_guard_dir).resolve()))
-    elif args.hf_home:
-        os.environ["HF_HOME"] = args.hf_home
-    models["hf_home"] = os.environ.get("HF_HOME")
-    models["text_guard_repo"] = "Qwen/Qwen3Guard-Gen-0.6B"  # hard-coded in cosmos_guardrail
+    try:
+        models = use_preset(args.preset, tiny_dir=args.tiny_dir, tiny_faces=args.tiny_faces, hf_home=args.hf_home,
+                            guardrail_repo=args.guardrail_repo, guardrail_dir=args.guardrail_dir,
+                            text_guard_dir=args.text_guard_dir)
+    except PresetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
     from .server import SafetyWorker, WorkerStartError, install_signal_handlers, load_checker
 

@@ -168,6 +168,19 @@ class SafetyClient:
         """Ask the worker to drain and exit; only the owner's token (see spawn_worker) is accepted."""
         return self._call("shutdown", {"token": token})
 
+    def request(self, op: str, args: dict | None = None, arrays: Sequence[np.ndarray] = (),
+                timeout: float | None = None) -> Future:
+        """Any op, non-blocking: a Future of the raw `protocol.Reply` (ok replies only; an error reply
+        raises `WorkerError`). For tools that pass requests on, like the `--replicas` front.
+        `timeout`: seconds (default: the client's)."""
+        return self._submit(op, args or {}, list(arrays), lambda rep: rep, timeout=timeout)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered (or failed)."""
+        with self._lock:
+            return len(self._pending)
+
     def close(self) -> None:
         if self._closed:
             return

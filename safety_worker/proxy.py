@@ -34,7 +34,7 @@ import zmq
 
 from . import protocol as P
 from .client import WorkerDead, WorkerError, WorkerTimeout, drain_wakeups
-from .server import release_ipc_endpoint
+from .endpoint import LINGER_MS, bind_router, claim_endpoint, release_endpoint
 
 logger = logging.getLogger("safety_worker.proxy")
 
@@ -134,7 +134,7 @@ class ReplicaProxy:
     def __init__(self, endpoint: str, replicas: Sequence, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
                  owner_token: str | None = None, curve_dir: str | None = None, insecure: bool = False,
                  parent_pid: int | None = None, lock_file=None, cache_file: str | None = None):
-        """`lock_file`: the endpoint's claim (`claim_endpoint`), taken before the replicas were started."""
+        """`lock_file`: the endpoint's claim (`endpoint.claim_endpoint`), taken before the replicas were started."""
         self.endpoint = endpoint
         self.replicas = list(replicas)
         self.limits = limits
@@ -154,16 +154,7 @@ class ReplicaProxy:
         self._stopping = False
         self.counts = {"requests": 0, "answered_here": 0, "dispatched": [0] * len(self.replicas)}
         self._ctx = zmq.Context()
-        self._auth = None
-        self._front = self._ctx.socket(zmq.ROUTER)
-        self._front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._front.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        self._front.setsockopt(zmq.LINGER, 1000)
-        if curve_dir is not None:
-            from .security import configure_curve_server
-
-            self._auth = configure_curve_server(self._ctx, self._front, curve_dir)
-        self._front.bind(endpoint)
+        self._front, self._auth = bind_router(self._ctx, endpoint, limits.max_message_bytes, curve_dir)
         self._metrics_server, self.metrics_url, self._scrape_clients = None, None, []
 
     def serve_metrics(self, port: int) -> str:
@@ -209,7 +200,7 @@ class ReplicaProxy:
                     logger.warning("parent process %d is gone; stopping", self._parent_pid)
                     self._parent_pid = None
                     self._stopping = True
-                if self._stopping and not self._inflight and not any(c._pending for c in self.clients) and not self._done:
+                if self._stopping and not self._inflight and not any(c.outstanding for c in self.clients) and not self._done:
                     break
         finally:
             if self.cache_file:
@@ -220,11 +211,11 @@ class ReplicaProxy:
                 client.close()
             for replica in self.replicas:
                 replica.stop()
-            self._front.close(linger=1000)
+            self._front.close(linger=LINGER_MS)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
-            release_ipc_endpoint(self.endpoint, self._lock_file)
+            release_endpoint(self.endpoint, self._lock_file)
             logger.info("replica proxy stopped")
 
     # -- front side (main thread only)
@@ -261,11 +252,11 @@ class ReplicaProxy:
                 self._inflight[key].append((envelope, req.id))
                 return
             self._inflight[key] = [(envelope, req.id)]
-        i = min(range(len(self.clients)), key=lambda j: len(self.clients[j]._pending))
+        i = min(range(len(self.clients)), key=lambda j: self.clients[j].outstanding)
         self.counts["dispatched"][i] += 1
         timeout = (req.timeout_ms / 1000) if req.timeout_ms is not None else 3600.0
         try:
-            future = self.clients[i]._submit(req.op, req.args, req.arrays, lambda rep: rep, timeout=timeout)
+            future = self.clients[i].request(req.op, req.args, req.arrays, timeout=timeout)
         except Exception as e:  # the replica client is dead (restart budget spent)
             self._finish(envelope, req, key, None, e)
             return
@@ -312,7 +303,7 @@ class ReplicaProxy:
 
     def snapshot(self) -> dict:
         return {"replicas": len(self.replicas), "replica_pids": [r.pid for r in self.replicas],
-                "outstanding": [len(c._pending) for c in self.clients], "dispatched": list(self.counts["dispatched"]),
+                "outstanding": [c.outstanding for c in self.clients], "dispatched": list(self.counts["dispatched"]),
                 "requests": self.counts["requests"], "answered_from_cache": self.counts["answered_here"],
                 "cache": self.cache.snapshot(), "checker_identity": self.identity}
 
@@ -337,26 +328,12 @@ def replica_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def claim_endpoint(endpoint: str, curve_dir: str | None, insecure: bool):
-    """The front's endpoint checks, as for a single worker: tcp needs CURVE or --insecure; ipc is locked."""
-    from .server import WorkerStartError, claim_ipc_endpoint
-
-    if endpoint.startswith("tcp://") and not insecure and curve_dir is None:
-        raise WorkerStartError(f"{endpoint}: tcp endpoints need CURVE authentication: pass --curve-dir DIR, "
-                               "use an ipc:// endpoint, or pass --insecure")
-    if curve_dir is not None:
-        from .security import check_server_dir
-
-        check_server_dir(curve_dir)
-    return claim_ipc_endpoint(endpoint)
-
-
 def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
     """`serve --replicas N`: spawn N supervised replicas on private ipc endpoints, then run the proxy."""
     import signal
     import sys
 
-    from .server import WorkerStartError
+    from .endpoint import WorkerStartError
     from .spawn import spawn_worker
 
     extra = replica_args(args.argv)

@@ -1,7 +1,7 @@
 """CURVE authentication and encryption for tcp:// workers (`zmq.auth`; light: no torch).
 
 CURVE does not apply to ipc:// (that is protected by its 0700 directory and lock file, see
-`server.claim_ipc_endpoint`); on tcp:// it is required unless `serve --insecure` is given.
+`endpoint.claim_endpoint`); on tcp:// it is required unless `serve --insecure` is given.
 
 A key directory (`python -m safety_worker keys DIR`) holds:
 

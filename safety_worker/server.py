@@ -13,25 +13,23 @@ checker (which switches autograd off in this process: that is why it is a separa
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hmac
 import logging
 import os
 import queue
 import re
 import signal
-import stat
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import zmq
 
 from . import protocol as P
+from .endpoint import LINGER_MS, WorkerStartError, bind_router, claim_endpoint, release_endpoint
 from .metrics import WorkerMetrics
 from .protocol import Limits, ProtocolError, Reply, Request, Verdict
 
@@ -40,11 +38,6 @@ logger = logging.getLogger("safety_worker")
 WORKER_VERSION = "0.1.0"
 _QWEN_LABEL = re.compile(r"Safety: (Safe|Unsafe|Controversial)")
 _POLL_MS = 100  # how often the main loop looks at signals, drains and checker timeouts
-_LINGER_MS = 1000  # let queued replies leave before the context is terminated
-
-
-class WorkerStartError(RuntimeError):
-    """The worker cannot start (endpoint taken or unsafe, checkpoint missing...)."""
 
 
 # ---------------------------------------------------------------- fail-closed checker
@@ -68,15 +61,25 @@ class GuardedChecker:
     its own).
     """
 
-    def __init__(self, checker, controversial: str = "block", frame_batch: int = 1):
+    def __init__(self, checker, controversial: str = "block", frame_batch: int = 1, pass_pixels: int | None = None):
+        """`frame_batch`: frames per face-filter forward pass (1: cosmos_guardrail's own); `pass_pixels`:
+        if set, fewer frames per pass for large frames (at most this many pixels per pass, at least one
+        frame)."""
         if controversial not in ("block", "allow"):
             raise ValueError("controversial must be 'block' or 'allow'")
         self.checker = checker
         self.controversial = controversial
-        if frame_batch > 1:  # RetinaFaceFilter runs batch_size frames per forward pass (1 in cosmos_guardrail)
-            for post in getattr(getattr(checker, "video_guardrail", None), "postprocessors", None) or ():
-                if hasattr(post, "batch_size"):
-                    post.batch_size = frame_batch
+        self.frame_batch = frame_batch
+        self.pass_pixels = pass_pixels
+        self._set_frame_batch(frame_batch)
+
+    def _set_frame_batch(self, n: int) -> None:
+        # RetinaFaceFilter runs batch_size frames per forward pass (1 in cosmos_guardrail).
+        if self.frame_batch <= 1:
+            return
+        for post in getattr(getattr(self.checker, "video_guardrail", None), "postprocessors", None) or ():
+            if hasattr(post, "batch_size"):
+                post.batch_size = n
 
     # -- text
 
@@ -168,7 +171,9 @@ class GuardedChecker:
                 verdicts[i] = Verdict.blocked(_VIDEO_BLOCKED, "video")
             else:
                 groups.setdefault(tuple(clip.shape[1:3]), []).append(i)
-        for members in groups.values():
+        for (h, w), members in groups.items():
+            if self.pass_pixels is not None:
+                self._set_frame_batch(max(1, min(self.frame_batch, self.pass_pixels // (h * w))))
             stacked = np.concatenate([np.asarray(clips[i], dtype=np.uint8) for i in members])  # a private copy
             out = runner.postprocess(stacked)
             if not isinstance(out, np.ndarray) or out.shape != stacked.shape:
@@ -216,6 +221,10 @@ def qwen3guard_generate(guard, prompts: Sequence[str]) -> list[list[int]]:
     return rows
 
 
+# On a CPU RetinaFace gains from batching small frames only: 32x32 frames ~5x at 16 per pass, 240x320
+# none (compute-bound), and 8 per pass measured slower under load. 2**17 pixels: 32 frames of 64x64,
+# one of 240x320. A GPU gets whole batches.
+_CPU_PASS_PIXELS = 2**17
 _QWEN_MAX_NEW_TOKENS = 128  # as cosmos_guardrail's Qwen3Guard
 _VIDEO_BLOCKED = "video guardrail blocked the frames"
 
@@ -253,56 +262,6 @@ def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-G
     return checker
 
 
-# ---------------------------------------------------------------- ipc endpoint safety
-
-def claim_ipc_endpoint(endpoint: str):
-    """For ipc://PATH: make sure PATH's directory is private (0700, ours) and take PATH.lock.
-
-    Binding an ipc path that another worker holds silently steals it, so a second worker must
-    refuse instead. Returns the open lock file (keep it open while serving) or None for non-ipc.
-    """
-    if not endpoint.startswith("ipc://"):
-        return None
-    path = Path(endpoint[len("ipc://"):])
-    if not path.is_absolute():
-        raise WorkerStartError(f"ipc endpoint {endpoint!r} must use an absolute path (ipc:///dir/worker.sock)")
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
-    st = parent.stat()
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise WorkerStartError(
-            f"ipc directory {parent} is not private (owner uid {st.st_uid}, mode {oct(stat.S_IMODE(st.st_mode))}): "
-            f"any local user could connect. Make it private with `chmod 700 {parent}`, or put the socket in a new "
-            f"directory of your own (the worker creates a missing one with mode 0700), e.g. ipc://{parent}/safety-worker/worker.sock"
-        )
-    lock = open(str(path) + ".lock", "a+")
-    os.chmod(lock.name, 0o600)
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise WorkerStartError(
-            f"another safety worker (pid {holder}) is serving {endpoint}; stop it or pass a different --endpoint"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    if path.exists():  # left by a worker that died without cleaning up (we hold the lock now)
-        path.unlink()
-    return lock
-
-
-def release_ipc_endpoint(endpoint: str, lock) -> None:
-    """Undo `claim_ipc_endpoint`: remove the socket file, then drop the lock (None: nothing to do)."""
-    if lock is not None:
-        Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
-        lock.close()
-
-
 # ---------------------------------------------------------------- the server
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +274,8 @@ class Batching:
     for more to arrive. A check that would overflow it starts the next batch (a single check bigger
     than the limits still runs, alone). `max_batch=1`
     checks one request at a time with the face filter's own batch size, as before batching.
-    `max_batch_frames` is also the face filter's forward-pass batch size.
+    `max_batch_frames` is also the face filter's forward-pass batch size (on a CPU, at most
+    `_CPU_PASS_PIXELS` pixels per pass).
     Defaults: measured on CPU (docs/safety_worker.md).
     """
 
@@ -380,26 +340,14 @@ class SafetyWorker:
         batching: Batching = Batching(),
         metrics_port: int | None = None,
     ):
-        if endpoint.startswith("tcp://") and not insecure and curve_dir is None:
-            raise WorkerStartError(
-                f"{endpoint}: tcp endpoints need CURVE authentication: pass --curve-dir DIR (keys from "
-                "`python -m safety_worker keys DIR`), use an ipc:// endpoint, or pass --insecure to accept "
-                "unauthenticated network clients"
-            )
-        if curve_dir is not None:  # a bad key directory fails before the slow checker load
-            from .security import CurveConfigError, check_server_dir
-
-            try:
-                check_server_dir(curve_dir)
-            except CurveConfigError as e:
-                raise WorkerStartError(str(e)) from None
         self.endpoint = endpoint
-        # Claim the endpoint before the slow checker load, so a second worker fails fast.
-        self._lock_file = claim_ipc_endpoint(endpoint)
+        # Claim the endpoint before the slow checker load, so a bad or taken one fails fast.
+        self._lock_file = claim_endpoint(endpoint, curve_dir, insecure)
         checker = load_checker()
         self.batching = batching
         self.guard = GuardedChecker(checker, controversial=controversial,
-                                    frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1)
+                                    frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1,
+                                    pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
         self.models = models
         self.limits = limits
         self.check_timeout = check_timeout
@@ -419,20 +367,10 @@ class SafetyWorker:
         self._parent_pid = parent_pid
         self.metrics = WorkerMetrics()
         self._ctx = zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
-        # Without this a ROUTER silently drops replies to peers it cannot route to.
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        self._router.setsockopt(zmq.LINGER, _LINGER_MS)
-        self._auth = None
-        if curve_dir is not None:  # before bind: the socket must be a CURVE server from the first peer on
-            from .security import configure_curve_server
-
-            self._auth = configure_curve_server(self._ctx, self._router, curve_dir)
         self._wake_addr = f"inproc://safety-worker-done-{self.instance_id}"
         self._wake_rx = self._ctx.socket(zmq.PULL)
         self._wake_rx.bind(self._wake_addr)
-        self._router.bind(endpoint)
+        self._router, self._auth = bind_router(self._ctx, endpoint, limits.max_message_bytes, curve_dir)
         self._grad_enabled = _grad_enabled()
         self._metrics_server, self.metrics_url = None, None
         if metrics_port is not None:
@@ -484,13 +422,13 @@ class SafetyWorker:
                 pass  # leaving after an error with a full queue: the daemon thread dies with us
             thread.join(timeout=1.0)
             self._wake_rx.close(linger=0)
-            self._router.close(linger=_LINGER_MS)
+            self._router.close(linger=LINGER_MS)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
-            release_ipc_endpoint(self.endpoint, self._lock_file)
+            release_endpoint(self.endpoint, self._lock_file)
             logger.info("safety worker stopped")
 
     # -- main thread

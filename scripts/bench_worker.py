@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from safety_worker import SafetyClient, spawn_worker  # noqa: E402
-from safety_worker.tiny import SAFE_EXAMPLE, build_tiny_guardrail, default_tiny_dir, variant_key  # noqa: E402
+from safety_worker.presets import use_preset  # noqa: E402
+from safety_worker.tiny import SAFE_EXAMPLE, default_tiny_dir  # noqa: E402
 
 BARE_ECHO = textwrap.dedent("""
     import sys, zmq
@@ -205,9 +206,7 @@ def main():
             close_bare()
 
         # 3. remote vs in-process, same checker on the same tiny checkpoint
-        os.environ["HF_HOME"] = str(tiny_root / variant_key("all"))
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        build_tiny_guardrail(tiny_root, faces="all")
+        use_preset("tiny", tiny_dir=tiny_root, tiny_faces="all")  # what the worker loads
         import torch
         from cosmos_guardrail import CosmosSafetyChecker
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from safety_worker import spawn_worker
-from safety_worker.tiny import variant_key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,13 +59,10 @@ def run_in_checker_process(tiny_guardrail_root):
     """
 
     def run(code: str, faces: str = "none", timeout: float = 120) -> dict:
-        home = Path(tiny_guardrail_root) / variant_key(faces)
         prelude = textwrap.dedent(f"""
             import os, sys, json
-            os.environ["HF_HOME"] = {str(home)!r}
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            from safety_worker.tiny import build_tiny_guardrail
-            build_tiny_guardrail({str(tiny_guardrail_root)!r}, faces={faces!r})
+            from safety_worker.presets import use_preset
+            use_preset("tiny", tiny_dir={str(tiny_guardrail_root)!r}, tiny_faces={faces!r})  # as a worker does
             import numpy as np, torch
             torch.set_num_threads(1)
             from cosmos_guardrail import CosmosSafetyChecker

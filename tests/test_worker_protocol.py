@@ -129,3 +129,20 @@ def test_curve_key_files_follow_the_documented_format(tmp_path):
         assert (keys["public"].encode(), keys.get("secret", "").encode() or None) == zmq.auth.load_certificate(str(path))
         if "secret" in kinds:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"preset": "tiny", "hf_home": "/somewhere"}, "do not apply to --preset tiny"),
+    ({"preset": "local", "guardrail_dir": "/a"}, "needs --guardrail-dir and --text-guard-dir"),
+    ({"preset": "local", "guardrail_dir": "/no/such/dir", "text_guard_dir": "/no/such/dir2"}, "is not a directory"),
+    ({"preset": "cloud"}, "preset must be one of"),
+])
+def test_presets_refuse_options_that_do_not_fit_before_touching_the_environment(kwargs, message, monkeypatch):
+    import os
+
+    from safety_worker.presets import PresetError, use_preset
+
+    monkeypatch.setenv("HF_HOME", "/unchanged")
+    with pytest.raises(PresetError, match=message):
+        use_preset(**kwargs)
+    assert os.environ["HF_HOME"] == "/unchanged"
