@@ -626,8 +626,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         loop_seconds = time.perf_counter() - started - other_seconds
         counts = samples.counts
         stats = client.stats()
-    if train_args.report_to != "none":
-        accelerator.end_training()
 
     # ---- summary (counters summed over ranks)
     totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors],
@@ -676,6 +674,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
+    # Last: end_training finishes the trackers and destroys the process group, so every collective
+    # (the reduce above, the barriers) must come before it.
+    accelerator.end_training()
     return summary
 
 
