@@ -7,7 +7,9 @@ with this checkout importable and the offline defaults of ``conftest.py``: a she
 block with ``python``. Shell blocks run in their own process group, which is killed afterwards, so a
 server a block starts with ``&`` is stopped with it. The README's commands are written for the
 repository root; of the checkout, only ``scripts/`` is reachable from the temporary directory (a link).
-After a block, every ``summary.json`` it wrote must account for each sample exactly
+After a block, each ``-m theworld.train`` command in it must have written its ``summary.json`` (in its
+``--output-dir``, default ``runs/theworld``) from as many processes as the command asked for
+(``--nproc-per-node``/``--num_processes``), and every summary must account for each sample exactly
 (``seen == trained + blocked + errors``).
 
 Markers. A block that cannot run as written says so, in the document itself, on the line directly
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -91,6 +94,28 @@ def extract_blocks(path: Path) -> list[Block]:
 
 
 BLOCKS = [block for document in DOCUMENTS for block in extract_blocks(document)]
+
+
+def training_runs(code: str) -> list[tuple[str, int]]:
+    """``(output_dir, processes)`` of each ``-m theworld.train`` command line of a shell block."""
+    runs = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = line.split(" #")[0]
+        if not re.search(r"-m theworld\.train\b", line):
+            continue
+        words = shlex.split(line)
+
+        def value(flags: tuple[str, ...], default: str) -> str:
+            for i, word in enumerate(words):
+                if word in flags and i + 1 < len(words):
+                    return words[i + 1]
+                if word.split("=")[0] in flags and "=" in word:
+                    return word.split("=", 1)[1]
+            return default
+
+        runs.append((value(("--output-dir", "--output_dir"), "runs/theworld"),
+                     int(value(("--nproc-per-node", "--nproc_per_node", "--num_processes", "--num-processes"), "1"))))
+    return runs
 
 
 def _param(block: Block):
@@ -165,13 +190,17 @@ def test_block_runs_as_written(block: Block, tmp_path):
     status, output = run_block(block, workdir, scratch)
     print(f"{block.id} ({block.heading}): exit {status} after {time.monotonic() - started:.0f} s\n{output[-3000:]}")
     assert status == 0, f"{block.id} failed with exit status {status}:\n{block.code}\n--- output ---\n{output[-6000:]}"
+    if block.language in SHELL_LANGUAGES:
+        for output_dir, processes in training_runs(block.code):
+            path = workdir / output_dir / "summary.json"
+            assert path.is_file(), f"{block.id}: the run with --output-dir {output_dir} wrote no summary.json"
+            ran = json.loads(path.read_text())["num_processes"]
+            assert ran == processes, f"{block.id}: {output_dir} trained in {ran} process(es), the command asked for {processes}"
     for path in sorted(workdir.rglob("summary.json")):
         summary = json.loads(path.read_text())
         print(f"{path.relative_to(workdir)}: seen {summary['seen']} = trained {summary['trained']} + blocked "
               f"{summary['blocked']} + errors {summary['errors']} ({summary['num_processes']} processes)")
         assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"], path
-    if "-m theworld.train" in block.code:
-        assert list(workdir.rglob("summary.json")), f"{block.id} trained but wrote no summary.json"
 
 
 def _unmarked_shell_blocks() -> list[str]:
@@ -182,7 +211,7 @@ def _unmarked_shell_blocks() -> list[str]:
 @pytest.mark.parametrize("command", [
     re.compile(r"^python -m theworld\.train(\s+#.*)?$", re.M),  # the default run, no flags at all
     re.compile(r"^ACCELERATE_USE_CPU=true torchrun --nproc-per-node 2 -m theworld\.train(\s+--output-dir \S+)?(\s+#.*)?$", re.M),
-    re.compile(r"^accelerate launch --cpu --num_processes 2 -m theworld\.train\b", re.M),
+    re.compile(r"^ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m theworld\.train\b", re.M),
     re.compile(r"^python -m theworld\.generate\b", re.M),
     re.compile(r"^python -m safety_worker serve\b", re.M),
     re.compile(r"^python -m safety_worker check\b", re.M),
