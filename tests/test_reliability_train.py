@@ -37,7 +37,7 @@ def test_kill9_worker_mid_training_loses_no_sample(tmp_path, tiny_models, tiny_g
         "--output-dir", str(tmp_path), "--gemma-model", str(gemma), "--cosmos-model", str(cosmos),
         "--synthetic-size", str(SIZE), "--synthetic-eval-size", "8", "--eval-size", "8", "--batch-size", str(BATCH),
         "--max-steps", str(STEPS), "--warmup-steps", "2", "--eval-every", str(STEPS), "--save-every", str(STEPS),
-        "--log-every", "5", "--report-to", "none", "--safety-window", "8", "--blocked-fraction", "0.25",
+        "--log-every", "5", "--blocked-fraction", "0.25",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
                SAFETY_WORKER_TINY_DIR=str(tiny_guardrail_root))

@@ -21,13 +21,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_run_args(output_dir, tiny_models, *extra):
-    """Flags for a seconds-long run on the session's tiny models."""
+    """Flags for a seconds-long run on the session's tiny models: fewer samples and steps, nothing else.
+
+    Behavioural defaults (the TensorBoard tracker, the safety window) stay what users get; a test that
+    needs another value passes it in ``extra``. The full defaults, with no flags at all, are run by the
+    README's own commands (``tests/test_readme_blocks.py``: ``python -m theworld.train`` and the
+    two-process ``torchrun`` form)."""
     gemma, cosmos = tiny_models
     return [
         "--output-dir", str(output_dir), "--gemma-model", str(gemma), "--cosmos-model", str(cosmos),
         "--synthetic-size", "64", "--synthetic-eval-size", "8", "--eval-size", "8", "--batch-size", "2",
         "--max-steps", "6", "--warmup-steps", "2", "--eval-every", "6", "--save-every", "6", "--log-every", "2",
-        "--report-to", "none", "--safety-window", "8", *extra,
+        *extra,
     ]
 
 
@@ -150,7 +155,10 @@ def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, ti
 
 
 def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, tiny_models):
-    """`torchrun`/`accelerate launch`: rank 0 spawns one worker, rank 1 attaches; counters are summed over ranks."""
+    """`torchrun`/`accelerate launch`: rank 0 spawns one worker, rank 1 attaches; counters are summed over ranks.
+
+    With the default tracker (TensorBoard), whose end_training destroys the process group: the summary's
+    reduction and the last barrier must come before it, or rank 1 dies and no summary.json is written."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "theworld.train",
@@ -158,6 +166,7 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, ti
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     finish(proc)
+    assert (tmp_path / "tensorboard").is_dir()  # the default tracker was on
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["safety_worker_spawned"]
     assert summary["worker_stats"]["requests"]["hello"] == 3  # the spawn's readiness check + one per rank

@@ -660,8 +660,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                                 autocast=accelerator.autocast)
         counts = samples.counts
         stats = client.stats()
-    if train_args.report_to != "none":
-        accelerator.end_training()
 
     # ---- summary (counters summed over ranks)
     totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors],
@@ -712,6 +710,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         write_json_atomic(output_dir / "model" / TASK_FILE, task_record(data_args, train_args.seed))
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
+    # Last: end_training finishes the trackers and destroys the process group, so every collective
+    # (the reduce above, the barriers) must come before it.
+    accelerator.end_training()
     return summary
 
 
