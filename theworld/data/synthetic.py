@@ -104,8 +104,29 @@ class _BlockedSet:
             object.__setattr__(self, "_blocked_cache", cache)
         return cache
 
-    def _question_text(self, sample_id: str, question: str) -> str:
-        return f"{question} {blocked_phrase()}" if sample_id in self._blocked_set() else question
+    def __len__(self) -> int:
+        return self.size
+
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} samples")
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), stream, index])
+
+    def _sample(self, index: int, question: str, kind: str, answer: str, images: list) -> dict:
+        """One sample in the training format; a blocked sample's question carries the guard's phrase."""
+        sample_id = self.sample_id(index)
+        if sample_id in self._blocked_set():
+            question = f"{question} {blocked_phrase()}"
+        return {
+            "id": sample_id,
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+            "images": images,
+            "question_type": kind,
+            "answer": answer,
+        }
 
 
 def draw_motion_clip(image_size: int, num_frames: int, colour: str, direction: str, square: int,
@@ -176,33 +197,17 @@ class SyntheticMotionTask(_BlockedSet):
             raise ValueError(f"image_size {self.image_size} is too small for a {self.num_frames}-frame clip of a "
                              f"{self.square}px square: use at least {self.square + 2 * (self.num_frames - 1)}")
 
-    def __len__(self) -> int:
-        return self.size
-
     def sample_id(self, index: int) -> str:
         return f"motion-{self.split}-{index:06d}"
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} samples")
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), 2, index])
+        rng = self._rng(index, 2)
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
         kind = self.questions[rng.integers(len(self.questions))]
         frames = draw_motion_clip(self.image_size, self.num_frames, colour, direction, self.square, rng)
         answer = {"colour": colour, "direction": direction}[kind]
-        sample_id = self.sample_id(index)
-        return {
-            "id": sample_id,
-            "messages": [
-                {"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": self._question_text(sample_id, MOTION_QUESTIONS[kind])}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            ],
-            "images": frames,
-            "question_type": kind,
-            "answer": answer,
-        }
+        return self._sample(index, MOTION_QUESTIONS[kind], kind, answer, frames)
 
 
 @dataclass(frozen=True)
@@ -232,31 +237,15 @@ class SyntheticWorldTask(_BlockedSet):
         if unknown or not self.questions:
             raise ValueError(f"questions must be a non-empty subset of {tuple(QUESTIONS)}, got {self.questions}")
 
-    def __len__(self) -> int:
-        return self.size
-
     def sample_id(self, index: int) -> str:
         return f"synthetic-{self.split}-{index:06d}"
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} samples")
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), 0, index])
+        rng = self._rng(index, 0)
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
         kind = self.questions[rng.integers(len(self.questions))]
         image = draw_arrow(self.image_size, colour, position, direction, rng)
         answer = {"colour": colour, "position": position, "direction": direction}[kind]
-        sample_id = self.sample_id(index)
-        question = self._question_text(sample_id, QUESTIONS[kind])
-        return {
-            "id": sample_id,
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            ],
-            "images": [image],
-            "question_type": kind,
-            "answer": answer,
-        }
+        return self._sample(index, QUESTIONS[kind], kind, answer, [image])
