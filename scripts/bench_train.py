@@ -90,7 +90,7 @@ def precheck(client, stream, output_dir, count: int, window: int):
     """Run the live filter ahead of time for the samples a run will take; keep its outputs."""
     from theworld.data.safety_filter import SafetyFilter
 
-    live = SafetyFilter(client, stream.iter_from(0), window=window, output_dir=output_dir, ledger_suffix=".precheck")
+    live = SafetyFilter(client, stream, window=window, output_dir=output_dir, ledger_suffix=".precheck")
     start = time.perf_counter()
     taken = [next(live) for _ in range(count)]
     elapsed = time.perf_counter() - start

@@ -41,7 +41,7 @@ def test_synthetic_blocked_samples_are_exactly_the_listed_ids():
 def test_jsonl_round_trip_keeps_ids_messages_and_pixels(tmp_path):
     task = SyntheticWorldTask(size=5)
     samples = [task[i] for i in range(5)]
-    samples[1]["images"].append(samples[1]["images"][0][::-1].copy())  # a two-frame sample
+    samples[1]["images"] += [np.roll(samples[1]["images"][0], k, axis=1) for k in range(1, 5)]  # a 5-frame clip
     path = write_jsonl(samples, tmp_path / "data" / "train.jsonl")
     loaded = JsonlDataset(path)
     assert len(loaded) == 5
@@ -52,11 +52,14 @@ def test_jsonl_round_trip_keeps_ids_messages_and_pixels(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_jsonl_reader_names_the_missing_keys(tmp_path):
+def test_jsonl_reader_names_the_missing_keys_of_the_sample_it_reads(tmp_path):
+    from theworld.data.sources import BadSample
+
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": "x", "messages": []}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing keys \['images'\]"):
-        JsonlDataset(path)
+    with pytest.raises(BadSample, match=r"missing keys \['images'\]") as raised:
+        JsonlDataset(path)[0]
+    assert raised.value.sample_id == "x"
 
 
 def test_disk_dataset_maps_columns_to_samples(tmp_path):

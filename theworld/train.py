@@ -108,8 +108,9 @@ class DataArguments:
         default="synthetic",
         metadata={"help": "Training data: 'synthetic' (the built-in motion task: clips of a moving square, asked "
                           "its direction or colour), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
-                          "(image or clip frame paths + chat messages, see theworld.data.sources) or a directory "
-                          "written by datasets' save_to_disk."},
+                          "(image or clip frame paths, or a video path, + chat messages, see theworld.data.sources), "
+                          "a glob of local parquet or webdataset .tar shards read as a stream (quote it; see "
+                          "theworld.data.shards) or a directory written by datasets' save_to_disk."},
     )
     eval_data: Optional[str] = field(
         default=None,
@@ -119,8 +120,21 @@ class DataArguments:
     data_split: str = field(default="train", metadata={"help": "Split to train on when data is a DatasetDict."})
     data_columns: str = field(
         default="",
-        metadata={"help": "Column mapping for save_to_disk data, e.g. 'images=image,question=prompt,answer=label' "
-                          "(roles: id, images, messages, question, answer)."},
+        metadata={"help": "Column mapping for save_to_disk and parquet data, e.g. "
+                          "'images=image,question=prompt,answer=label' (roles: id, images, messages, question, answer)."},
+    )
+    max_bad_samples: str = field(
+        default="1%",
+        metadata={"help": "Stop once more samples than this could not be loaded (missing or undecodable files, "
+                          "malformed samples; each is in errors.jsonl with kind 'data' and skipped): a count N or a "
+                          "percentage P%% of the samples read (the first 10 bad samples are always allowed)."},
+    )
+    data_workers: int = field(
+        default=2,
+        metadata={"help": "Threads that read and decode samples ahead of the trainer (0: on the training thread)."},
+    )
+    data_prefetch: int = field(
+        default=64, metadata={"help": "Samples read and decoded ahead of the trainer at most (per process)."}
     )
     synthetic_size: int = field(default=2048, metadata={"help": "Training samples in the synthetic task."})
     synthetic_eval_size: int = field(default=512, metadata={"help": "Held-out samples in the synthetic task."})
@@ -279,8 +293,11 @@ def world_projector_parameters(model) -> dict[str, torch.Tensor]:
 
 
 def open_datasets(data_args: DataArguments, seed: int):
-    """``(train, heldout)`` map-style datasets in the sample format."""
-    from theworld.data.sources import DiskDataset, JsonlDataset
+    """``(train, heldout)``: map-style datasets in the sample format, or ``ShardSource``s of shards.
+
+    Raises ``DataError`` (one line, exit code 2 from ``main``) when the data cannot be opened at all."""
+    from theworld.data.shards import ShardSource, is_shard_spec
+    from theworld.data.sources import DataError, DiskDataset, JsonlDataset
     from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
 
     def open_one(spec: str, split: str):
@@ -296,17 +313,44 @@ def open_datasets(data_args: DataArguments, seed: int):
             return JsonlDataset(spec)
         if Path(spec).is_dir():
             return DiskDataset(spec, split=data_args.data_split if split == "train" else "test", columns=data_args.data_columns)
-        raise ValueError(f"data {spec!r} is neither one of {SYNTHETIC_TASKS}, a .jsonl file nor a save_to_disk directory")
+        if is_shard_spec(spec):
+            return ShardSource(spec, columns=data_args.data_columns)
+        if not Path(spec).exists():
+            raise DataError(f"{spec}: no such file or directory")
+        raise DataError(f"data {spec!r} is neither one of {SYNTHETIC_TASKS}, a .jsonl file, a glob of .parquet or .tar "
+                        "shards nor a save_to_disk directory")
 
     train = open_one(data_args.data, "train")
-    if data_args.eval_data is None and data_args.data.endswith(".jsonl"):
-        raise ValueError("set --eval-data to a held-out .jsonl file: a JSONL training file has no held-out split")
+    if data_args.eval_data is None and (data_args.data.endswith(".jsonl") or isinstance(train, ShardSource)):
+        raise DataError(f"set --eval-data to held-out data: {data_args.data} has no held-out split")
     heldout = open_one(data_args.eval_data or data_args.data, "heldout")
     if data_args.eval_data is None and isinstance(heldout, DiskDataset) and heldout.split != "test":
         # A plain saved Dataset has no splits: evaluating on it would score the training rows.
-        raise ValueError(f"set --eval-data: {data_args.data} is not a DatasetDict with a 'test' split, so it has no "
-                         "held-out rows of its own")
+        raise DataError(f"set --eval-data: {data_args.data} is not a DatasetDict with a 'test' split, so it has no "
+                        "held-out rows of its own")
     return train, heldout
+
+
+def training_stream(train_data, seed: int, rank: int, world_size: int):
+    """This rank's endless reading order over the training data (``iter_loads_from(position)``)."""
+    from theworld.data.shards import ShardSource, ShardStream
+    from theworld.data.sources import SampleStream
+
+    if isinstance(train_data, ShardSource):
+        return ShardStream(train_data, seed=seed, rank=rank, world_size=world_size)
+    return SampleStream(train_data, seed=seed, rank=rank, world_size=world_size)
+
+
+def heldout_loads(heldout_data, size: int):
+    """``(position, load)`` of the first ``size`` held-out samples, in file order (every rank the same)."""
+    from itertools import islice
+
+    from theworld.data.shards import ShardSource, ShardStream
+    from theworld.data.sources import SampleStream
+
+    if isinstance(heldout_data, ShardSource):
+        return islice(ShardStream(heldout_data, shuffle=False, max_epochs=1).iter_loads_from(0), size)
+    return islice(SampleStream(heldout_data, shuffle=False).iter_loads_from(0), min(len(heldout_data), size))
 
 
 @contextmanager
@@ -516,8 +560,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     from safety_worker import SafetyClient
     from theworld.data.collator import TheWorldCollator
-    from theworld.data.safety_filter import SafetyFilter
-    from theworld.data.sources import SampleStream
+    from theworld.data.prefetch import Prefetcher
+    from theworld.data.safety_filter import BadSampleLimit, SafetyFilter
+    from theworld.data.sources import DataError
     from theworld.evaluation import evaluate_by_question
     from theworld.modeling.world_encoder import LatentCache
 
@@ -543,6 +588,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINT_DIR}; start without --resume")
     if not train_args.resume and checkpoints:
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
+    # ---- data: opened (and its start-up errors raised) before anything slow is built
+    try:
+        max_bad_samples = BadSampleLimit.parse(data_args.max_bad_samples)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    train_data, heldout_data = open_datasets(data_args, train_args.seed)
+    stream = training_stream(train_data, train_args.seed, rank, world_size)
 
     # ---- model, optimizer, schedule
     model = build_model(model_args, train_args.seed)
@@ -558,14 +610,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     projector_before = {n: p.detach().clone() for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
 
-    train_data, heldout_data = open_datasets(data_args, train_args.seed)
-    stream = SampleStream(train_data, seed=train_args.seed, rank=rank, world_size=world_size)
     ledger_suffix = "" if rank == 0 else f".rank{rank}"
 
     step, history, evals, filter_state = 0, [], [], None
     if train_args.resume:
         state = load_checkpoint(accelerator, model, optimizer, scheduler, checkpoints[-1])
         step, history, evals, filter_state = state["step"], state["history"], state["evals"], state["filter"]
+        stream.load_state_dict(state.get("data"))
         accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
 
     with ExitStack() as stack:
@@ -575,12 +626,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
-        eval_filter = SafetyFilter(client, ((i, heldout_data[i]) for i in range(min(len(heldout_data), data_args.eval_size))),
-                                   window=train_args.safety_window, output_dir=output_dir, ledger_suffix=f".eval{ledger_suffix}",
-                                   max_errors=train_args.safety_max_errors, result_timeout=train_args.safety_timeout,
-                                   fresh_ledgers=True)
+        heldout = Prefetcher(heldout_loads(heldout_data, data_args.eval_size), data_args.data_workers,
+                             data_args.data_prefetch)
+        eval_filter = SafetyFilter(client, heldout, window=train_args.safety_window, output_dir=output_dir,
+                                   ledger_suffix=f".eval{ledger_suffix}", max_errors=train_args.safety_max_errors,
+                                   result_timeout=train_args.safety_timeout, fresh_ledgers=True)
         eval_samples = [sample for _, sample in eval_filter]
         eval_filter.close()
+        heldout.close()
         if not eval_samples:
             raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
         eval_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_samples, EVAL_BATCH_SIZE, world=None)
@@ -589,13 +642,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             no_world_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_samples, EVAL_BATCH_SIZE,
                                                     world=False)
 
+        # Read and decoded ahead in threads, from where the samples taken so far end.
+        reader = Prefetcher(stream.iter_loads_from(filter_state["next_position"] if filter_state else 0),
+                            data_args.data_workers, data_args.data_prefetch)
+        stack.callback(reader.close)
         if make_sample_filter is None:
-            samples = SafetyFilter(client, stream.iter_from(filter_state["next_position"] if filter_state else 0),
-                                   window=train_args.safety_window, output_dir=output_dir, ledger_suffix=ledger_suffix,
-                                   max_errors=train_args.safety_max_errors, result_timeout=train_args.safety_timeout,
-                                   state=filter_state)
+            samples = SafetyFilter(client, reader, window=train_args.safety_window, output_dir=output_dir,
+                                   ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
+                                   result_timeout=train_args.safety_timeout, state=filter_state,
+                                   max_bad_samples=max_bad_samples)
         else:
-            samples = make_sample_filter(client, stream, output_dir, filter_state)
+            samples = make_sample_filter(client, reader, output_dir, filter_state)
         stack.callback(samples.close)
 
         if not train_args.resume:
@@ -608,7 +665,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                                           for k, v in dataclasses.asdict(a).items() if v is not None})
         progress = tqdm(total=train_args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
         loop_seconds = other_seconds = 0.0
-        wait_at_start = samples.counts.wait_seconds
+        wait_at_start, data_wait_at_start = samples.counts.wait_seconds, reader.wait_seconds
         model.train()
         started = time.perf_counter()
         checked_grad = False
@@ -649,7 +706,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                     accelerator.log({k.replace("eval_", "eval/"): v for k, v in evals[-1].items() if k != "step"}, step=step)
             if step % train_args.save_every == 0 or step == stop_at:
                 save_checkpoint(accelerator, model, optimizer, scheduler, step,
-                                {"step": step, "history": history, "evals": evals, "filter": samples.state_dict()},
+                                {"step": step, "history": history, "evals": evals, "filter": samples.state_dict(),
+                                 "data": stream.state_dict()},
                                 output_dir, train_args.save_total_limit)
             other_seconds += time.perf_counter() - pause
         progress.close()
@@ -659,12 +717,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                                 batch_size=EVAL_BATCH_SIZE, seed=train_args.seed,
                                                 autocast=accelerator.autocast)
         counts = samples.counts
+        data_wait = reader.wait_seconds - data_wait_at_start
         stats = client.stats()
 
     # ---- summary (counters summed over ranks)
-    totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors],
-                                             dtype=torch.float64, device=accelerator.device), "sum").tolist()
-    seen, trained, blocked, errors = (int(x) for x in totals)
+    totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors,
+                                              counts.data_errors], dtype=torch.float64, device=accelerator.device),
+                                "sum").tolist()
+    seen, trained, blocked, errors, bad_samples = (int(x) for x in totals)
     projector_after = world_projector_parameters(accelerator.unwrap_model(model))
     wait = counts.wait_seconds - wait_at_start
     steps_run = step - (state["step"] if train_args.resume else 0)
@@ -675,6 +735,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "trained": trained,
         "blocked": blocked,
         "errors": errors,
+        "bad_samples": bad_samples,
         "accounting_holds": seen == trained + blocked + errors,
         "initial_eval_loss": evals[0]["eval_loss"],
         "final_eval_loss": evals[-1]["eval_loss"],
@@ -689,6 +750,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "steps_per_second": steps_run / loop_seconds if loop_seconds > 0 else None,
         "safety_wait_seconds": wait,
         "safety_wait_fraction": wait / loop_seconds if loop_seconds > 0 else None,
+        "data_wait_seconds": data_wait,
+        "data_wait_fraction": data_wait / loop_seconds if loop_seconds > 0 else None,
         "trainer_grad_enabled": torch.is_grad_enabled(),
         "projector_max_abs_change": max(((projector_after[n].detach() - projector_before[n]).abs().max().item()
                                          for n in projector_before), default=None),
@@ -731,15 +794,28 @@ def print_summary(summary: dict, output_dir: str):
         + (f" (world tokens off: loss {summary['final_eval_loss_no_world']:.4f}, "
            f"accuracy {summary['final_eval_accuracy_no_world']:.2%})" if summary["final_eval_loss_no_world"] is not None else "")
         + "\n" + textwrap.indent(format_table([("held-out", summary["eval_by_question"])]), "  ")
-        + f"\n  waited on the safety worker {summary['safety_wait_fraction'] or 0:.1%} of the training time\n"
+        + f"\n  waited on the safety worker {summary['safety_wait_fraction'] or 0:.1%} and on data loading "
+        f"{summary['data_wait_fraction'] or 0:.1%} of the training time"
+        + (f"; {summary['bad_samples']} bad samples skipped (errors.jsonl, kind 'data')" if summary["bad_samples"] else "")
+        + "\n"
         f"  outputs in {output_dir}: summary.json, metrics.jsonl, loss_curve.png, blocked.jsonl, tensorboard/, checkpoints/"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``theworld-train``)."""
+    from theworld.data.safety_filter import TooManyBadSamples
+    from theworld.data.sources import DataError
+
     model_args, data_args, train_args = parse_args(argv)
-    summary = train(model_args, data_args, train_args)
+    try:
+        summary = train(model_args, data_args, train_args)
+    except DataError as e:  # the data cannot be opened at all: a start-up error, one line, usage exit code
+        print(f"theworld-train: error: {e}", file=sys.stderr)
+        return 2
+    except TooManyBadSamples as e:
+        print(f"theworld-train: stopped: {e}", file=sys.stderr)
+        return 1
     from accelerate import PartialState
 
     if PartialState().is_main_process:

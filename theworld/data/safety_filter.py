@@ -5,8 +5,10 @@ the sample the trainer is about to take, so the trainer waits only when the work
 training step. Each sample's whole text is checked and its images go through the face filter; a safe
 sample is handed on with its images *replaced by the sanitized frames* the worker returned, so the
 model never sees unchecked pixels. A blocked sample is written to ``blocked.jsonl`` (id and reason),
-a failed check (worker error, timeout, malformed sample) to ``errors.jsonl``; failed checks are
-never trained on (fail closed). Nothing is dropped silently: ``seen == passed + blocked + errors``.
+a failed check (worker error, timeout) to ``errors.jsonl`` with ``"kind": "safety"``; failed checks are
+never trained on (fail closed). A sample the data path could not load (``theworld.data.sources.BadSample``:
+a missing or undecodable file, a malformed sample) is ledgered there too, with ``"kind": "data"``, and
+never sent. Nothing is dropped silently: ``seen == passed + blocked + errors``.
 
 Counters and the reading position describe samples the trainer has *taken*, not the ones in flight,
 so a checkpoint made between two takes can resume exactly (in-flight checks are simply redone).
@@ -25,11 +27,52 @@ from pathlib import Path
 import numpy as np
 
 from safety_worker import Verdict
-from theworld.data.sources import sample_text
+from theworld.data.sources import BadSample, sample_text
+
+# A fractional --max-bad-samples is judged against the samples read so far; the first few bad samples
+# are always allowed, so that one bad file among the first samples read does not stop a run.
+MIN_BAD_SAMPLES_ALLOWED = 10
 
 
 class SafetyCheckFailed(RuntimeError):
     """Too many samples could not be checked: the worker is gone, overloaded or rejects the input."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """More samples than ``--max-bad-samples`` allows could not be loaded (see the errors ledger)."""
+
+
+@dataclass(frozen=True)
+class BadSampleLimit:
+    """``--max-bad-samples``: a count ``N``, or ``P%`` of the samples read so far (at least
+    ``MIN_BAD_SAMPLES_ALLOWED`` bad samples are then allowed)."""
+
+    count: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str | int | float) -> "BadSampleLimit":
+        text = str(spec).strip()
+        try:
+            if text.endswith("%"):
+                fraction = float(text[:-1]) / 100
+                if not 0 <= fraction <= 1:
+                    raise ValueError
+                return cls(fraction=fraction)
+            count = int(text)
+            if count < 0:
+                raise ValueError
+            return cls(count=count)
+        except ValueError:
+            raise ValueError(f"--max-bad-samples must be a count (e.g. 100) or a percentage (e.g. 1%), got {spec!r}") from None
+
+    def allowed(self, seen: int) -> float:
+        if self.count is not None:
+            return self.count
+        return max(MIN_BAD_SAMPLES_ALLOWED, self.fraction * seen)
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.fraction * 100:g}%"
 
 
 @dataclass
@@ -37,7 +80,8 @@ class FilterCounts:
     seen: int = 0  # taken off the stream and decided
     passed: int = 0  # safe: handed to the trainer with sanitized images
     blocked: int = 0  # the guard said no: in blocked.jsonl
-    errors: int = 0  # the check failed: in errors.jsonl, not trained on
+    errors: int = 0  # the check failed or the sample could not be loaded: in errors.jsonl, not trained on
+    data_errors: int = 0  # of those, the samples the data path could not load ("kind": "data")
     wait_seconds: float = 0.0  # time the trainer sat waiting for a verdict
 
 
@@ -47,6 +91,7 @@ class _Pending:
     sample: dict
     futures: list[Future]
     error: str | None = None
+    kind: str = "safety"  # what failed when error is set: "safety" (the check) or "data" (loading the sample)
 
 
 def _frame_groups(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -61,11 +106,15 @@ class SafetyFilter:
 
     Args:
         client: a connected ``safety_worker.SafetyClient``.
-        stream: an iterator of ``(position, sample)`` (``SampleStream.iter_from``).
+        stream: an iterator of ``(position, sample)``, a sample possibly a ``BadSample``
+            (``theworld.data.prefetch.Prefetcher``).
         window: how many checks to keep in flight ahead of the trainer.
         output_dir: where ``blocked.jsonl`` and ``errors.jsonl`` are appended.
         ledger_suffix: added to the ledger names (distinct files per rank).
-        max_errors: raise ``SafetyCheckFailed`` once more checks than this have failed.
+        max_errors: raise ``SafetyCheckFailed`` once more checks than this have failed (bad samples
+            do not count).
+        max_bad_samples: raise ``TooManyBadSamples`` past this many bad samples (a ``BadSampleLimit``;
+            default: no limit).
         result_timeout: seconds to wait for one verdict before counting it as an error.
         state: a ``state_dict()`` from an earlier run to continue from (ledgers are cut back to it).
         fresh_ledgers: start the ledgers empty instead of appending (for a pass that is redone every run).
@@ -73,11 +122,12 @@ class SafetyFilter:
 
     def __init__(self, client, stream: Iterator[tuple[int, dict]], window: int = 16, output_dir=".",
                  ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None,
-                 fresh_ledgers: bool = False):
+                 fresh_ledgers: bool = False, max_bad_samples: BadSampleLimit | None = None):
         if window < 1:
             raise ValueError(f"safety_window must be at least 1, got {window}")
         self.client, self.stream, self.window = client, stream, window
         self.max_errors, self.result_timeout = max_errors, result_timeout
+        self.max_bad_samples = max_bad_samples
         self.blocked_path = Path(output_dir) / f"blocked{ledger_suffix}.jsonl"
         self.errors_path = Path(output_dir) / f"errors{ledger_suffix}.jsonl"
         self.counts = FilterCounts()
@@ -108,7 +158,7 @@ class SafetyFilter:
             self.counts.seen += 1
             self.next_position = item.position + 1
             if error is not None:
-                self._record_error(item, error)
+                self._record_error(item, error, item.kind)
                 continue
             if not verdict.safe:
                 self.counts.blocked += 1
@@ -127,7 +177,10 @@ class SafetyFilter:
                 return
             self._pending.append(self._submit(position, sample))
 
-    def _submit(self, position: int, sample: dict) -> _Pending:
+    def _submit(self, position: int, sample: dict | BadSample) -> _Pending:
+        if isinstance(sample, BadSample):
+            sample_id = sample.sample_id if sample.sample_id is not None else f"position-{position}"
+            return _Pending(position, {"id": sample_id}, [], error=sample.reason, kind="data")
         try:
             text = sample_text(sample)
             groups = _frame_groups([np.ascontiguousarray(image, dtype=np.uint8) for image in sample["images"]])
@@ -163,12 +216,21 @@ class SafetyFilter:
             return None, None, f"the worker returned {len(images)} frames for {len(item.sample['images'])} images"
         return verdicts[0], images, None
 
-    def _record_error(self, item: _Pending, error: str):
+    def _record_error(self, item: _Pending, error: str, kind: str = "safety"):
         self.counts.errors += 1
-        self._write(self._errors_file, {"id": item.sample["id"], "position": item.position, "error": error})
-        if self.counts.errors > self.max_errors:
+        self.counts.data_errors += kind == "data"
+        self._write(self._errors_file, {"id": item.sample["id"], "position": item.position, "kind": kind, "error": error})
+        if kind == "data":
+            if self.max_bad_samples is not None and self.counts.data_errors > self.max_bad_samples.allowed(self.counts.seen):
+                raise TooManyBadSamples(
+                    f"{self.counts.data_errors} of {self.counts.seen} samples read could not be loaded, more than "
+                    f"--max-bad-samples {self.max_bad_samples} allows (last: {item.sample['id']}: {error}). See "
+                    f"{self.errors_path} for every bad sample; fix the data or raise --max-bad-samples."
+                )
+            return
+        if self.counts.errors - self.counts.data_errors > self.max_errors:
             raise SafetyCheckFailed(
-                f"{self.counts.errors} samples failed their safety check (last: {error}). Is the safety worker "
+                f"{self.counts.errors - self.counts.data_errors} samples failed their safety check (last: {error}). Is the safety worker "
                 f"alive and reachable? See {self.errors_path}; raise safety_max_errors to tolerate more."
             )
 
