@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
@@ -126,10 +127,17 @@ def _serve(app, sock: socket.socket, ready_line: str) -> None:
     AnnouncingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
 
 
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill this
+    # process before the ExitStack below stops the engine and the spawned worker. Exit normally instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         sock = _bind(args.host, args.port)  # first: a port in use fails before anything is loaded
     except OSError as e:

@@ -125,7 +125,9 @@ class ServeApp:
             return body
 
         @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-        async def unknown_api_route(path: str):
+        async def unknown_api_route(request: Request, path: str):
+            if f"/v1/{path}" in ROUTES:
+                raise ApiError("method_not_allowed", f"{request.method} /v1/{path}: not allowed (see docs/serve.md)")
             raise ApiError("not_found", f"/v1/{path}: no such route (this server has /v1/chat/completions and "
                                         "/v1/models)")
 
