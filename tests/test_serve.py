@@ -32,7 +32,7 @@ from theworld.serving import ERROR_CODES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOT_ENV = "THEWORLD_SERVE_SCREENSHOT"  # also save the demo's screenshot here (docs/images/serve-demo.png)
-SERVER_FLAGS = ["--rollout-steps", "2", "--batch-wait-ms", "100", "--max-prompt-tokens", "64",
+SERVER_FLAGS = ["--served-model-name", "theworld-tiny", "--rollout-steps", "2", "--batch-wait-ms", "100", "--max-prompt-tokens", "64",
                 "--max-image-bytes", "60000", "--max-image-pixels", "40000", "--request-timeout", "120"]
 
 
@@ -221,6 +221,7 @@ def test_stream_true_sends_the_checked_answer_as_server_sent_events(api):
 
 
 def test_health_ready_models_and_metrics(api):
+    assert api.post("/v1/chat/completions", json=chat()).status_code == 200
     assert api.get("/health").json() == {"status": "ok"}
     ready = api.get("/ready").json()
     assert ready["status"] == "ready" and ready["safety_worker"]["pid"] > 0
@@ -290,8 +291,12 @@ def _ask_in_page(driver, image_path: Path, question: str) -> tuple[str, str]:
     old_status = driver.find_element(By.CSS_SELECTOR, "#status").text
     driver.find_element(By.CSS_SELECTOR, "#ask").click()
     WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#status").text not in ("", old_status))
-    answer = driver.execute_script("return document.querySelector('#answer textarea').value")
-    return answer, driver.find_element(By.CSS_SELECTOR, "#status").text
+    status = driver.find_element(By.CSS_SELECTOR, "#status").text
+    # The answer box may render a moment after the status: wait until it shows this event's answer.
+    answered = "passed the safety checker" in status
+    read = "return document.querySelector('#answer textarea').value"
+    WebDriverWait(driver, 10).until(lambda d: bool(d.execute_script(read)) == answered)
+    return driver.execute_script(read), status
 
 
 def test_demo_page_answers_an_uploaded_image_offline(browser, server, api, tmp_path):

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="a directory written by TheWorld.save_pretrained, or a base Gemma 3 id/dir with "
                         "--cosmos (default: the tiny models, built offline on first use)")
     parser.add_argument("--cosmos", help="Cosmos-Predict2 Video2World id or dir (for a base Gemma 3 --model)")
+    parser.add_argument("--served-model-name", help="the model's name in /v1/models, answers and the demo (default: "
+                        "--model as given, or theworld-tiny)")
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; anything beyond "
                         "loopback needs --api-key)")
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         guard = Guard(endpoint)
         stack.callback(guard.close)
         service = ChatService(engine, guard, metrics, request_timeout=args.request_timeout, fps=args.fps)
-        server_app = ServeApp(service, model_name=args.model or "theworld-tiny", limits=limits, api_key=args.api_key,
+        server_app = ServeApp(service, model_name=args.served_model_name or args.model or "theworld-tiny", limits=limits, api_key=args.api_key,
                               demo=not args.no_demo)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

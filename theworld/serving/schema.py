@@ -11,7 +11,7 @@ import binascii
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -134,7 +134,6 @@ class ChatRequest:
     stream: bool = False
     model: str | None = None
     prompt_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def text(self) -> str:
