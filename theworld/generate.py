@@ -130,6 +130,36 @@ def load_model(model_path: str | None, cosmos: str | None, num_world_steps: int 
     return model.to(device).eval()
 
 
+@dataclass
+class GeneratedBatch:
+    """What `generate_batch` returns: each row's new tokens, its prompt length, and the world latents."""
+
+    new_tokens: torch.Tensor  # [B, N] token ids after each prompt (padding after an early end of turn)
+    prompt_tokens: list[int]  # real (unpadded) prompt tokens per row
+    world_latents: torch.Tensor | None  # [B, 16, T, h, w], rollout included; None without a world
+
+    def answer(self, model, row: int, max_new_tokens: int | None = None) -> str:
+        """Row `row`'s answer text, optionally cut to its first `max_new_tokens` tokens."""
+        tokens = self.new_tokens[row] if max_new_tokens is None else self.new_tokens[row, :max_new_tokens]
+        return model.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def generate_batch(model, collator, samples: list[dict], *, max_new_tokens: int, **generation_kwargs) -> GeneratedBatch:
+    """Answer samples (already checked, sanitised frames) in one `model.generate` call.
+
+    `collator` is a `TheWorldCollator(model, for_generation=True)`. The world is encoded (and rolled out)
+    once, so the same latents feed the answer and any rollout video."""
+    batch = {k: v.to(model.device) for k, v in collator(samples).items()}
+    world_latents = None
+    with torch.no_grad():
+        if "world_pixel_values" in batch:
+            world_latents = model.encode_world(batch.pop("world_pixel_values"), batch["world_num_frames"])
+            batch["world_latents"] = world_latents
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, **generation_kwargs)
+    return GeneratedBatch(output[:, batch["input_ids"].shape[1]:].cpu(), batch["attention_mask"].sum(dim=1).tolist(),
+                          world_latents)
+
+
 class SafeGenerator:
     """Answers requests with TheWorld; the safety worker sees every input before the model does and
     every output before the user does.
@@ -180,16 +210,10 @@ class SafeGenerator:
             "images": list(verdict.frames),
         }
         model = self.model
-        batch = {k: v.to(model.device) for k, v in self._collator([sample]).items()}
-        world_latents = None
-        with torch.no_grad():
-            if "world_pixel_values" in batch:
-                # Encode (and roll out) once: the same latents feed the answer and the video.
-                world_latents = model.encode_world(batch.pop("world_pixel_values"), batch["world_num_frames"])
-                batch["world_latents"] = world_latents
-            output = model.generate(**batch, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
-        prompt_length = batch["input_ids"].shape[1]
-        answer = model.processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+        generated = generate_batch(model, self._collator, [sample], max_new_tokens=self.max_new_tokens,
+                                   **self.generation_kwargs)
+        world_latents = generated.world_latents
+        answer = generated.answer(model, 0)
         answer_verdict = self.client.check_text(answer)
         if not answer_verdict.safe:
             return Result(request.id, refused=f"the generated answer was blocked by the safety checker and withheld: "
@@ -273,14 +297,24 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 @contextlib.contextmanager
-def _safety_client(args: argparse.Namespace):
-    from safety_worker import SafetyClient, spawn_worker
+def safety_endpoint(endpoint: str | None, preset: str = "tiny", device: str = "cpu"):
+    """`endpoint` when given (a running, shared worker); else a spawned, supervised worker's endpoint,
+    stopped on exit."""
+    if endpoint is not None:
+        yield endpoint
+        return
+    from safety_worker import spawn_worker
 
-    with contextlib.ExitStack() as stack:
-        endpoint = args.safety_endpoint
-        if endpoint is None:
-            endpoint = stack.enter_context(spawn_worker(preset=args.safety_preset)).endpoint
-        yield stack.enter_context(SafetyClient(endpoint))
+    with spawn_worker(preset=preset, device=device) as worker:
+        yield worker.endpoint
+
+
+@contextlib.contextmanager
+def _safety_client(args: argparse.Namespace):
+    from safety_worker import SafetyClient
+
+    with safety_endpoint(args.safety_endpoint, args.safety_preset) as endpoint, SafetyClient(endpoint) as client:
+        yield client
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,186 @@
+"""Serve TheWorld over HTTP: `python -m theworld.serve` (console script `theworld-serve`).
+
+Loads the model once, spawns a safety worker (or attaches to a shared one with `--safety-endpoint`) and
+serves an OpenAI-compatible `POST /v1/chat/completions`, `GET /v1/models`, `/health`, `/ready`,
+`/metrics` and a web demo at `/`. The worker checks the prompt and every frame before the model runs,
+and the answer and any rollout before they are returned (see docs/serve.md).
+
+    python -m theworld.serve                        # tiny models, spawned tiny worker, http://127.0.0.1:8000
+    python -m theworld.serve --model runs/theworld/model --port 8080
+
+Prints `theworld-serve ready http://HOST:PORT` once it accepts requests (with `--port 0` the port is
+chosen by the system).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import sys
+
+from theworld.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_VIDEO_FPS
+
+READY_PREFIX = "theworld-serve ready"
+API_KEY_ENV = "THEWORLD_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from theworld.serving.schema import Limits
+
+    limits = Limits()
+    parser = argparse.ArgumentParser(
+        prog="python -m theworld.serve",
+        description="Serve TheWorld: an OpenAI-compatible /v1/chat/completions and a web demo at /, with the safety "
+        "worker checking every prompt, frame, answer and rollout. Prints 'theworld-serve ready URL' when serving.",
+    )
+    parser.add_argument("--model", help="a directory written by TheWorld.save_pretrained, or a base Gemma 3 id/dir with "
+                        "--cosmos (default: the tiny models, built offline on first use)")
+    parser.add_argument("--cosmos", help="Cosmos-Predict2 Video2World id or dir (for a base Gemma 3 --model)")
+    parser.add_argument("--served-model-name", help="the model's name in /v1/models, answers and the demo (default: "
+                        "--model as given, or theworld-tiny)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; anything beyond "
+                        "loopback needs --api-key)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require `Authorization: Bearer KEY` on /v1/* and /metrics, and KEY as the demo's "
+                        f"password (default: ${API_KEY_ENV}); required when --host is not a loopback address")
+    parser.add_argument("--no-demo", action="store_true", help="serve the API only (no Gradio page at /)")
+    safety = parser.add_argument_group("safety worker")
+    safety.add_argument("--safety-endpoint", help="attach to a running worker (`python -m safety_worker serve`) "
+                        "instead of spawning one")
+    safety.add_argument("--safety-preset", choices=("tiny", "hub"), default="tiny",
+                        help="checkpoint of a spawned worker (default: tiny, the offline test guardrail)")
+    safety.add_argument("--safety-device", default="cpu", help="device of a spawned worker's guard models (default: cpu)")
+    batching = parser.add_argument_group("batching and limits")
+    batching.add_argument("--max-batch", type=int, default=8, help="most requests generated together (default: 8; "
+                          "1 turns batching off)")
+    batching.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the model waits for more "
+                          "requests after the first (default: 10)")
+    batching.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait for the model; more get "
+                          "503 overloaded (default: 64)")
+    batching.add_argument("--request-timeout", type=float, default=60.0, help="seconds one request may take, safety "
+                          "checks included (default: 60)")
+    batching.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens_limit,
+                          help=f"largest max_tokens a request may ask (default: {limits.max_tokens_limit}; a request "
+                          f"without one gets {DEFAULT_MAX_NEW_TOKENS})")
+    batching.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+                          help=f"longest text of a request, in tokens (default: {limits.max_prompt_tokens})")
+    batching.add_argument("--max-frames", type=int, default=limits.max_frames,
+                          help=f"most image parts (clip frames) per request (default: {limits.max_frames})")
+    batching.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes,
+                          help=f"largest encoded image (default: {limits.max_image_bytes})")
+    batching.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
+                          help=f"largest image, width x height (default: {limits.max_image_pixels})")
+    batching.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes,
+                          help=f"largest request body (default: {limits.max_request_bytes})")
+    world = parser.add_argument_group("world rollout")
+    world.add_argument("--max-rollout", type=int, default=limits.max_rollout,
+                       help=f"largest `rollout` a request may ask (default: {limits.max_rollout})")
+    world.add_argument("--rollout-steps", type=int, default=35, help="denoising steps per rollout (default: 35)")
+    world.add_argument("--fps", type=int, default=DEFAULT_VIDEO_FPS,
+                       help=f"frame rate of rollouts and their videos (default: {DEFAULT_VIDEO_FPS})")
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not _is_loopback(args.host) and not args.api_key:
+        parser.error(f"--host {args.host} serves beyond this machine: set --api-key (or ${API_KEY_ENV})")
+    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_tokens", "max_frames", "max_image_bytes",
+                 "max_image_pixels", "max_request_bytes", "rollout_steps", "fps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.batch_wait_ms < 0 or args.request_timeout <= 0 or args.max_rollout < 0:
+        parser.error("--batch-wait-ms and --max-rollout must be >= 0, --request-timeout > 0")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve(app, sock: socket.socket, ready_line: str) -> None:
+    """Run uvicorn on the bound socket; print `ready_line` once it serves (the socket already listens, so a
+    client that connects earlier waits instead of failing)."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            print(ready_line, flush=True)
+
+    AnnouncingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
+
+
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill this
+    # process before the ExitStack below stops the engine and the spawned worker. Exit normally instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        sock = _bind(args.host, args.port)  # first: a port in use fails before anything is loaded
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+
+    from theworld.generate import load_model, safety_endpoint
+    from theworld.serving.app import ServeApp
+    from theworld.serving.engine import BatchingEngine
+    from theworld.serving.guard import Guard
+    from theworld.serving.schema import Limits
+    from theworld.serving.service import ChatService, ServeMetrics
+
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels, max_frames=args.max_frames,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+                    default_max_tokens=min(DEFAULT_MAX_NEW_TOKENS, args.max_tokens_limit), max_rollout=args.max_rollout)
+    with contextlib.ExitStack() as stack:
+        stack.callback(sock.close)
+        endpoint = stack.enter_context(safety_endpoint(args.safety_endpoint, args.safety_preset, args.safety_device))
+        try:
+            model = load_model(args.model, args.cosmos, None, args.device)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        metrics = ServeMetrics()
+        engine = BatchingEngine(model, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000,
+                                max_queue=args.max_queue, rollout_steps=args.rollout_steps, fps=args.fps,
+                                on_batch=metrics.batch_size.observe)
+        stack.callback(engine.close)
+        guard = Guard(endpoint)
+        stack.callback(guard.close)
+        service = ChatService(engine, guard, metrics, request_timeout=args.request_timeout, fps=args.fps)
+        server_app = ServeApp(service, model_name=args.served_model_name or args.model or "theworld-tiny", limits=limits, api_key=args.api_key,
+                              demo=not args.no_demo)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+        _serve(server_app.app, sock, f"{READY_PREFIX} {url} (safety worker {endpoint})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

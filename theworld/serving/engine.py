@@ -1,0 +1,209 @@
+"""BatchingEngine: one model thread that answers whatever requests arrived together as one batch.
+
+Triton's dynamic batcher, in small: the thread takes the first waiting job, waits at most
+`batch_wait` seconds for more (up to `max_batch`), groups what it has by generation settings, and runs
+each group as one `model.generate` (`theworld.generate.generate_batch`, the same code as the CLI).
+Rows are left padded and clips of several lengths share a batch (`world_num_frames`); each row keeps
+its own `max_tokens` (the batch generates the longest, rows are cut to theirs). A group that fails is
+retried job by job, so one bad job cannot fail the others. The HTTP event loop never runs the model:
+`/health` answers while a batch is generating.
+
+Groups (jobs that can share one `generate`): greedy jobs (`temperature` 0) together; sampled jobs with
+the same `temperature` and `top_p` together; a sampled job with a `seed` alone (so that it is
+reproducible); with a model that rolls out (`num_world_steps > 0`), only clips of one length.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from theworld.serving.schema import ApiError
+
+_STOP = object()
+
+
+@dataclass
+class Job:
+    """One request for the model: a sample with the worker's sanitised frames, and how to answer it."""
+
+    sample: dict  # {"id", "messages", "images"}
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    rollout: int = 0
+    future: Future | None = None
+
+
+@dataclass
+class Generation:
+    answer: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    rollout_frames: np.ndarray | None = None  # raw decoded rollout, uint8 [F, H, W, 3]: check before showing
+    batch_size: int = 1
+
+
+class BatchingEngine:
+    """Runs `model` on a thread of its own. `submit(job)` returns a Future of a `Generation`.
+
+    Args:
+        model: a `TheWorld` in eval mode (not shared with other threads while the engine runs).
+        max_batch: most jobs in one `generate` (1 turns batching off).
+        batch_wait: seconds the thread waits for more jobs after the first one arrives.
+        max_queue: jobs allowed to wait; more are refused with 503 `overloaded`.
+        rollout_steps, fps: denoising steps and frame rate of rollouts.
+        on_batch: called with each group's size (metrics).
+        generation_kwargs: passed to every `generate` call.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, batch_wait: float = 0.01, max_queue: int = 64,
+                 rollout_steps: int = 35, fps: int = 16, on_batch=None, **generation_kwargs):
+        from theworld.data.collator import TheWorldCollator
+
+        self.model = model
+        self.collator = TheWorldCollator(model, for_generation=True)
+        self.max_batch, self.batch_wait, self.max_queue = max_batch, batch_wait, max_queue
+        self.rollout_steps, self.fps = rollout_steps, fps
+        self.on_batch = on_batch or (lambda size: None)
+        self.generation_kwargs = generation_kwargs
+        eos = model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self._eos.add(model.processor.tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+        if model.config.num_world_steps:  # the answer's own rollout (the CLI sets it the same way)
+            from theworld.modeling.rollout import RolloutConfig
+
+            model.rollout_config = RolloutConfig(num_inference_steps=rollout_steps, fps=fps)
+        self._queue: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="BatchingEngine", daemon=True)
+        self._thread.start()
+
+    def check_rollout(self, rollout: int) -> None:
+        """Raise `rollout_unavailable` for a rollout this model cannot make."""
+        steps = self.model.config.num_world_steps
+        if rollout and self.model.world_encoder is None:
+            raise ApiError("rollout_unavailable", "this model has no world path (enable_world=False): no rollout")
+        if steps and rollout not in (0, steps):
+            raise ApiError("rollout_unavailable", f"this model was trained with num_world_steps={steps}: ask rollout "
+                                                  f"{steps} (or 0 for no video)", field="rollout")
+
+    def submit(self, job: Job) -> Future:
+        if self._queue.qsize() >= self.max_queue:
+            raise ApiError("overloaded", f"{self._queue.qsize()} requests are waiting for the model "
+                                         f"(--max-queue {self.max_queue}); try again shortly")
+        job.future = Future()
+        job.future.set_running_or_notify_cancel()
+        self._queue.put(job)
+        return job.future
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------ the model thread
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs = [first]
+            deadline = time.monotonic() + self.batch_wait
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                jobs.append(job)
+            groups: dict[tuple, list[Job]] = {}
+            for job in jobs:
+                groups.setdefault(self._group_key(job), []).append(job)
+            for group in groups.values():
+                self._run_group(group)
+
+    def _group_key(self, job: Job) -> tuple:
+        sampled = job.temperature > 0
+        key = (sampled, job.temperature if sampled else None, job.top_p if sampled else None)
+        if sampled and job.seed is not None:
+            key += ("alone", next(self._ids))
+        if self.model.config.num_world_steps:
+            key += ("frames", len(job.sample["images"]))
+        return key
+
+    def _run_group(self, group: list[Job]) -> None:
+        try:
+            results = self._generate(group)
+        except Exception as e:  # noqa: BLE001  (answered per job below)
+            if len(group) > 1:
+                for job in group:  # one bad job must not fail the others
+                    self._run_group([job])
+                return
+            group[0].future.set_exception(e)
+            return
+        self.on_batch(len(group))
+        for job, result in zip(group, results):
+            job.future.set_result(result)
+
+    def _generate(self, group: list[Job]) -> list[Generation]:
+        from theworld.generate import generate_batch
+
+        first = group[0]
+        kwargs = dict(self.generation_kwargs)
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        else:
+            kwargs.update(do_sample=False)
+        generated = generate_batch(self.model, self.collator, [job.sample for job in group],
+                                   max_new_tokens=max(job.max_tokens for job in group), **kwargs)
+        results = []
+        for row, job in enumerate(group):
+            tokens = generated.new_tokens[row, :job.max_tokens].tolist()
+            ended = next((i for i, t in enumerate(tokens) if t in self._eos), None)
+            results.append(Generation(
+                answer=generated.answer(self.model, row, job.max_tokens),
+                finish_reason="length" if ended is None else "stop",
+                prompt_tokens=generated.prompt_tokens[row],
+                completion_tokens=len(tokens) if ended is None else ended + 1,
+                rollout_frames=self._rollout(job, generated.world_latents, row) if job.rollout else None,
+                batch_size=len(group),
+            ))
+        return results
+
+    def _rollout(self, job: Job, world_latents: torch.Tensor, row: int) -> np.ndarray:
+        """The observed clip plus `job.rollout` predicted latent frames, decoded (raw: not yet checked)."""
+        from theworld.modeling.rollout import RolloutConfig, decode_world_latents, rollout_world_latents
+        from theworld.modeling.world_encoder import latent_frames
+
+        model = self.model
+        latents = world_latents[row:row + 1]
+        if not model.config.num_world_steps:  # the answer had no rollout: make one for the video
+            latents = latents[:, :, :latent_frames(len(job.sample["images"]))]
+            if model.world_transformer is None:
+                model.load_world_rollout_components()
+            config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
+                                   seed=0 if job.seed is None else job.seed)
+            with torch.no_grad():
+                rolled = rollout_world_latents(model.world_transformer, model.world_scheduler, latents, job.rollout,
+                                               config=config)
+            # The sampler leaves the observed frames at sigma_min noise: show their exact latents.
+            latents = torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
+        with torch.no_grad():
+            return decode_world_latents(model.world_encoder, latents)[0]

@@ -1,0 +1,81 @@
+"""The server's link to the safety worker: checks bounded by each request's deadline, surviving restarts.
+
+A `SafetyClient` already resends what it was owed when its (supervised) worker comes back on the same
+endpoint. If the worker stays silent long enough for the client to declare it dead (`WorkerDead`), the
+guard opens a fresh client and tries again, until the request's deadline: then the request fails with
+503 `safety_unavailable`. Nothing is ever treated as safe because a check could not be made.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from safety_worker import ClientClosed, SafetyClient, Verdict, WorkerDead, WorkerError, WorkerTimeout
+from theworld.serving.schema import ApiError
+
+_RECONNECT_PAUSE = 0.2  # seconds between a dead client and the next try with a fresh one
+_DEAD_AFTER = 15.0  # seconds of worker silence before a client gives up on it (a restart takes less)
+
+
+class Guard:
+    """Async safety checks for the server (thread-safe; usable from any event loop)."""
+
+    def __init__(self, endpoint: str, **client_kwargs):
+        self.endpoint = endpoint
+        self._client_kwargs = {"dead_after": _DEAD_AFTER, **client_kwargs}
+        self._lock = threading.Lock()
+        self._client = SafetyClient(endpoint, **self._client_kwargs)
+        self.reconnects = 0
+
+    async def check_sample(self, text: str, frames: np.ndarray, deadline: float) -> Verdict:
+        """The prompt and every frame in one round trip; a safe verdict carries the sanitised frames."""
+        reply = await self._request("check_sample", {"text": text}, [frames], deadline)
+        return Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
+
+    async def check_text(self, text: str, deadline: float) -> Verdict:
+        reply = await self._request("check_text", {"texts": [text]}, [], deadline)
+        return Verdict.from_wire(reply.result["verdicts"][0])
+
+    async def check_video(self, frames: np.ndarray, deadline: float) -> Verdict:
+        reply = await self._request("check_video", {}, [frames], deadline)
+        return Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
+
+    async def hello(self, timeout: float) -> dict:
+        """The worker's handshake (pid, instance id, models), or `safety_unavailable`."""
+        return (await self._request("hello", {}, [], time.monotonic() + timeout)).result
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+    async def _request(self, op: str, args: dict, arrays: list, deadline: float):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError("safety_unavailable", f"the safety worker at {self.endpoint} did not answer in time; "
+                                                     "nothing was returned unchecked, try again")
+            client = self._client
+            try:
+                future: Future = client.request(op, args, arrays, timeout=left)
+                return await asyncio.wrap_future(future)
+            except (WorkerDead, ClientClosed):
+                self._replace(client)
+                await asyncio.sleep(_RECONNECT_PAUSE)
+            except WorkerTimeout:
+                continue  # the loop's deadline check answers 503
+            except WorkerError as e:
+                raise ApiError("safety_unavailable", f"the safety worker could not check this request ({e.code}): "
+                                                     f"{e.message}") from None
+
+    def _replace(self, dead: SafetyClient) -> None:
+        """Swap a client that declared its worker dead for a fresh one (once, whoever notices first)."""
+        with self._lock:
+            if self._client is not dead:
+                return
+            self._client = SafetyClient(self.endpoint, **self._client_kwargs)
+            self.reconnects += 1
+        threading.Thread(target=dead.close, daemon=True).start()  # close() joins its I/O thread
