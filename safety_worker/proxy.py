@@ -49,10 +49,11 @@ def checker_identity(hello: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def content_key(identity: str, req: P.Request) -> str:
+def content_key(identity: str, op: str, args: dict, arrays: Sequence[np.ndarray]) -> str:
+    """Key of a check's verdict: the checker, the op, its arguments and the arrays' dtypes, shapes and bytes."""
     h = hashlib.sha256(identity.encode())
-    h.update(msgpack.packb([req.op, req.args], use_bin_type=True))
-    for a in req.arrays:
+    h.update(msgpack.packb([op, args], use_bin_type=True))
+    for a in arrays:
         h.update(f"{a.dtype.name}{list(a.shape)}".encode())
         h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
     return h.hexdigest()
@@ -242,7 +243,7 @@ class ReplicaProxy:
             return
         key = None
         if req.op in P.CHECK_OPS:
-            key = content_key(self.identity, req)
+            key = content_key(self.identity, req.op, req.args, req.arrays)
             cached = self.cache.get(key)
             if cached is not None:
                 self.counts["answered_here"] += 1

@@ -74,3 +74,44 @@ def test_a_worker_that_keeps_failing_stops_the_run_with_a_clear_error(tmp_path, 
         with pytest.raises(SafetyCheckFailed, match="safety_max_errors"):
             list(filtered)
         filtered.close()
+
+
+class SubmitCounter(InFlightCounter):
+    """The real client, counting what reaches the worker (and answering `hello` for the filter)."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.submitted = 0
+
+    def hello(self):
+        return self.client.hello()
+
+    def submit_sample(self, text, frames):
+        self.submitted += 1
+        return super().submit_sample(text, frames)
+
+
+def test_a_second_epoch_reuses_verdicts_and_sanitized_frames_instead_of_checking_again(tmp_path, tiny_safety_worker_faces):
+    """Two epochs over 6 samples (one blocked): the worker checks each content once; the second epoch hands
+    on the same sanitized frames and ledgers the blocked sample again at its new position."""
+    from safety_worker.tiny import BLOCKED_PHRASE
+
+    task = SyntheticWorldTask(size=6, image_size=64)
+    samples = [task[i] for i in range(6)]
+    samples[2] = {**samples[2], "messages": [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": f"What is it? {BLOCKED_PHRASE}"}]}, samples[2]["messages"][1]]}
+    two_epochs = enumerate(samples + samples)
+    with SafetyClient(tiny_safety_worker_faces.endpoint) as client:
+        counter = SubmitCounter(client)
+        filtered = SafetyFilter(counter, two_epochs, window=3, output_dir=tmp_path, reuse_mb=64)
+        handed_on = list(filtered)
+        filtered.close()
+    assert counter.submitted == 6
+    assert [p for p, _ in handed_on] == [0, 1, 3, 4, 5, 6, 7, 9, 10, 11]
+    for (_, first), (_, second) in zip(handed_on[:5], handed_on[5:]):
+        assert first["id"] == second["id"]
+        assert np.array_equal(first["images"][0], second["images"][0])
+        assert not np.array_equal(first["images"][0], task[int(first["id"][-6:])]["images"][0])  # pixelated
+    blocked = [json.loads(line) for line in (tmp_path / "blocked.jsonl").read_text().splitlines()]
+    assert [b["position"] for b in blocked] == [2, 8]
+    assert filtered.counts.seen == 12 and filtered.counts.passed == 10 and filtered.counts.blocked == 2

@@ -10,6 +10,12 @@ never trained on (fail closed). A sample the data path could not load (``theworl
 a missing or undecodable file, a malformed sample) is ledgered there too, with ``"kind": "data"``, and
 never sent. Nothing is dropped silently: ``seen == passed + blocked + errors``.
 
+A sample whose content (text and frames) was already checked in this run is not sent again: with
+``reuse_mb`` the filter keeps the verdicts it got, sanitized frames included, keyed by the checker's
+identity and the content (``safety_worker.proxy.VerdictCache``, the cache the worker's proxy uses). Every
+epoch over a fixed dataset after the first then costs the worker nothing; the checker is deterministic,
+and a verdict that came from a fault (timeout, guard error) is never reused.
+
 Counters and the reading position describe samples the trainer has *taken*, not the ones in flight,
 so a checkpoint made between two takes can resume exactly (in-flight checks are simply redone).
 """
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from safety_worker import Verdict
+from safety_worker.proxy import VerdictCache, checker_identity, content_key
 from theworld.data.sources import BadSample, sample_text
 
 # A fractional --max-bad-samples is judged against the samples read so far; the first few bad samples
@@ -92,6 +99,13 @@ class _Pending:
     futures: list[Future]
     error: str | None = None
     kind: str = "safety"  # what failed when error is set: "safety" (the check) or "data" (loading the sample)
+    keys: list[str | None] | None = None  # content key per video, for reusing their verdicts
+
+
+def _done(verdict: Verdict) -> Future:
+    future: Future = Future()
+    future.set_result(verdict)
+    return future
 
 
 def _frame_groups(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -118,11 +132,13 @@ class SafetyFilter:
         result_timeout: seconds to wait for one verdict before counting it as an error.
         state: a ``state_dict()`` from an earlier run to continue from (ledgers are cut back to it).
         fresh_ledgers: start the ledgers empty instead of appending (for a pass that is redone every run).
+        reuse_mb: memory (MiB) for the verdicts of content already checked, reused instead of checking it
+            again (0: every sample is sent).
     """
 
     def __init__(self, client, stream: Iterator[tuple[int, dict]], window: int = 16, output_dir=".",
                  ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None,
-                 fresh_ledgers: bool = False, max_bad_samples: BadSampleLimit | None = None):
+                 fresh_ledgers: bool = False, max_bad_samples: BadSampleLimit | None = None, reuse_mb: float = 0):
         if window < 1:
             raise ValueError(f"safety_window must be at least 1, got {window}")
         self.client, self.stream, self.window = client, stream, window
@@ -140,6 +156,8 @@ class SafetyFilter:
                 if path.exists():
                     os.truncate(path, size)
         self._pending: deque[_Pending] = deque()
+        self.reused = VerdictCache(int(reuse_mb * 2**20)) if reuse_mb > 0 else None
+        self._checker = checker_identity(client.hello()) if self.reused is not None else None
         mode = "w" if fresh_ledgers else "a"
         self._blocked_file = open(self.blocked_path, mode, encoding="utf-8")
         self._errors_file = open(self.errors_path, mode, encoding="utf-8")
@@ -186,10 +204,26 @@ class SafetyFilter:
             groups = _frame_groups([np.ascontiguousarray(image, dtype=np.uint8) for image in sample["images"]])
             if not groups:
                 raise ValueError("the sample has no images")
-            futures = [self.client.submit_sample(text, frames) for frames in groups]
+            keys = [self._key(text, frames) for frames in groups]
+            futures = [self._reused(key) or self.client.submit_sample(text, frames) for key, frames in zip(keys, groups)]
         except Exception as e:  # a malformed sample or a closed client: fail closed, keep going
             return _Pending(position, sample, [], error=f"{type(e).__name__}: {e}")
-        return _Pending(position, sample, futures)
+        return _Pending(position, sample, futures, keys=keys)
+
+    def _key(self, text: str, frames: np.ndarray) -> str | None:
+        return content_key(self._checker, "check_sample", {"text": text}, [frames]) if self.reused is not None else None
+
+    def _reused(self, key: str | None) -> Future | None:
+        cached = self.reused.get(key) if key is not None else None
+        if cached is None:
+            return None
+        result, arrays = cached
+        return _done(Verdict.from_wire(result, arrays[0] if arrays else None))
+
+    def _remember(self, keys: list[str | None], verdicts: list[Verdict]) -> None:
+        for key, verdict in zip(keys, verdicts):
+            if key is not None and not verdict.fault:
+                self.reused.put(key, verdict.to_wire(), [] if verdict.frames is None else [verdict.frames])
 
     def _wait(self, item: _Pending) -> tuple[Verdict | None, list[np.ndarray] | None, str | None]:
         """``(verdict, sanitized images, None)`` when safe, ``(blocked verdict, None, None)`` or
@@ -206,6 +240,8 @@ class SafetyFilter:
             return None, None, f"{type(e).__name__}: {e}"
         finally:
             self.counts.wait_seconds += time.perf_counter() - start
+        if item.keys:
+            self._remember(item.keys, verdicts)
         for verdict in verdicts:
             if not verdict.safe:
                 return verdict, None, None
