@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the tiny models change so that cached copies are rebuilt instead of silently reused.
-TINY_FORMAT_VERSION = 2
+TINY_FORMAT_VERSION = 3
 _COMPLETE_MARKER = ".theworld-tiny-complete"
 
 # The Gemma 3 chat template (as shipped with google/gemma-3-4b-it).
@@ -133,10 +133,11 @@ def _build_gemma(outdir: Path, seed: int) -> None:
     tokenizer.add_tokens(
         [AddedToken(token, special=True, normalized=False) for token in _GEMMA_SPECIAL_TOKENS], special_tokens=True
     )
+    pixel_mean, pixel_std = _calibrated_pixel_statistics()
     image_processor = Gemma3ImageProcessor(
         size={"height": TINY_GEMMA_IMAGE_SIZE, "width": TINY_GEMMA_IMAGE_SIZE},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        image_mean=pixel_mean,
+        image_std=pixel_std,
         do_pan_and_scan=False,
     )
     processor = Gemma3Processor(
@@ -259,6 +260,28 @@ def _build_cosmos(outdir: Path, seed: int) -> None:
     (outdir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 
+def _calibration_clips() -> list[list]:
+    """The motion-task clips both tiny models are calibrated on (a seed no training run uses)."""
+    from theworld.data.synthetic import SyntheticMotionTask
+
+    task = SyntheticMotionTask(split="train", size=TINY_VAE_CALIBRATION_CLIPS, seed=12345)
+    return [task[i]["images"] for i in range(len(task))]
+
+
+def _calibrated_pixel_statistics() -> tuple[list[float], list[float]]:
+    """Per-channel pixel mean and std (in [0, 1]) of the calibration clips, for the tiny SigLIP's processor.
+
+    A trained SigLIP has learnt to see past the large constant part of its input; a random one has not.
+    Normalised with Gemma's 0.5/0.5, the mostly dark synthetic frames are a near-constant input: 6 % of
+    the tiny patch embeddings' second moment varied between images, and a no-world run did not read the
+    square's colour in 800 steps. Real checkpoints keep their published normalisation.
+    """
+    import numpy as np
+
+    frames = np.stack([frame for clip in _calibration_clips() for frame in clip]).astype(np.float64) / 255.0
+    return frames.mean(axis=(0, 1, 2)).round(4).tolist(), frames.std(axis=(0, 1, 2)).round(4).tolist()
+
+
 def _calibrate_latent_statistics(vae) -> None:
     """Set the VAE config's per-channel ``latents_mean`` / ``latents_std`` from its own latents.
 
@@ -268,12 +291,11 @@ def _calibrate_latent_statistics(vae) -> None:
     """
     import torch
 
-    from theworld.data.synthetic import SyntheticMotionTask
     from theworld.modeling.world_encoder import preprocess_world_clips
 
-    task = SyntheticMotionTask(split="train", size=TINY_VAE_CALIBRATION_CLIPS, seed=12345)
-    clips = [task[i]["images"] for i in range(len(task))]
-    pixels, _ = preprocess_world_clips(clips, task.image_size, task.image_size)
+    clips = _calibration_clips()
+    size = clips[0][0].shape[0]
+    pixels, _ = preprocess_world_clips(clips, size, size)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mode()
     vae.register_to_config(latents_mean=latents.mean(dim=(0, 2, 3, 4)).tolist(),
@@ -315,6 +337,11 @@ def _build_into(target: Path, builder, seed: int) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def is_tiny_gemma(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a tiny Gemma 3 written by ``build_tiny_models`` (any format version or seed)."""
+    return (Path(path) / _COMPLETE_MARKER).is_file() and (Path(path) / "config.json").is_file()
 
 
 def build_tiny_models(outdir: str | os.PathLike | None = None, seed: int = 0) -> tuple[Path, Path]:
