@@ -160,6 +160,43 @@ def test_each_row_of_a_batch_of_mixed_clip_lengths_equals_that_row_alone(tiny_wo
             torch.testing.assert_close(batched.logits[i][real], alone.logits[0], rtol=1e-4, atol=1e-4)
 
 
+def test_frame_tokens_of_mixed_clip_lengths_equal_each_row_alone_and_survive_a_reload(tiny_models, tmp_path):
+    """The 'frame' projection (the trainer's default on the tiny models): `world_frame_tokens` per latent
+    frame, padding frames never leak into real ones, and the saved model rebuilds the same projector."""
+    model = load_tiny_world(tiny_models, world_projection="frame", world_frame_tokens=5).eval()
+    collate = TheWorldCollator(model)
+    rows = [clip_sample(0, 9), clip_sample(1, 1), clip_sample(2, 5)]
+    batch = collate(rows)
+    counts = (batch["input_ids"] == model.config.world_token_index).sum(dim=1).tolist()
+    assert counts == [15, 5, 10]  # 3, 1 and 2 latent frames
+    with torch.no_grad():
+        batched = model(**batch)
+        for i, row in enumerate(rows):
+            alone = model(**collate([row]))
+            real = batch["attention_mask"][i].bool()
+            torch.testing.assert_close(batched.logits[i][real], alone.logits[0], rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    reloaded = TheWorld.from_pretrained(tmp_path).eval()
+    assert (reloaded.config.world_projection, reloaded.config.world_frame_tokens) == ("frame", 5)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, batched.logits, rtol=0, atol=0)
+
+
+def test_frame_tokens_see_the_order_of_latent_frames(tiny_models):
+    """Each frame's tokens read its change since the previous latent frame: swapping two latent frames
+    changes the tokens of every frame whose predecessor changed, not just their order."""
+    model = load_tiny_world(tiny_models, world_projection="frame", world_frame_tokens=2).eval()
+    torch.manual_seed(0)
+    latents = torch.randn(1, model.config.world_latent_channels, 3, 4, 4)
+    swapped = latents[:, :, [1, 0, 2]]
+    with torch.no_grad():
+        tokens, _ = model.world_projector(latents)
+        tokens_swapped, _ = model.world_projector(swapped)
+    per_frame, per_frame_swapped = tokens.view(3, 2, -1), tokens_swapped.view(3, 2, -1)
+    # The last frame is the same in both; only its predecessor differs.
+    assert not torch.allclose(per_frame[2], per_frame_swapped[2])
+
+
 def test_the_processor_is_saved_with_the_model_and_expands_the_world_block(tiny_world_model, tmp_path):
     from theworld.processing_theworld import TheWorldProcessor
 
@@ -286,10 +323,11 @@ def test_freezing_flags_select_the_trainable_parts(tiny_models):
 @pytest.mark.parametrize("options", [
     dict(world_projection="spatial", world_projector_type="linear", world_tokens_per_side=2),
     dict(world_projection="channel", world_projector_type="mlp"),
+    dict(world_projection="frame", world_frame_tokens=3, world_projector_type="mlp"),
 ])
 def test_projection_modes_train(tiny_models, options):
     model = load_tiny_world(tiny_models, **options).train()
-    expected_tokens = 4 if options["world_projection"] == "spatial" else 16
+    expected_tokens = {"spatial": 4, "channel": 16, "frame": 3}[options["world_projection"]]
     assert model.processor.num_world_tokens(1) == expected_tokens
     batch = TheWorldCollator(model)(samples(2))
     assert int((batch["input_ids"][0] == model.config.world_token_index).sum()) == expected_tokens

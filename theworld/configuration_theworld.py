@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, Gemma3Config
 
-WORLD_PROJECTIONS = ("spatial", "channel")
+WORLD_PROJECTIONS = ("spatial", "channel", "frame")
 WORLD_PROJECTOR_TYPES = ("mlp", "linear")
 
 
@@ -28,11 +28,15 @@ class TheWorldConfig(Gemma3Config):
         world_projection (`str`, *optional*, defaults to `"spatial"`):
             `"spatial"`: one world token per latent position (after optional pooling), projecting the
             latent channels. `"channel"`: one world token per latent channel, projecting its spatial map.
+            `"frame"`: `world_frame_tokens` tokens per latent frame, each projecting the whole latent frame
+            and its change since the previous latent frame (how the tiny models learn motion in minutes).
         world_projector_type (`str`, *optional*, defaults to `"mlp"`):
             `"mlp"` (Linear-GELU-Linear) or `"linear"`.
         world_tokens_per_side (`int`, *optional*):
             Average-pool each latent frame to this many positions per side before projecting. `None`
             keeps every latent position (a 256x256 image is a 32x32 latent: 1024 tokens per frame).
+        world_frame_tokens (`int`, *optional*, defaults to 16):
+            World tokens per latent frame of the `"frame"` projection (ignored by the others).
         world_image_size (`list[int]`, *optional*):
             `[height, width]` the world image is resized to before the Cosmos VAE, both divisible by 16.
             `None` uses the Gemma vision tower's image size.
@@ -66,6 +70,7 @@ class TheWorldConfig(Gemma3Config):
     world_projection: str = "spatial"
     world_projector_type: str = "mlp"
     world_tokens_per_side: int | None = None
+    world_frame_tokens: int = 16
     world_image_size: list[int] | None = None
     num_world_steps: int = 0
     world_max_frames: int = 8
@@ -95,6 +100,8 @@ class TheWorldConfig(Gemma3Config):
                 f"world_max_frames={self.world_max_frames} leaves no room for a clip plus {self.num_world_steps} "
                 f"rolled-out frame(s): use at least {1 + self.num_world_steps}"
             )
+        if self.world_frame_tokens < 1:
+            raise ValueError(f"world_frame_tokens must be >= 1, got {self.world_frame_tokens}")
         if self.world_tokens_per_side is not None and self.world_tokens_per_side < 1:
             raise ValueError(f"world_tokens_per_side must be >= 1 or None, got {self.world_tokens_per_side}")
         if self.world_image_size is not None:

@@ -2,7 +2,7 @@
 
 With no arguments this is the complete offline default: the project's tiny Gemma 3 and Cosmos
 (built on first use under ``theworld.tiny.default_tiny_dir()``), the synthetic world task, and a
-spawned safety worker running the tiny guardrail; a few hundred steps on a laptop CPU, then a summary.
+spawned safety worker running the tiny guardrail; 800 steps (a few minutes on 2 CPU cores), then a summary.
 Real models train with the same command: ``--gemma-model google/gemma-3-4b-it --cosmos-model
 nvidia/Cosmos-Predict2-2B-Video2World --data my.jsonl``. Multi-GPU: ``accelerate launch -m
 theworld.train ...`` (one safety worker per node: the local main process spawns it, the other local
@@ -65,10 +65,16 @@ class ModelArguments:
         default=True,
         metadata={"help": "Insert Cosmos world tokens (true) or train the no-world Gemma baseline (false)."},
     )
-    world_projection: str = field(
-        default="spatial",
-        metadata={"help": "How Cosmos latents become world tokens: 'spatial' (one token per latent patch) "
-                          "or 'channel' (pooled).", "choices": ["spatial", "channel"]},
+    world_projection: Optional[str] = field(
+        default=None,
+        metadata={"help": "How Cosmos latents become world tokens: 'spatial' (one token per latent patch), 'channel' "
+                          "(one per latent channel) or 'frame' (--world-frame-tokens per latent frame, each reading "
+                          "the whole frame and its change since the previous one). Default: 'frame' on the "
+                          "project's tiny models (the motion task is learnt in minutes; see docs/model.md), "
+                          "'spatial' on real checkpoints.", "choices": ["spatial", "channel", "frame"]},
+    )
+    world_frame_tokens: int = field(
+        default=16, metadata={"help": "World tokens per latent frame of the 'frame' projection."}
     )
     world_projector_type: str = field(
         default="mlp", metadata={"help": "World projector: 'mlp' (Linear-GELU-Linear) or 'linear'.", "choices": ["mlp", "linear"]}
@@ -159,15 +165,15 @@ class TrainArguments:
     """The loop, its outputs, and the safety worker it talks to."""
 
     output_dir: str = field(default="runs/theworld", metadata={"help": "Where every output of the run is written."})
-    max_steps: int = field(default=200, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
+    max_steps: int = field(default=800, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
     stop_after_steps: Optional[int] = field(
         default=None,
         metadata={"help": "End this invocation after this many more optimizer steps (writing a checkpoint) without "
                           "changing the schedule: for time-sliced jobs; continue with --resume."},
     )
-    batch_size: int = field(default=4, metadata={"help": "Samples per micro-batch per process."})
+    batch_size: int = field(default=16, metadata={"help": "Samples per micro-batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "Any transformers.get_scheduler name (linear, cosine, constant, ...)."}
@@ -180,8 +186,8 @@ class TrainArguments:
                   "choices": ["auto", "no", "bf16", "fp16"]},
     )
     seed: int = field(default=0, metadata={"help": "Seed for model initialisation, data order and the synthetic task."})
-    eval_every: int = field(default=50, metadata={"help": "Evaluate on held-out data every N steps (and at start and end)."})
-    save_every: int = field(default=100, metadata={"help": "Write a checkpoint every N steps (and at the end)."})
+    eval_every: int = field(default=200, metadata={"help": "Evaluate on held-out data every N steps (and at start and end)."})
+    save_every: int = field(default=200, metadata={"help": "Write a checkpoint every N steps (and at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     log_every: int = field(default=10, metadata={"help": "Log to TensorBoard and the progress bar every N steps."})
     report_to: str = field(
@@ -217,6 +223,12 @@ class TrainArguments:
     safety_timeout: float = field(default=120.0, metadata={"help": "Seconds to wait for one safety verdict."})
     safety_max_errors: int = field(
         default=50, metadata={"help": "Abort once more than this many samples failed their safety check."}
+    )
+    safety_cache_mb: float = field(
+        default=512,
+        metadata={"help": "Memory for the verdicts and sanitized frames of training samples already checked in this "
+                          "run: a later epoch reuses them instead of sending the same content again (the checker is "
+                          "deterministic; fault verdicts are never reused); 0 checks every read."},
     )
 
 
@@ -261,15 +273,18 @@ def build_model(model_args: ModelArguments, seed: int):
 
     from theworld import TheWorld
 
+    from theworld.tiny import build_tiny_models, default_tiny_dir, is_tiny_gemma
+
     gemma, cosmos = model_args.gemma_model, model_args.cosmos_model
     if gemma is None or cosmos is None:
-        from theworld.tiny import build_tiny_models, default_tiny_dir
-
         tiny_gemma, tiny_cosmos = build_tiny_models(default_tiny_dir())
         gemma, cosmos = gemma or str(tiny_gemma), cosmos or str(tiny_cosmos)
     set_seed(seed)  # the projector's initial weights are part of the run
-    options = dict(enable_world=model_args.enable_world, world_projection=model_args.world_projection,
-                   world_projector_type=model_args.world_projector_type, num_world_steps=model_args.num_world_steps,
+    # The tiny language model learns motion in minutes only from 'frame' tokens (docs/model.md); a real
+    # Gemma gets one token per latent patch, as LLaVA-style models do.
+    projection = model_args.world_projection or ("frame" if is_tiny_gemma(gemma) else "spatial")
+    options = dict(enable_world=model_args.enable_world, world_projection=projection,
+                   world_frame_tokens=model_args.world_frame_tokens, world_projector_type=model_args.world_projector_type, num_world_steps=model_args.num_world_steps,
                    freeze_gemma_language=model_args.freeze_gemma_language,
                    freeze_gemma_vision=model_args.freeze_gemma_vision)
     if model_args.world_tokens_per_side is not None:
@@ -650,7 +665,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             samples = SafetyFilter(client, reader, window=train_args.safety_window, output_dir=output_dir,
                                    ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
                                    result_timeout=train_args.safety_timeout, state=filter_state,
-                                   max_bad_samples=max_bad_samples)
+                                   max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
+                                   worker_hello=worker_hello)
         else:
             samples = make_sample_filter(client, reader, output_dir, filter_state)
         stack.callback(samples.close)

@@ -134,11 +134,14 @@ class SafetyFilter:
         fresh_ledgers: start the ledgers empty instead of appending (for a pass that is redone every run).
         reuse_mb: memory (MiB) for the verdicts of content already checked, reused instead of checking it
             again (0: every sample is sent).
+        worker_hello: the worker's ``hello`` answer, naming the checker whose verdicts are reused (asked
+            for when not given).
     """
 
     def __init__(self, client, stream: Iterator[tuple[int, dict]], window: int = 16, output_dir=".",
                  ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None,
-                 fresh_ledgers: bool = False, max_bad_samples: BadSampleLimit | None = None, reuse_mb: float = 0):
+                 fresh_ledgers: bool = False, max_bad_samples: BadSampleLimit | None = None, reuse_mb: float = 0,
+                 worker_hello: dict | None = None):
         if window < 1:
             raise ValueError(f"safety_window must be at least 1, got {window}")
         self.client, self.stream, self.window = client, stream, window
@@ -157,7 +160,7 @@ class SafetyFilter:
                     os.truncate(path, size)
         self._pending: deque[_Pending] = deque()
         self.reused = VerdictCache(int(reuse_mb * 2**20)) if reuse_mb > 0 else None
-        self._checker = checker_identity(client.hello()) if self.reused is not None else None
+        self._checker = checker_identity(worker_hello or client.hello()) if self.reused is not None else None
         mode = "w" if fresh_ledgers else "a"
         self._blocked_file = open(self.blocked_path, mode, encoding="utf-8")
         self._errors_file = open(self.errors_path, mode, encoding="utf-8")

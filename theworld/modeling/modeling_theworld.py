@@ -39,8 +39,8 @@ TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
 VAE_SPATIAL_FACTOR = 8
 # TheWorldConfig fields that `from_pretrained` accepts as keyword arguments.
 WORLD_OPTIONS = (
-    "enable_world", "world_projection", "world_projector_type", "world_tokens_per_side", "world_image_size",
-    "num_world_steps", "world_max_frames", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae",
+    "enable_world", "world_projection", "world_projector_type", "world_tokens_per_side", "world_frame_tokens",
+    "world_image_size", "num_world_steps", "world_max_frames", "freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae",
 )
 # Options that may differ between saving and reloading (they do not change the saved weights' shapes).
 RELOAD_OVERRIDABLE = ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae", "num_world_steps")
@@ -96,6 +96,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
                 projection=config.world_projection,
                 projector_type=config.world_projector_type,
                 tokens_per_side=config.world_tokens_per_side,
+                frame_tokens=config.world_frame_tokens,
             )
             self.world_projector.float()
         self.post_init()
@@ -128,8 +129,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
             cosmos_model: Cosmos-Predict2 Video2World id or directory (`nvidia/Cosmos-Predict2-2B-Video2World`,
                 the tiny `OUTDIR/cosmos`). Required with `enable_world` for a base Gemma; a saved TheWorld
                 remembers it.
-            enable_world, world_projection, world_projector_type, world_tokens_per_side, world_image_size,
-            num_world_steps, freeze_gemma_vision, freeze_gemma_language, freeze_cosmos_vae: see
+            enable_world, world_projection, world_projector_type, world_tokens_per_side, world_frame_tokens,
+            world_image_size, num_world_steps, freeze_gemma_vision, freeze_gemma_language, freeze_cosmos_vae: see
                 `TheWorldConfig`. On reload only the freeze flags may change.
             **kwargs: passed to `Gemma3ForConditionalGeneration.from_pretrained` (`dtype`, `revision`, ...).
         """

@@ -63,6 +63,12 @@ class WorldProjector(nn.Module):
     - `"spatial"`: one token per latent position of each latent frame (optionally average-pooled to
       `tokens_per_side` squared positions); each token projects the `C` channels at its position.
     - `"channel"`: one token per latent channel of each latent frame; each projects that channel's map.
+    - `"frame"`: `frame_tokens` tokens per latent frame, each a function of the whole latent frame and
+      of its change since the previous latent frame (zero for a clip's first). Motion is a change of
+      *where* something is, which no single position holds: here one layer sees every position of two
+      consecutive frames, so the language model reads motion from one token instead of having to compare
+      positions across frames itself (measured on the motion task: see `docs/model.md`). Its input grows
+      with the latent grid (`2 * C * h * w`), so pool large grids with `tokens_per_side`.
 
     Every latent feature is standardised first (`LatentStandardizer`). A learned temporal embedding
     (one vector per latent frame index, up to `max_frames`, zero at initialisation) tells the frames
@@ -83,6 +89,7 @@ class WorldProjector(nn.Module):
         projector_type: str = "mlp",
         tokens_per_side: int | None = None,
         output_scale: float = 1.0,
+        frame_tokens: int = 16,
     ):
         super().__init__()
         latent_h, latent_w = latent_size
@@ -101,15 +108,21 @@ class WorldProjector(nn.Module):
             in_features, self.tokens_per_frame = latent_channels, positions
         elif projection == "channel":
             in_features, self.tokens_per_frame = positions, latent_channels
+        elif projection == "frame":
+            if frame_tokens < 1:
+                raise ValueError(f"frame_tokens must be >= 1, got {frame_tokens}")
+            in_features, self.tokens_per_frame = 2 * latent_channels * positions, frame_tokens
         else:
-            raise ValueError(f"projection must be 'spatial' or 'channel', got {projection!r}")
+            raise ValueError(f"projection must be 'spatial', 'channel' or 'frame', got {projection!r}")
+        # "frame" emits all of a frame's tokens from one vector; the others one token per input row.
+        out_features = hidden_size * (self.tokens_per_frame if projection == "frame" else 1)
         self.standardizer = LatentStandardizer(latent_channels, max_frames, grid)
         if projector_type == "mlp":
             self.proj = nn.Sequential(
-                nn.Linear(in_features, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+                nn.Linear(in_features, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, out_features)
             )
         elif projector_type == "linear":
-            self.proj = nn.Sequential(nn.Linear(in_features, hidden_size))
+            self.proj = nn.Sequential(nn.Linear(in_features, out_features))
         else:
             raise ValueError(f"projector_type must be 'mlp' or 'linear', got {projector_type!r}")
         self.temporal_embedding = nn.Parameter(torch.zeros(max_frames, hidden_size))
@@ -147,9 +160,17 @@ class WorldProjector(nn.Module):
         x = self.standardizer(x)
         if self.projection == "spatial":
             tokens = x.permute(0, 2, 3, 4, 1).reshape(batch, frames, -1, channels)  # [B, T, positions, C]
-        else:
+        elif self.projection == "channel":
             tokens = x.flatten(3).transpose(1, 2)  # [B, T, C, positions]
-        embeds = self.proj(tokens) + self.temporal_embedding[:frames, None, :]
+        else:
+            # Padding frames are zeroed so that no real frame's change is taken from padding.
+            x = x * frame_mask[:, None, :, None, None].to(x.dtype)
+            change = x - torch.cat([x[:, :, :1], x[:, :, :-1]], dim=2)  # a clip's first frame: no change
+            tokens = torch.cat([x, change], dim=1).transpose(1, 2).flatten(2)  # [B, T, 2 * C * positions]
+        embeds = self.proj(tokens)
+        if self.projection == "frame":
+            embeds = embeds.view(batch, frames, self.tokens_per_frame, -1)
+        embeds = embeds + self.temporal_embedding[:frames, None, :]
         embeds = embeds * torch.rsqrt(embeds.pow(2).mean(-1, keepdim=True) + 1e-6) * self.output_gain
         mask = frame_mask[:, :, None].expand(batch, frames, self.tokens_per_frame)
         return embeds.reshape(batch, frames * self.tokens_per_frame, -1), mask.reshape(batch, -1)
