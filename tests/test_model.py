@@ -147,39 +147,38 @@ def test_each_row_of_a_batch_of_mixed_clip_lengths_equals_that_row_alone(tiny_wo
     """Clips of 9, 1 and 5 frames in one batch (padded clips, different world-token counts per row)."""
     model = tiny_world_model
     collate = TheWorldCollator(model)
-    rows = [clip_sample(0, 9), clip_sample(1, 1), clip_sample(2, 5)]
-    batch = collate(rows)
+    batch, _ = assert_mixed_clip_rows_equal_each_row_alone(model, collate)
     assert batch["world_num_frames"].tolist() == [9, 1, 5]
     counts = (batch["input_ids"] == model.config.world_token_index).sum(dim=1).tolist()
     assert counts == [48, 16, 32]
+
+
+def assert_mixed_clip_rows_equal_each_row_alone(model, collate):
+    """Clips of 9, 1 and 5 frames collated together: each row's logits equal the row collated alone.
+    Returns the batch and its logits."""
+    rows = [clip_sample(0, 9), clip_sample(1, 1), clip_sample(2, 5)]
+    batch = collate(rows)
     with torch.no_grad():
         batched = model(**batch)
         for i, row in enumerate(rows):
             alone = model(**collate([row]))
             real = batch["attention_mask"][i].bool()
             torch.testing.assert_close(batched.logits[i][real], alone.logits[0], rtol=1e-4, atol=1e-4)
+    return batch, batched.logits
 
 
 def test_frame_tokens_of_mixed_clip_lengths_equal_each_row_alone_and_survive_a_reload(tiny_models, tmp_path):
     """The 'frame' projection (the trainer's default on the tiny models): `world_frame_tokens` per latent
     frame, padding frames never leak into real ones, and the saved model rebuilds the same projector."""
     model = load_tiny_world(tiny_models, world_projection="frame", world_frame_tokens=5).eval()
-    collate = TheWorldCollator(model)
-    rows = [clip_sample(0, 9), clip_sample(1, 1), clip_sample(2, 5)]
-    batch = collate(rows)
+    batch, logits = assert_mixed_clip_rows_equal_each_row_alone(model, TheWorldCollator(model))
     counts = (batch["input_ids"] == model.config.world_token_index).sum(dim=1).tolist()
     assert counts == [15, 5, 10]  # 3, 1 and 2 latent frames
-    with torch.no_grad():
-        batched = model(**batch)
-        for i, row in enumerate(rows):
-            alone = model(**collate([row]))
-            real = batch["attention_mask"][i].bool()
-            torch.testing.assert_close(batched.logits[i][real], alone.logits[0], rtol=1e-4, atol=1e-4)
     model.save_pretrained(tmp_path)
     reloaded = TheWorld.from_pretrained(tmp_path).eval()
     assert (reloaded.config.world_projection, reloaded.config.world_frame_tokens) == ("frame", 5)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**batch).logits, batched.logits, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
 
 
 def test_frame_tokens_see_the_order_of_latent_frames(tiny_models):
