@@ -91,9 +91,12 @@ class SubmitCounter(InFlightCounter):
         return super().submit_sample(text, frames)
 
 
-def test_a_second_epoch_reuses_verdicts_and_sanitized_frames_instead_of_checking_again(tmp_path, tiny_safety_worker_faces):
-    """Two epochs over 6 samples (one blocked): the worker checks each content once; the second epoch hands
-    on the same sanitized frames and ledgers the blocked sample again at its new position."""
+@pytest.mark.parametrize("window", [3, 12])
+def test_a_second_epoch_reuses_verdicts_and_sanitized_frames_instead_of_checking_again(tmp_path, tiny_safety_worker_faces,
+                                                                                        window):
+    """Two epochs over 6 samples (one blocked): the worker checks each content once, also when the window
+    holds both reads of a sample at once (12); the second epoch hands on the same sanitized frames and
+    ledgers the blocked sample again at its new position."""
     from safety_worker.tiny import BLOCKED_PHRASE
 
     task = SyntheticWorldTask(size=6, image_size=64)
@@ -103,7 +106,7 @@ def test_a_second_epoch_reuses_verdicts_and_sanitized_frames_instead_of_checking
     two_epochs = enumerate(samples + samples)
     with SafetyClient(tiny_safety_worker_faces.endpoint) as client:
         counter = SubmitCounter(client)
-        filtered = SafetyFilter(counter, two_epochs, window=3, output_dir=tmp_path, reuse_mb=64)
+        filtered = SafetyFilter(counter, two_epochs, window=window, output_dir=tmp_path, reuse_mb=64)
         handed_on = list(filtered)
         filtered.close()
     assert counter.submitted == 6

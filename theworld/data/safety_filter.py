@@ -160,6 +160,7 @@ class SafetyFilter:
                     os.truncate(path, size)
         self._pending: deque[_Pending] = deque()
         self.reused = VerdictCache(int(reuse_mb * 2**20)) if reuse_mb > 0 else None
+        self._in_flight: dict[str, Future] = {}  # checks sent and not yet reused or remembered, by content key
         self._checker = checker_identity(worker_hello or client.hello()) if self.reused is not None else None
         mode = "w" if fresh_ledgers else "a"
         self._blocked_file = open(self.blocked_path, mode, encoding="utf-8")
@@ -208,7 +209,7 @@ class SafetyFilter:
             if not groups:
                 raise ValueError("the sample has no images")
             keys = [self._key(text, frames) for frames in groups]
-            futures = [self._reused(key) or self.client.submit_sample(text, frames) for key, frames in zip(keys, groups)]
+            futures = [self._reused(key) or self._send(key, text, frames) for key, frames in zip(keys, groups)]
         except Exception as e:  # a malformed sample or a closed client: fail closed, keep going
             return _Pending(position, sample, [], error=f"{type(e).__name__}: {e}")
         return _Pending(position, sample, futures, keys=keys)
@@ -216,15 +217,27 @@ class SafetyFilter:
     def _key(self, text: str, frames: np.ndarray) -> str | None:
         return content_key(self._checker, "check_sample", {"text": text}, [frames]) if self.reused is not None else None
 
+    def _send(self, key: str | None, text: str, frames: np.ndarray) -> Future:
+        future = self.client.submit_sample(text, frames)
+        if key is not None:
+            self._in_flight[key] = future
+        return future
+
     def _reused(self, key: str | None) -> Future | None:
-        cached = self.reused.get(key) if key is not None else None
-        if cached is None:
+        """A verdict for content already checked, or the check of the same content still in flight (a
+        dataset smaller than the window meets a sample again before its first check is back)."""
+        if key is None:
             return None
+        cached = self.reused.get(key)
+        if cached is None:
+            return self._in_flight.get(key)
         result, arrays = cached
         return _done(Verdict.from_wire(result, arrays[0] if arrays else None))
 
     def _remember(self, keys: list[str | None], verdicts: list[Verdict]) -> None:
         for key, verdict in zip(keys, verdicts):
+            if key is not None:
+                self._in_flight.pop(key, None)
             if key is not None and not verdict.fault:
                 self.reused.put(key, verdict.to_wire(), [] if verdict.frames is None else [verdict.frames])
 
@@ -240,6 +253,8 @@ class SafetyFilter:
         try:
             verdicts: list[Verdict] = [future.result(timeout=self.result_timeout) for future in item.futures]
         except Exception as e:
+            for key in item.keys or ():
+                self._in_flight.pop(key, None)  # a failed check is sent again when its content comes back
             return None, None, f"{type(e).__name__}: {e}"
         finally:
             self.counts.wait_seconds += time.perf_counter() - start
