@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from theworld import assert_grad_enabled  # importing theworld installs the import guard first
+from theworld.modeling.modeling_theworld import DEFAULT_LORA_TARGET_MODULES
 
 CHECKPOINT_DIR = "checkpoints"
 SYNTHETIC_TASKS = ("synthetic", "synthetic-arrow")
@@ -97,6 +98,19 @@ class ModelArguments:
         metadata={"help": "Freeze the SigLIP vision tower and Gemma's multimodal projector. Freeze them for real "
                           "Gemma checkpoints; the tiny default is random, so its image path has to learn too (frozen, "
                           "its random features hide a small object: the no-world baseline could not read the colour)."},
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "Train LoRA adapters of this rank in Gemma's language model (peft) instead of its weights, "
+                          "which are then frozen; 0: no adapters. SigLIP is never adapted; the world projector trains "
+                          "fully. Adapters are saved with the model and restored by TheWorld.from_pretrained."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: str = field(
+        default=",".join(DEFAULT_LORA_TARGET_MODULES),
+        metadata={"help": "Comma-separated module names of the language model to adapt (default: its attention and "
+                          "MLP projections), or 'all-linear'."},
     )
 
 
@@ -174,6 +188,11 @@ class TrainArguments:
     )
     warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps of the LR schedule."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0: no clipping)."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the Gemma language and SigLIP layers' activations in the backward pass instead of "
+                          "keeping them (less memory, about a third more compute)."},
+    )
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'.",
@@ -186,7 +205,8 @@ class TrainArguments:
     log_every: int = field(default=10, metadata={"help": "Log to TensorBoard and the progress bar every N steps."})
     report_to: str = field(
         default="tensorboard",
-        metadata={"help": "Experiment tracker for accelerate ('tensorboard' or 'none').", "choices": ["tensorboard", "none"]},
+        metadata={"help": "Experiment trackers accelerate logs to: one name or several, comma-separated (e.g. "
+                          "'tensorboard,wandb'; any of accelerate's LoggerType values, or 'all'), or 'none'."},
     )
     resume: bool = field(
         default=False,
@@ -278,9 +298,53 @@ def build_model(model_args: ModelArguments, seed: int):
         options["world_image_size"] = [int(v) for v in model_args.world_image_size.split(",")]
     if is_saved_theworld(gemma):
         # A TheWorld saved by an earlier run (its model/ folder) fixes its world settings; only freezing may change.
-        return TheWorld.from_pretrained(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
-                                        freeze_gemma_vision=model_args.freeze_gemma_vision)
-    return TheWorld.from_pretrained(gemma, cosmos_model=cosmos, **options)
+        model = TheWorld.from_pretrained(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
+                                         freeze_gemma_vision=model_args.freeze_gemma_vision)
+    else:
+        model = TheWorld.from_pretrained(gemma, cosmos_model=cosmos, **options)
+    if model_args.lora_r > 0:
+        if model.language_adapter_config is not None:
+            if model.language_adapter_config.r != model_args.lora_r:
+                raise ValueError(f"{gemma} already has LoRA adapters of rank {model.language_adapter_config.r}; they "
+                                 f"keep training: drop --lora-r or pass --lora-r {model.language_adapter_config.r}")
+        else:
+            model.add_language_adapter(lora_config(model_args))
+    return model
+
+
+def lora_config(model_args: ModelArguments):
+    """The peft `LoraConfig` of the --lora-* flags."""
+    from peft import LoraConfig
+
+    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    if not targets:
+        raise ValueError("--lora-target-modules is empty: name the language model's modules to adapt, e.g. "
+                         f"{','.join(DEFAULT_LORA_TARGET_MODULES)}")
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none")
+
+
+def parse_report_to(value: str) -> list[str]:
+    """Tracker names of --report-to (``[]`` for 'none'); an unknown or uninstalled tracker is an error now,
+    not after the model is built."""
+    import importlib.util
+
+    from accelerate.utils import LoggerType
+
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    if not names or names == ["none"]:
+        return []
+    known = sorted(t.value for t in LoggerType)
+    unknown = [name for name in names if name not in known]
+    if unknown or "none" in names:
+        raise ValueError(f"--report-to {value!r}: unknown tracker(s) {unknown or ['none']}; use 'none' alone, or "
+                         f"one or more of {known}, comma-separated")
+    # Each tracker's package has the tracker's name (accelerate imports it by that name).
+    missing = [name for name in names if name != "all" and importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"--report-to: tracker(s) {missing} are not installed here (pip install {' '.join(missing)}), "
+                         "or leave them out")
+    return names
 
 
 def is_saved_theworld(path: str) -> bool:
@@ -531,6 +595,16 @@ def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
     plt.close(fig)
 
 
+def peak_memory_mb(device) -> dict:
+    """This process's peak resident set so far (``peak_rss_mb``) and, on a GPU, the peak of tensor memory
+    the CUDA caching allocator handed out on ``device`` (``peak_cuda_mb``, else None)."""
+    import resource
+
+    peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": peak_rss_kb / 1024, "peak_cuda_mb": cuda}
+
+
 def write_json_atomic(path: Path, value):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
@@ -567,12 +641,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from theworld.modeling.world_encoder import LatentCache
 
     assert_grad_enabled("training (at start)")
+    report_to = parse_report_to(train_args.report_to)
     output_dir = Path(train_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(train_args.mixed_precision),
-        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -598,6 +673,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     # ---- model, optimizer, schedule
     model = build_model(model_args, train_args.seed)
+    if train_args.gradient_checkpointing:
+        # Non-reentrant: recomputation works when a layer's input needs no grad (frozen embeddings under LoRA).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if model.world_encoder is not None and model.config.freeze_cosmos_vae and train_args.latent_cache_mb > 0:
         # A frozen VAE encodes a clip the same way every time: later epochs and evaluations reuse it.
         model.world_encoder.cache = LatentCache(max_bytes=int(train_args.latent_cache_mb * 2**20))
@@ -660,7 +739,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         stop_at = train_args.max_steps
         if train_args.stop_after_steps is not None:
             stop_at = min(stop_at, step + train_args.stop_after_steps)
-        if train_args.report_to != "none":
+        if report_to:
             accelerator.init_trackers("theworld", config={k: v for a in (model_args, data_args, train_args)
                                                           for k, v in dataclasses.asdict(a).items() if v is not None})
         progress = tqdm(total=train_args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
@@ -696,13 +775,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             progress.update(1)
             if step % train_args.log_every == 0 or step == stop_at:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", blocked=samples.counts.blocked)
-                if train_args.report_to != "none":
+                if report_to:
                     accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=step)
 
             pause = time.perf_counter()
             if step % train_args.eval_every == 0 or step == train_args.max_steps:
                 evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
-                if train_args.report_to != "none":
+                if report_to:
                     accelerator.log({k.replace("eval_", "eval/"): v for k, v in evals[-1].items() if k != "step"}, step=step)
             if step % train_args.save_every == 0 or step == stop_at:
                 save_checkpoint(accelerator, model, optimizer, scheduler, step,
@@ -762,6 +841,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "worker_stats": stats,
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": world_size,
+        "lora_r": model_args.lora_r,
+        "gradient_checkpointing": train_args.gradient_checkpointing,
+        **peak_memory_mb(accelerator.device),
     }
     if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "w") as f:
