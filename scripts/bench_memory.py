@@ -122,9 +122,17 @@ class SavedTensorMeter:
         self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self._handles = []
         for module, tag in tags.items():
-            self._handles.append(module.register_forward_pre_hook(lambda m, a, tag=tag: self._stack.append(tag)))
-            self._handles.append(module.register_forward_hook(lambda m, a, o: self._stack.pop()))
+            self._handles.append(module.register_forward_pre_hook(self._enter(tag)))
+            self._handles.append(module.register_forward_hook(self._leave))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _enter(self, tag: str):
+        def hook(module, args) -> None:
+            self._stack.append(tag)
+        return hook
+
+    def _leave(self, module, args, output) -> None:  # a hook that returned a value would replace the output
+        self._stack.pop()
 
     def _pack(self, tensor):
         storage = tensor.untyped_storage()
@@ -149,6 +157,7 @@ def measure_activations(real_dir: Path, layers: int, world_image_size, tokens_pe
     from theworld import TheWorld
     from theworld.data.collator import TheWorldCollator
     from theworld.data.synthetic import SyntheticMotionTask
+    from theworld.modeling.world_encoder import latent_frames
     from theworld.tiny import build_real_shape_models
     from theworld.train import ModelArguments, lora_config
 
@@ -160,41 +169,55 @@ def measure_activations(real_dir: Path, layers: int, world_image_size, tokens_pe
     model.train()
     task = SyntheticMotionTask(size=1, seed=0)
     batch = TheWorldCollator(model)([task[0]])
-    with torch.no_grad():  # the frozen VAE saves nothing; encode once, outside the measurement
-        latents = model.encode_world(batch.pop("world_pixel_values"), batch.get("world_num_frames"))
-    batch["world_latents"] = latents
+    # The frozen VAE runs without grad and saves nothing: latents of the clip's shape stand in for its
+    # output (encoding a 9-frame 480x640 clip takes minutes on a CPU and changes no byte measured here).
+    pixels = batch.pop("world_pixel_values")  # [1, 3, F, H, W]
+    batch["world_latents"] = torch.randn(1, model.config.world_latent_channels, latent_frames(pixels.shape[2]),
+                                         pixels.shape[-2] // 8, pixels.shape[-1] // 8)
     text_layers = model.model.language_model.layers
     tags = {layer: f"text_{kind}" for layer, kind in zip(text_layers, model.config.text_config.layer_types)}
-    tags.update({layer: "vision" for layer in model.model.vision_tower.vision_model.encoder.layers})
-    started = time.perf_counter()
-    with SavedTensorMeter(model, tags) as meter:
-        loss = model(**batch).loss
-    loss.backward()
-    seconds = time.perf_counter() - started
+    tags.update({layer: "vision" for layer in model.model.vision_tower.modules()
+                 if type(layer).__name__ == "SiglipEncoderLayer"})
     kinds = defaultdict(int)
     for kind in tags.values():
         kinds[kind] += 1
-    per_layer = {kind: meter.bytes[kind] / count for kind, count in kinds.items()}
-    return {"sequence_length": int(batch["input_ids"].shape[1]), "other": meter.bytes["other"],
-            "per_layer": per_layer, "hidden_state_bytes": int(batch["input_ids"].shape[1]) * GEMMA_TEXT_CONFIG["hidden_size"] * BF16_BYTES,
-            "vision_hidden_state_bytes": (GEMMA_VISION_CONFIG["image_size"] // GEMMA_VISION_CONFIG["patch_size"]) ** 2
-            * GEMMA_VISION_CONFIG["hidden_size"] * BF16_BYTES,
+
+    def one_step() -> dict:
+        with SavedTensorMeter(model, tags) as meter:
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return {"other": meter.bytes["other"], "per_layer": {k: meter.bytes[k] / n for k, n in kinds.items()}}
+
+    started = time.perf_counter()
+    vision_frozen = one_step()  # LoRA or a frozen language model: SigLIP frozen, as for real checkpoints
+    seconds = time.perf_counter() - started
+    model.model.vision_tower.requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
+    vision_trained = one_step()  # full fine-tuning trains SigLIP too: its layers keep activations
+    sequence = int(batch["input_ids"].shape[1])
+    patches = (GEMMA_VISION_CONFIG["image_size"] // GEMMA_VISION_CONFIG["patch_size"]) ** 2
+    return {"sequence_length": sequence, "vision_frozen": vision_frozen, "vision_trained": vision_trained,
+            "hidden_state_bytes": sequence * GEMMA_TEXT_CONFIG["hidden_size"] * BF16_BYTES,
+            "vision_hidden_state_bytes": patches * GEMMA_VISION_CONFIG["hidden_size"] * BF16_BYTES,
             "step_seconds": seconds, "measured_layers": layers}
 
 
-def scale_to_full_depth(measured: dict, checkpointing: bool) -> float:
+def scale_to_full_depth(measured: dict, checkpointing: bool, vision_trains: bool) -> float:
     """Activation bytes of the full-depth model for one sample, from the per-layer measurement."""
+    step = measured["vision_trained" if vision_trains else "vision_frozen"]
     text_kinds = gemma_layer_types(GEMMA_TEXT_CONFIG["num_hidden_layers"])
     depth = {"text_sliding_attention": text_kinds.count("sliding_attention"),
              "text_full_attention": text_kinds.count("full_attention"),
              "vision": GEMMA_VISION_CONFIG["num_hidden_layers"]}
-    per_layer = measured["per_layer"]
+    per_layer = step["per_layer"]
     if not checkpointing:
-        return measured["other"] + sum(per_layer[kind] * n for kind, n in depth.items())
+        return step["other"] + sum(per_layer[kind] * n for kind, n in depth.items())
     # Checkpointed: each layer keeps its input; one layer's activations live again while it is recomputed.
     boundaries = (depth["text_sliding_attention"] + depth["text_full_attention"]) * measured["hidden_state_bytes"]
-    boundaries += depth["vision"] * measured["vision_hidden_state_bytes"]
-    return measured["other"] + boundaries + max(per_layer.values())
+    if vision_trains:
+        boundaries += depth["vision"] * measured["vision_hidden_state_bytes"]
+    return step["other"] + boundaries + max(per_layer.values())
 
 
 def main(argv=None) -> None:
@@ -208,7 +231,6 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-activations", action="store_true", help="only the exact parameter and state bytes")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     size = tuple(int(v) for v in args.world_image_size.split(","))
 
     counts = parameter_counts(size, args.world_tokens_per_side, args.lora_r)
@@ -221,10 +243,15 @@ def main(argv=None) -> None:
         measured = measure_activations(Path(args.real_shape_dir), args.layers, size, args.world_tokens_per_side,
                                        args.lora_r)
         print(f"\nActivations saved for backward, one sample (bf16, LoRA r={args.lora_r}, sequence "
-              f"{measured['sequence_length']} tokens, measured on {args.layers} layers in {measured['step_seconds']:.1f} s):")
-        for kind, value in measured["per_layer"].items():
-            print(f"  per {kind:24s} layer {value / 2**20:9.1f} MiB")
-        print(f"  {'outside the layers (embeddings, logits, loss, projector)':46s} {measured['other'] / 2**20:9.1f} MiB")
+              f"{measured['sequence_length']} tokens, measured on {args.layers} layers, {measured['step_seconds']:.1f} s "
+              "a step), MiB:")
+        print(f"  {'':40s} {'SigLIP frozen':>14s} {'SigLIP trained':>14s}")
+        frozen, trained = measured["vision_frozen"], measured["vision_trained"]
+        for kind in frozen["per_layer"]:
+            print(f"  {'per ' + kind + ' layer':40s} {frozen['per_layer'][kind] / 2**20:14.1f} "
+                  f"{trained['per_layer'][kind] / 2**20:14.1f}")
+        print(f"  {'outside the layers (logits, loss, ...)':40s} {frozen['other'] / 2**20:14.1f} "
+              f"{trained['other'] / 2**20:14.1f}")
 
     print("\nPer rank, GB (1e9 bytes): frozen weights bf16 + trainable state 16 B/param"
           + (" + activations of one sample scaled to full depth" if measured else ""))
@@ -233,7 +260,6 @@ def main(argv=None) -> None:
         header += f" {'activ.':>8s} {'activ. ckpt':>11s} {'total ckpt':>10s}"
     print(header)
     rows = {}
-    activations = {False: scale_to_full_depth(measured, False), True: scale_to_full_depth(measured, True)} if measured else None
     for label, mode, rollout, pipeline in (
         ("TheWorld trainer, LoRA", "lora", False, False),
         ("TheWorld trainer, LoRA, rollout", "lora", True, False),
@@ -245,7 +271,8 @@ def main(argv=None) -> None:
         b = rank_bytes(counts, mode, rollout, pipeline)
         line = f"  {label:44s} {b['frozen_weights'] / GB:8.2f} {b['trainable_state'] / GB:11.2f}"
         row = dict(b)
-        if activations:
+        if measured:
+            activations = {ckpt: scale_to_full_depth(measured, ckpt, vision_trains=mode == "full") for ckpt in (False, True)}
             row.update(activations=activations[False], activations_checkpointed=activations[True])
             line += (f" {activations[False] / GB:8.2f} {activations[True] / GB:11.2f} "
                      f"{(b['frozen_weights'] + b['trainable_state'] + activations[True]) / GB:10.2f}")
@@ -254,6 +281,10 @@ def main(argv=None) -> None:
     lora, pipe = rank_bytes(counts, "lora", False, False), rank_bytes(counts, "lora", True, True)
     ratio = sum(pipe.values()) / sum(lora.values())
     print(f"\nweights + state: a rank importing the pipeline holds {ratio:.2f}x a TheWorld LoRA trainer rank")
+    if measured:
+        ckpt = scale_to_full_depth(measured, True, vision_trains=False)
+        ratio = (sum(pipe.values()) + ckpt) / (sum(lora.values()) + ckpt)
+        print(f"with checkpointed activations of one sample: {ratio:.2f}x")
     print(f"peak RSS of this benchmark: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps({"counts": counts, "activations": measured, "ranks": rows}, indent=2))

@@ -676,7 +676,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.gradient_checkpointing:
         # Non-reentrant: recomputation works when a layer's input needs no grad (frozen embeddings under LoRA).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if model.world_encoder is not None and model.config.freeze_cosmos_vae and train_args.latent_cache_mb > 0:
         # A frozen VAE encodes a clip the same way every time: later epochs and evaluations reuse it.
         model.world_encoder.cache = LatentCache(max_bytes=int(train_args.latent_cache_mb * 2**20))
