@@ -103,3 +103,23 @@ def test_the_real_shape_command_runs_on_cpu(tmp_path):
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 2560 and config["text_config"]["vocab_size"] == 262208
     assert config["world_image_size"] == [480, 640]
+
+
+def test_bench_memory_counts_every_rank_from_the_real_configurations(tmp_path):
+    """`scripts/bench_memory.py --skip-activations`: exact bytes on the meta device, no weights."""
+    out = tmp_path / "memory.json"
+    result = subprocess.run([sys.executable, "scripts/bench_memory.py", "--skip-activations", "--json", str(out)],
+                            cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    counts, ranks = figures["counts"], figures["ranks"]
+    assert counts["gemma_language"] + counts["gemma_vision"] == 4_300_079_472
+    assert 27_000_000 < counts["retinaface"] < 28_000_000  # ResNet-50 + FPN + SSH + heads
+    lora = ranks["TheWorld trainer, LoRA"]
+    assert lora["frozen_weights"] == 2 * (4_300_079_472 + counts["cosmos_vae"])
+    assert lora["trainable_state"] == 16 * (counts["lora"] + counts["world_projector"])
+    pipeline = ranks["rank importing the pipeline, LoRA"]
+    assert pipeline["frozen_weights"] - lora["frozen_weights"] == 2 * (
+        counts["cosmos_transformer"] + counts["t5_encoder"] + counts["qwen3guard"] + counts["retinaface"])
+    assert "weights + state: a rank importing the pipeline holds 2.62x" in result.stdout
