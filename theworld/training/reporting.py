@@ -1,0 +1,69 @@
+"""What a run writes and prints besides checkpoints: loss curve, summary, peak memory."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", alpha=0.6)
+    for key, label in (("eval_loss", "held-out loss (world)"), ("eval_loss_no_world", "held-out loss (world tokens off)")):
+        points = [(e["step"], e[key]) for e in evals if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def peak_memory_mb(device) -> dict:
+    """This process's peak resident set so far (``peak_rss_mb``) and, on a GPU, the peak of tensor memory
+    the CUDA caching allocator handed out on ``device`` (``peak_cuda_mb``, else None)."""
+    import resource
+
+    peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": peak_rss_kb / 1024, "peak_cuda_mb": cuda}
+
+
+def write_json_atomic(path: Path, value):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def print_summary(summary: dict, output_dir: str):
+    import textwrap
+
+    from theworld.evaluation import format_table
+
+    print(
+        f"\nTheWorld training: {summary['steps']}/{summary['max_steps']} steps, "
+        f"{summary['steps_per_second'] or 0:.2f} steps/s\n"
+        f"  samples: seen {summary['seen']} = trained {summary['trained']} + blocked {summary['blocked']} "
+        f"+ errors {summary['errors']}\n"
+        f"  held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}, "
+        f"answer accuracy {summary['initial_eval_accuracy']:.2%} -> {summary['final_eval_accuracy']:.2%}"
+        + (f" (world tokens off: loss {summary['final_eval_loss_no_world']:.4f}, "
+           f"accuracy {summary['final_eval_accuracy_no_world']:.2%})" if summary["final_eval_loss_no_world"] is not None else "")
+        + "\n" + textwrap.indent(format_table([("held-out", summary["eval_by_question"])]), "  ")
+        + f"\n  waited on the safety worker {summary['safety_wait_fraction'] or 0:.1%} and on data loading "
+        f"{summary['data_wait_fraction'] or 0:.1%} of the training time"
+        + (f"; {summary['bad_samples']} bad samples skipped (errors.jsonl, kind 'data')" if summary["bad_samples"] else "")
+        + "\n"
+        f"  outputs in {output_dir}: summary.json, metrics.jsonl, loss_curve.png, blocked.jsonl, tensorboard/, checkpoints/"
+    )
