@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from contextlib import ExitStack
@@ -16,7 +15,7 @@ from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs, load_
 from theworld.training.data import TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
 from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, evaluate_world_and_no_world, to_device
 from theworld.training.model import build_model, world_projector_parameters
-from theworld.training.reporting import peak_memory_mb, write_json_atomic, write_loss_curve
+from theworld.training.reporting import MetricsLog, peak_memory_mb, write_json_atomic, write_loss_curve
 from theworld.training.worker_session import safety_worker
 
 
@@ -102,6 +101,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         step, history, evals, filter_state = state["step"], state["history"], state["evals"], state["filter"]
         stream.load_state_dict(state.get("data"))
         accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
+    metrics = MetricsLog(output_dir / "metrics.jsonl", history + evals, enabled=accelerator.is_main_process)
 
     with ExitStack() as stack:
         endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator, worker_threads))
@@ -141,6 +141,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
         if not train_args.resume:
             evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+            metrics.append(evals[-1])
         stop_at = train_args.max_steps
         if train_args.stop_after_steps is not None:
             stop_at = min(stop_at, step + train_args.stop_after_steps)
@@ -177,6 +178,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             step += 1
             record = {"step": step, "loss": sum(micro_losses) / len(micro_losses), "lr": scheduler.get_last_lr()[0]}
             history.append(record)
+            metrics.append(record)
             progress.update(1)
             if step % train_args.log_every == 0 or step == stop_at:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", blocked=samples.counts.blocked)
@@ -186,6 +188,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             pause = time.perf_counter()
             if step % train_args.eval_every == 0 or step == train_args.max_steps:
                 evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+                metrics.append(evals[-1])
                 if report_to:
                     accelerator.log({k.replace("eval_", "eval/"): v for k, v in evals[-1].items() if k != "step"}, step=step)
             if step % train_args.save_every == 0 or step == stop_at:
@@ -251,9 +254,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         **peak_memory_mb(accelerator.device),
     }
     if accelerator.is_main_process:
-        with open(output_dir / "metrics.jsonl", "w") as f:
-            for record in sorted(history + evals, key=lambda r: (r["step"], "loss" not in r)):
-                f.write(json.dumps(record) + "\n")
         write_loss_curve(history, evals, output_dir / "loss_curve.png")
         # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.
         accelerator.unwrap_model(model).save_pretrained(output_dir / "model")

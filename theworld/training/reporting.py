@@ -8,6 +8,24 @@ from pathlib import Path
 import torch
 
 
+class MetricsLog:
+    """``metrics.jsonl``, appended as the run goes (per-step loss and LR, evaluations), so that a run that
+    crashes keeps its metrics. It starts from ``records`` (a resumed run's history up to its checkpoint:
+    what a crash wrote after the checkpoint is cut away, as the ledgers are). Only the main process writes."""
+
+    def __init__(self, path: Path, records: list[dict], enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            # A train record comes before the evaluation of the same step, as the run writes them.
+            ordered = sorted(records, key=lambda r: (r["step"], "loss" not in r))
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in ordered))
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
     import matplotlib
 
