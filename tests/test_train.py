@@ -202,6 +202,27 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, ti
     assert len(ledgers) == summary["blocked"]
     assert {r["id"] for r in ledgers} <= SyntheticMotionTask(size=64, blocked_fraction=0.25).blocked_ids
     assert (tmp_path / "checkpoints" / "step-000004" / "rng_rank1.pt").is_file()
+    # Each rank scored half of the held-out set and the sums were reduced: one process's figure for all 8.
+    import contextlib
+
+    from theworld.training import collate_eval_batches, evaluate
+
+    class OneProcess:
+        device, autocast = torch.device("cpu"), contextlib.nullcontext
+
+        @staticmethod
+        def unwrap_model(model):
+            return model
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            return tensor
+
+    model = build_model(parse_args(small_run_args(tmp_path, tiny_models))[0], seed=0)
+    heldout = SyntheticMotionTask(split="heldout", size=8, seed=0)
+    batches = collate_eval_batches(model, [heldout[i] for i in range(8)], 32, world=None)
+    assert summary["eval_samples"] == 8
+    assert summary["initial_eval_loss"] == pytest.approx(evaluate(model, batches, OneProcess())["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("form", ["jsonl", "save_to_disk"])

@@ -22,19 +22,22 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], accelerator) -> dict:
-    """Mean answer-token loss and answer accuracy (every answer token predicted right, teacher-forced)."""
+    """Mean answer-token loss and answer accuracy (every answer token predicted right, teacher-forced) over
+    every rank's ``batches`` (each rank holds its share of the held-out set; the sums are reduced)."""
     from theworld.evaluation import answer_scores
 
+    # The plain module: a DDP wrapper would sync buffers in forward, and ranks may hold different numbers
+    # of batches (none at all when there are fewer held-out samples than ranks).
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    total_loss = total_tokens = correct = count = 0.0
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, tokens, correct, samples
     for batch in batches:
         right, loss_sum, tokens = answer_scores(model, to_device(batch, accelerator.device), accelerator.autocast)
-        total_loss += loss_sum.sum().item()
-        total_tokens += tokens.sum().item()
-        correct += right.sum().item()
-        count += right.numel()
+        totals += torch.stack([loss_sum.sum().double(), tokens.sum().double(), right.sum().double(),
+                               torch.tensor(float(right.numel()), dtype=torch.float64, device=totals.device)])
     model.train(was_training)
+    total_loss, total_tokens, correct, count = accelerator.reduce(totals, "sum").tolist()
     return {"loss": total_loss / max(total_tokens, 1), "accuracy": correct / max(count, 1)}
 
 

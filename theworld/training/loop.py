@@ -120,10 +120,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         heldout.close()
         if not eval_samples:
             raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
-        eval_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_samples, EVAL_BATCH_SIZE, world=None)
+        # Each rank scores its share of the held-out set; `evaluate` sums the scores over the ranks.
+        eval_share = eval_samples[rank::world_size]
+        eval_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_share, EVAL_BATCH_SIZE, world=None)
         no_world_batches = None
         if accelerator.unwrap_model(model).config.enable_world:
-            no_world_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_samples, EVAL_BATCH_SIZE,
+            no_world_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_share, EVAL_BATCH_SIZE,
                                                     world=False)
 
         # Read and decoded ahead in threads, from where the samples taken so far end.
