@@ -105,3 +105,26 @@ def test_report_to_takes_several_trackers_and_refuses_unknown_or_missing_ones():
     if absent:
         with pytest.raises(ValueError, match="pip install"):
             parse_report_to(f"tensorboard,{absent[0]}")
+
+
+def test_tensorboard_shows_heldout_clips_with_the_models_answer_and_the_truth(tmp_path, tiny_models,
+                                                                              tiny_safety_worker):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from theworld.data.synthetic import SyntheticMotionTask
+    from theworld.evaluation import reference_answer
+
+    run_in_process(tmp_path, tiny_models, tiny_safety_worker.endpoint, "--max-steps", "2", "--eval-every", "2",
+                   "--heldout-examples", "2")
+    events = EventAccumulator(str(next((tmp_path / "tensorboard").rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert {"heldout/0/frames", "heldout/1/frames"} <= set(events.Tags()["images"])
+    frames = events.Images("heldout/0/frames")
+    assert [e.step for e in frames] == [0, 2] and len(frames) == 2
+    texts = events.Tensors("heldout/1/text_summary")
+    assert [e.step for e in texts] == [0, 2]
+    text = texts[-1].tensor_proto.string_val[0].decode()
+    sample = SyntheticMotionTask(split="heldout", size=8, seed=0)[1]
+    assert text.startswith(f"**{sample['id']}**") and "model: `" in text
+    assert text.endswith(f"truth: `{reference_answer(sample)}`")

@@ -174,6 +174,11 @@ class TrainArguments:
         metadata={"help": "Experiment trackers accelerate logs to: one name or several, comma-separated (e.g. "
                           "'tensorboard,wandb'; any of accelerate's LoggerType values, or 'all'), or 'none'."},
     )
+    heldout_examples: int = field(
+        default=4,
+        metadata={"help": "Held-out samples shown in TensorBoard at each evaluation (frames, the model's answer, the "
+                          "reference); 0: none. Needs the tensorboard tracker."},
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "Continue from the latest checkpoint in --output-dir (same losses as an uninterrupted run)."},

@@ -15,7 +15,7 @@ from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs, load_
 from theworld.training.data import TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
 from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, evaluate_world_and_no_world, to_device
 from theworld.training.model import build_model, world_projector_parameters
-from theworld.training.reporting import MetricsLog, peak_memory_mb, write_json_atomic, write_loss_curve
+from theworld.training.reporting import MetricsLog, log_heldout_examples, peak_memory_mb, write_json_atomic, write_loss_curve
 from theworld.training.worker_session import safety_worker
 
 
@@ -141,15 +141,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             samples = make_sample_filter(client, reader, output_dir, filter_state)
         stack.callback(samples.close)
 
-        if not train_args.resume:
-            evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
-            metrics.append(evals[-1])
-        stop_at = train_args.max_steps
-        if train_args.stop_after_steps is not None:
-            stop_at = min(stop_at, step + train_args.stop_after_steps)
         if report_to:
             accelerator.init_trackers("theworld", config={k: v for a in (model_args, data_args, train_args)
                                                           for k, v in dataclasses.asdict(a).items() if v is not None})
+
+        def show_examples(at_step: int) -> None:
+            if {"tensorboard", "all"} & set(report_to) and train_args.heldout_examples > 0:
+                log_heldout_examples(accelerator, model, eval_samples[: train_args.heldout_examples], at_step)
+
+        if not train_args.resume:
+            evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+            metrics.append(evals[-1])
+            show_examples(0)
+        stop_at = train_args.max_steps
+        if train_args.stop_after_steps is not None:
+            stop_at = min(stop_at, step + train_args.stop_after_steps)
         progress = tqdm(total=train_args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
         loop_seconds = other_seconds = 0.0
         wait_at_start, data_wait_at_start = samples.counts.wait_seconds, reader.wait_seconds
@@ -191,6 +197,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             if step % train_args.eval_every == 0 or step == train_args.max_steps:
                 evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
                 metrics.append(evals[-1])
+                show_examples(step)
                 if report_to:
                     accelerator.log({k.replace("eval_", "eval/"): v for k, v in evals[-1].items() if k != "step"}, step=step)
             if step % train_args.save_every == 0 or step == stop_at:

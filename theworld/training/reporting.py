@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from theworld.training.heldout import to_device
+
 
 class MetricsLog:
     """``metrics.jsonl``, appended as the run goes (per-step loss and LR, evaluations), so that a run that
@@ -24,6 +26,35 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max_new_tokens: int = 16) -> None:
+    """Show ``samples`` in TensorBoard: their frames (the worker's sanitized ones, oldest first) and, as text,
+    the question, the model's greedy answer and the reference answer. Main process only."""
+    import numpy as np
+
+    from theworld.data.collator import TheWorldCollator
+    from theworld.evaluation import reference_answer
+
+    if not samples or not accelerator.is_main_process:
+        return
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    prompt = to_device(TheWorldCollator(model, for_generation=True)(samples), accelerator.device)
+    with accelerator.autocast():
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    model.train(was_training)
+    answers = model.processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    for i, (sample, answer) in enumerate(zip(samples, answers)):
+        question = " ".join(item["text"] for message in sample["messages"] if message["role"] == "user"
+                            for item in message["content"] if item["type"] == "text")
+        writer.add_images(f"heldout/{i}/frames", np.stack([np.asarray(f) for f in sample["images"]]), step,
+                          dataformats="NHWC")
+        writer.add_text(f"heldout/{i}", f"**{sample.get('id', i)}**: {question}  \n"
+                                        f"model: `{answer.strip()}`  \ntruth: `{reference_answer(sample)}`", step)
 
 
 def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
