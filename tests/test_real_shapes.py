@@ -84,6 +84,7 @@ def test_the_real_shape_command_runs_cut_down_to_the_tiny_models(tmp_path, tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_the_real_shape_command_runs_on_cpu(tmp_path):
     """The issue's command, as written, on models of the real shapes (2 layers deep): minutes on 2 cores."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
