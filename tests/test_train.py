@@ -135,6 +135,32 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_saf
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_crashed_run_keeps_its_metrics_and_resume_cuts_them_back(tmp_path, tiny_models, tiny_safety_worker,
+                                                                    monkeypatch):
+    import theworld.training.loop as loop
+
+    flags = ["--max-steps", "6", "--save-every", "2", "--eval-every", "2"]
+    endpoint = tiny_safety_worker.endpoint
+    run_in_process(tmp_path / "whole", tiny_models, endpoint, *flags)
+    save = loop.save_checkpoint
+
+    def crash_at_step_4(accelerator, model, optimizer, scheduler, step, *args):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return save(accelerator, model, optimizer, scheduler, step, *args)
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_in_process(tmp_path / "parts", tiny_models, endpoint, *flags)
+    # Written as the run went: steps 1-4 and the evaluations at 0, 2 and 4, although it never finished.
+    crashed = read_jsonl(tmp_path / "parts" / "metrics.jsonl")
+    assert [(r["step"], "loss" in r) for r in crashed] == [(0, False), (1, True), (2, True), (2, False), (3, True),
+                                                           (4, True), (4, False)]
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    run_in_process(tmp_path / "parts", tiny_models, endpoint, *flags, "--resume")  # from step 2
+    assert read_jsonl(tmp_path / "parts" / "metrics.jsonl") == read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+
+
 def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, tiny_safety_worker):
     endpoint = tiny_safety_worker.endpoint
     procs = [run_cli(tmp_path / f"run{i}", tiny_models, "--safety-endpoint", endpoint, "--seed", str(i),
@@ -176,6 +202,27 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, ti
     assert len(ledgers) == summary["blocked"]
     assert {r["id"] for r in ledgers} <= SyntheticMotionTask(size=64, blocked_fraction=0.25).blocked_ids
     assert (tmp_path / "checkpoints" / "step-000004" / "rng_rank1.pt").is_file()
+    # Each rank scored half of the held-out set and the sums were reduced: one process's figure for all 8.
+    import contextlib
+
+    from theworld.training import collate_eval_batches, evaluate
+
+    class OneProcess:
+        device, autocast = torch.device("cpu"), contextlib.nullcontext
+
+        @staticmethod
+        def unwrap_model(model):
+            return model
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            return tensor
+
+    model = build_model(parse_args(small_run_args(tmp_path, tiny_models))[0], seed=0)
+    heldout = SyntheticMotionTask(split="heldout", size=8, seed=0)
+    batches = collate_eval_batches(model, [heldout[i] for i in range(8)], 32, world=None)
+    assert summary["eval_samples"] == 8
+    assert summary["initial_eval_loss"] == pytest.approx(evaluate(model, batches, OneProcess())["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("form", ["jsonl", "save_to_disk"])

@@ -12,6 +12,10 @@ Nothing here reaches a model hub. The directories written are loaded by the very
   the repository (as in the real one); it lives in the safety worker.
 
 Usage: ``python -m theworld.tiny OUTDIR`` or ``build_tiny_models(outdir)``.
+
+``python -m theworld.tiny OUTDIR --real-shapes [--layers N]`` (``build_real_shape_models``) writes the
+same two repositories at the real models' published shapes (``theworld.real_configs``), random weights,
+only the depth cut to N layers: what `scripts/bench_memory.py` and the real-shape training run use.
 """
 from __future__ import annotations
 
@@ -106,19 +110,14 @@ def _gemma_vocab() -> dict[str, int]:
     return vocab
 
 
-def _build_gemma(outdir: Path, seed: int) -> None:
-    import torch
-    from transformers import (
-        AddedToken,
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
-        GemmaTokenizerFast,
-    )
+def _gemma_processor(vocab: dict[str, int], image_size: int, image_tokens: int, resample: int | None = None,
+                     pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5)):
+    """A Gemma 3 processor (byte-fallback tokenizer over ``vocab``, image processor normalising with
+    ``pixel_mean``/``pixel_std``, Gemma's own by default, chat template)."""
+    from transformers import AddedToken, Gemma3ImageProcessor, Gemma3Processor, GemmaTokenizerFast
 
     tokenizer = GemmaTokenizerFast(
-        vocab=_gemma_vocab(),
+        vocab=vocab,
         merges=[],
         add_bos_token=True,
         extra_special_tokens={
@@ -129,24 +128,58 @@ def _build_gemma(outdir: Path, seed: int) -> None:
         chat_template=GEMMA3_CHAT_TEMPLATE,
     )
     # Turn markers are single special tokens in Gemma's tokenizer; register the rest of the specials
-    # (they already have vocabulary ids, so no id moves).
+    # (those already in the vocabulary keep their ids; the real tokenizer's <image_soft_token> is added
+    # after its pieces, which is where it lands here too).
     tokenizer.add_tokens(
         [AddedToken(token, special=True, normalized=False) for token in _GEMMA_SPECIAL_TOKENS], special_tokens=True
     )
-    pixel_mean, pixel_std = _calibrated_pixel_statistics()
     image_processor = Gemma3ImageProcessor(
-        size={"height": TINY_GEMMA_IMAGE_SIZE, "width": TINY_GEMMA_IMAGE_SIZE},
-        image_mean=pixel_mean,
-        image_std=pixel_std,
+        size={"height": image_size, "width": image_size},
+        image_mean=list(pixel_mean),
+        image_std=list(pixel_std),
         do_pan_and_scan=False,
+        **({"resample": resample} if resample is not None else {}),
     )
-    processor = Gemma3Processor(
+    return Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=GEMMA3_CHAT_TEMPLATE,
-        image_seq_length=TINY_GEMMA_IMAGE_TOKENS,
+        image_seq_length=image_tokens,
     )
 
+
+def _save_gemma(outdir: Path, config, processor, seed: int) -> None:
+    """Random Gemma 3 weights for ``config`` (with a non-zero multimodal projection), saved with ``processor``."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        # Gemma initialises this projection to zeros: the vision tower would get exactly zero gradient
+        # and the image would not influence the logits. Trained checkpoints are never zero. Its inputs are
+        # RMS-normalised (rms 1), so std = text_rms / sqrt(vision hidden) puts image tokens at the scale of
+        # the text embeddings around them, as in a trained Gemma.
+        embeddings = model.get_input_embeddings()
+        ids = torch.arange(min(embeddings.num_embeddings, 4096))
+        text_rms = embeddings(ids).pow(2).mean().sqrt().item()
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        projection.normal_(0.0, text_rms / projection.shape[0] ** 0.5)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.save_pretrained(outdir)
+    processor.save_pretrained(outdir)
+
+
+def _build_gemma(outdir: Path, seed: int) -> None:
+    from transformers import Gemma3Config
+
+    pixel_mean, pixel_std = _calibrated_pixel_statistics()
+    processor = _gemma_processor(_gemma_vocab(), TINY_GEMMA_IMAGE_SIZE, TINY_GEMMA_IMAGE_TOKENS,
+                                 pixel_mean=pixel_mean, pixel_std=pixel_std)
+    tokenizer = processor.tokenizer
     config = Gemma3Config(
         text_config={
             "vocab_size": TINY_GEMMA_EMBEDDING_ROWS,
@@ -179,23 +212,7 @@ def _build_gemma(outdir: Path, seed: int) -> None:
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.text_config.bos_token_id = tokenizer.bos_token_id
     config.text_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
-
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():
-        # Gemma initialises this projection to zeros: the vision tower would get exactly zero gradient
-        # and the image would not influence the logits. Trained checkpoints are never zero. Its inputs are
-        # RMS-normalised (rms 1), so std = text_rms / sqrt(vision hidden) puts image tokens at the scale of
-        # the text embeddings around them, as in a trained Gemma.
-        embeddings = model.get_input_embeddings()
-        text_rms = embeddings(torch.arange(embeddings.num_embeddings)).pow(2).mean().sqrt().item()
-        projection = model.model.multi_modal_projector.mm_input_projection_weight
-        projection.normal_(0.0, text_rms / projection.shape[0] ** 0.5)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.save_pretrained(outdir)
-    processor.save_pretrained(outdir)
+    _save_gemma(outdir, config, processor, seed)
 
 
 _T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(code) for code in range(33, 127)]
@@ -204,7 +221,7 @@ _T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(code) for code in range
 def _build_cosmos(outdir: Path, seed: int) -> None:
     import torch
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(
@@ -233,19 +250,26 @@ def _build_cosmos(outdir: Path, seed: int) -> None:
         concat_padding_mask=True,
     )
     transformer.save_pretrained(outdir / "transformer")
-
     FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).save_pretrained(outdir / "scheduler")
-
     torch.manual_seed(seed + 2)
     t5 = T5EncoderModel(
         T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=256,
                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     )
+    _save_text_encoder(outdir, t5, _T5_PIECES, extra_ids=0)
+    _write_model_index(outdir)
+
+
+def _save_text_encoder(outdir: Path, t5, pieces: list[str], extra_ids: int) -> None:
+    from transformers import T5TokenizerFast
+
     t5.save_pretrained(outdir / "text_encoder")
-    t5_tokenizer = T5TokenizerFast(vocab=[(piece, 0.0 if i < 4 else -1.0) for i, piece in enumerate(_T5_PIECES)],
-                                   extra_ids=0)
+    t5_tokenizer = T5TokenizerFast(vocab=[(piece, 0.0 if i < 4 else -1.0) for i, piece in enumerate(pieces)],
+                                   extra_ids=extra_ids)
     t5_tokenizer.save_pretrained(outdir / "tokenizer")
 
+
+def _write_model_index(outdir: Path) -> None:
     import diffusers
 
     model_index = {
@@ -282,6 +306,63 @@ def _calibrated_pixel_statistics() -> tuple[list[float], list[float]]:
     return frames.mean(axis=(0, 1, 2)).round(4).tolist(), frames.std(axis=(0, 1, 2)).round(4).tolist()
 
 
+# ------------------------------------------------------------------------------------ real shapes
+
+
+def _real_gemma_vocab() -> dict[str, int]:
+    """Gemma 3's 262,144 tokenizer pieces with the real special-token ids; the rest byte-fallback
+    pieces, ``▁``, printable ASCII and ``<unusedN>`` fillers (no text ever tokenizes to a filler)."""
+    from theworld.real_configs import GEMMA_SPECIAL_TOKEN_IDS, GEMMA_TOKENIZER_PIECES
+
+    fixed = {token: i for token, i in GEMMA_SPECIAL_TOKEN_IDS.items() if i < GEMMA_TOKENIZER_PIECES}
+    taken = set(fixed.values())
+    free = (i for i in range(GEMMA_TOKENIZER_PIECES) if i not in taken)
+    vocab = dict(fixed)
+    for piece in [f"<0x{byte:02X}>" for byte in range(256)] + ["\u2581"] + [chr(c) for c in range(33, 127)]:
+        vocab[piece] = next(free)
+    for n, i in enumerate(free):
+        vocab[f"<unused{n}>"] = i
+    return vocab
+
+
+def _build_real_gemma(outdir: Path, seed: int, layers: int) -> None:
+    from theworld.real_configs import (
+        GEMMA_IMAGE_PROCESSOR, GEMMA_IMAGE_SEQ_LENGTH, GEMMA_SPECIAL_TOKEN_IDS, gemma_config,
+    )
+
+    processor = _gemma_processor(_real_gemma_vocab(), GEMMA_IMAGE_PROCESSOR["size"]["height"], GEMMA_IMAGE_SEQ_LENGTH,
+                                 resample=GEMMA_IMAGE_PROCESSOR["resample"])
+    ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in GEMMA_SPECIAL_TOKEN_IDS}
+    if ids != GEMMA_SPECIAL_TOKEN_IDS:
+        raise AssertionError(f"synthesised tokenizer ids {ids} differ from Gemma 3's {GEMMA_SPECIAL_TOKEN_IDS}")
+    _save_gemma(outdir, gemma_config(layers, layers), processor, seed)
+
+
+def _build_real_cosmos(outdir: Path, seed: int, layers: int) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5EncoderModel
+
+    from theworld.real_configs import (
+        COSMOS_SCHEDULER_CONFIG, COSMOS_TRANSFORMER_CONFIG, COSMOS_VAE_CONFIG, T5_ENCODER_CONFIG, t5_encoder_config,
+    )
+
+    # The VAE keeps its full depth: it fixes the latents' shape and is the trainer's per-clip cost.
+    torch.manual_seed(seed)
+    AutoencoderKLWan(**COSMOS_VAE_CONFIG).save_pretrained(outdir / "vae")
+    torch.manual_seed(seed + 1)
+    CosmosTransformer3DModel(**{**COSMOS_TRANSFORMER_CONFIG, "num_layers": layers}).save_pretrained(outdir / "transformer")
+    FlowMatchEulerDiscreteScheduler(**COSMOS_SCHEDULER_CONFIG).save_pretrained(outdir / "scheduler")
+    torch.manual_seed(seed + 2)
+    # Published in bf16 (convert_cosmos_to_diffusers.py); also keeps the widest model here at half the disk.
+    t5 = T5EncoderModel(t5_encoder_config(layers)).to(torch.bfloat16)
+    extra_ids = 100  # T5's <extra_id_N> sentinels: 32,000 pieces + 100 = 32,100 (the table has 32,128 rows)
+    pieces = _T5_PIECES + [f"<unused{n}>" for n in range(32000 - len(_T5_PIECES))]
+    assert len(pieces) + extra_ids <= T5_ENCODER_CONFIG["vocab_size"]
+    _save_text_encoder(outdir, t5, pieces, extra_ids=extra_ids)
+    _write_model_index(outdir)
+
+
 def _calibrate_latent_statistics(vae) -> None:
     """Set the VAE config's per-channel ``latents_mean`` / ``latents_std`` from its own latents.
 
@@ -314,23 +395,23 @@ def _exclusive(lock_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _marker_text(seed: int) -> str:
-    return f"{TINY_FORMAT_VERSION} seed={seed}"
+def _marker_text(seed: int, variant: str = "tiny") -> str:
+    return f"{TINY_FORMAT_VERSION} seed={seed}" + ("" if variant == "tiny" else f" {variant}")
 
 
-def _is_complete(path: Path, seed: int) -> bool:
+def _is_complete(path: Path, seed: int, variant: str = "tiny") -> bool:
     marker = path / _COMPLETE_MARKER
-    return marker.is_file() and marker.read_text().strip() == _marker_text(seed)
+    return marker.is_file() and marker.read_text().strip() == _marker_text(seed, variant)
 
 
-def _build_into(target: Path, builder, seed: int) -> None:
-    if _is_complete(target, seed):
+def _build_into(target: Path, builder, seed: int, variant: str = "tiny") -> None:
+    if _is_complete(target, seed, variant):
         return
     # Build next to the target and rename, so a crashed build never leaves a half-written model.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         builder(staging, seed)
-        (staging / _COMPLETE_MARKER).write_text(_marker_text(seed) + "\n")
+        (staging / _COMPLETE_MARKER).write_text(_marker_text(seed, variant) + "\n")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -340,8 +421,24 @@ def _build_into(target: Path, builder, seed: int) -> None:
 
 
 def is_tiny_gemma(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a tiny Gemma 3 written by ``build_tiny_models`` (any format version or seed)."""
-    return (Path(path) / _COMPLETE_MARKER).is_file() and (Path(path) / "config.json").is_file()
+    """Whether ``path`` is a tiny Gemma 3 written by ``build_tiny_models`` (any format version or seed;
+    not a ``--real-shapes`` build, whose marker names its variant)."""
+    marker = Path(path) / _COMPLETE_MARKER
+    return marker.is_file() and len(marker.read_text().split()) == 2 and (Path(path) / "config.json").is_file()
+
+
+def _build_pair(outdir, gemma_builder, cosmos_builder, seed: int, variant: str) -> tuple[Path, Path]:
+    import torch
+
+    outdir = Path(outdir) if outdir is not None else default_tiny_dir()
+    outdir.mkdir(parents=True, exist_ok=True)
+    gemma_dir, cosmos_dir = outdir / "gemma", outdir / "cosmos"
+    with _exclusive(outdir / ".build.lock"):
+        # Model construction must not leave a grad-disabled or reseeded process behind.
+        with torch.random.fork_rng(devices=[]):
+            _build_into(gemma_dir, gemma_builder, seed, variant)
+            _build_into(cosmos_dir, cosmos_builder, seed, variant)
+    return gemma_dir, cosmos_dir
 
 
 def build_tiny_models(outdir: str | os.PathLike | None = None, seed: int = 0) -> tuple[Path, Path]:
@@ -352,17 +449,23 @@ def build_tiny_models(outdir: str | os.PathLike | None = None, seed: int = 0) ->
     Returns:
         ``(gemma_dir, cosmos_dir)``: ``outdir/gemma`` and ``outdir/cosmos``.
     """
-    import torch
+    return _build_pair(outdir, _build_gemma, _build_cosmos, seed, "tiny")
 
-    outdir = Path(outdir) if outdir is not None else default_tiny_dir()
-    outdir.mkdir(parents=True, exist_ok=True)
-    gemma_dir, cosmos_dir = outdir / "gemma", outdir / "cosmos"
-    with _exclusive(outdir / ".build.lock"):
-        # Model construction must not leave a grad-disabled or reseeded process behind.
-        with torch.random.fork_rng(devices=[]):
-            _build_into(gemma_dir, _build_gemma, seed)
-            _build_into(cosmos_dir, _build_cosmos, seed)
-    return gemma_dir, cosmos_dir
+
+def build_real_shape_models(outdir: str | os.PathLike, layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """Write Gemma 3 4B-it and Cosmos-Predict2-2B-Video2World at their published shapes, with random weights
+    and only the depth cut: ``layers`` Gemma text and SigLIP layers, Cosmos transformer blocks and T5 encoder
+    layers (the Wan VAE keeps its full depth). Widths, heads, vocabulary (262,208 rows; a tokenizer with the
+    real 262,144 pieces and special-token ids), image sizes (896 SigLIP, 256 image tokens) are unchanged;
+    see ``theworld.real_configs`` for every figure and its source.
+
+    Returns:
+        ``(gemma_dir, cosmos_dir)``: ``outdir/gemma`` and ``outdir/cosmos``.
+    """
+    if layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {layers}")
+    return _build_pair(outdir, lambda out, s: _build_real_gemma(out, s, layers),
+                       lambda out, s: _build_real_cosmos(out, s, layers), seed, f"real-shapes layers={layers}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,11 +477,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("outdir", nargs="?", default=None,
                         help=f"output directory (default: $THEWORLD_TINY_DIR or {Path('~/.cache/theworld/tiny')})")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
+    parser.add_argument("--real-shapes", action="store_true",
+                        help="write Gemma 3 4B-it and Cosmos-Predict2-2B-Video2World at their published shapes "
+                             "(random weights, depth cut to --layers; several GB) instead of the tiny models")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --real-shapes: layers/blocks kept per stack (default: 2)")
     args = parser.parse_args(argv)
+    if args.layers is not None and not args.real_shapes:
+        parser.error("--layers needs --real-shapes")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a CLI that prints two paths, not shard bars
-    gemma_dir, cosmos_dir = build_tiny_models(args.outdir, seed=args.seed)
+    if args.real_shapes:
+        if args.outdir is None:
+            parser.error("--real-shapes needs an OUTDIR (the models take several GB)")
+        gemma_dir, cosmos_dir = build_real_shape_models(args.outdir, layers=args.layers or 2, seed=args.seed)
+    else:
+        gemma_dir, cosmos_dir = build_tiny_models(args.outdir, seed=args.seed)
     print(f"gemma:  {gemma_dir}\ncosmos: {cosmos_dir}")
 
 

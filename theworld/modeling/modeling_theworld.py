@@ -35,6 +35,11 @@ from theworld.modeling.world_encoder import CosmosWorldEncoder, latent_frames
 from theworld.processing_theworld import TheWorldProcessor
 
 TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
+# peft's file name for a LoRA configuration: the language model's adapter, when it has one.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+# LoRA targets by default: the attention and MLP projections of Gemma 3's language model (TRL's Gemma 3
+# recipe adapts every linear layer; SigLIP, which has q/k/v projections too, is never adapted here).
+DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The Wan VAE of Cosmos-Predict2 downsamples height and width by 8.
 VAE_SPATIAL_FACTOR = 8
 # TheWorldConfig fields that `from_pretrained` accepts as keyword arguments.
@@ -84,6 +89,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.world_transformer = None
         self.world_scheduler = None
         self.world_projector: WorldProjector | None = None
+        # peft `LoraConfig` of the adapters in the language model (`add_language_adapter`), else None.
+        self.language_adapter_config = None
         # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting).
         self.rollout_config = RolloutConfig()
         if config.enable_world:
@@ -188,6 +195,10 @@ class TheWorld(Gemma3ForConditionalGeneration):
             if config.num_world_steps > 0:
                 model.load_world_rollout_components()
         if saved_dir is not None:
+            if (saved_dir / ADAPTER_CONFIG_NAME).is_file():
+                from peft import LoraConfig
+
+                model.add_language_adapter(LoraConfig.from_pretrained(saved_dir))
             model._load_trainable_weights(saved_dir / TRAINABLE_WEIGHTS_NAME)
         elif model.world_projector is not None:
             model._match_world_scale_to_text()
@@ -255,13 +266,34 @@ class TheWorld(Gemma3ForConditionalGeneration):
         if result.unexpected_keys:
             raise ValueError(f"{weights_file} holds weights this TheWorld does not have: {result.unexpected_keys[:5]}")
 
+    def add_language_adapter(self, lora_config) -> None:
+        """Put LoRA adapters (a peft `LoraConfig`) into Gemma's language model, and only there.
+
+        The language model's own weights (and the tied embeddings / LM head) are then frozen whatever
+        `freeze_gemma_language` says; the adapters, the world projector and (unless frozen) the vision
+        path train. `save_pretrained` writes the adapter configuration (`adapter_config.json`) and its
+        weights with the other trainable ones; `from_pretrained` puts them back.
+        """
+        from peft import inject_adapter_in_model
+
+        if self.language_adapter_config is not None:
+            raise ValueError("this TheWorld already has a language adapter (a saved TheWorld restores its own)")
+        inject_adapter_in_model(lora_config, self.model.language_model)
+        self.language_adapter_config = lora_config
+        self.apply_freezing()
+
     def apply_freezing(self) -> None:
         """Set `requires_grad` from the config's freeze flags; the world projector is always trainable."""
         config = self.config
         self.model.vision_tower.requires_grad_(not config.freeze_gemma_vision)
         self.model.multi_modal_projector.requires_grad_(not config.freeze_gemma_vision)
-        self.model.language_model.requires_grad_(not config.freeze_gemma_language)
-        self.lm_head.requires_grad_(not config.freeze_gemma_language)
+        language_trains = not config.freeze_gemma_language and self.language_adapter_config is None
+        self.model.language_model.requires_grad_(language_trains)
+        self.lm_head.requires_grad_(language_trains)
+        if self.language_adapter_config is not None:
+            for name, param in self.model.language_model.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(True)
         if self.world_encoder is not None:
             vae = self.world_encoder.vae
             vae.requires_grad_(False)
@@ -285,8 +317,10 @@ class TheWorld(Gemma3ForConditionalGeneration):
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         is_main_process: bool = True, **kwargs) -> None:
-        """Write `config.json`, the processor (`TheWorldProcessor`) and the trainable weights only
-        (`theworld_trainable.safetensors`, with the world projector's running latent statistics).
+        """Write `config.json`, the processor (`TheWorldProcessor`), the LoRA configuration of the language
+        adapter if there is one (`adapter_config.json`) and the trainable weights only
+        (`theworld_trainable.safetensors`, with the world projector's running latent statistics and the
+        adapter's weights).
 
         The frozen parts (Gemma, the Cosmos VAE) are rebuilt from the base ids in the config by
         `TheWorld.from_pretrained(save_directory)`. `state_dict` (e.g. from `accelerator.get_state_dict`)
@@ -300,6 +334,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.config.save_pretrained(save_directory)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
+        if self.language_adapter_config is not None:
+            self.language_adapter_config.save_pretrained(save_directory)
         save_file(self.trainable_state_dict(state_dict), save_directory / TRAINABLE_WEIGHTS_NAME,
                   metadata={"format": "pt"})
 
@@ -463,4 +499,4 @@ def _hub_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
 
 
-__all__ = ["TheWorld", "TRAINABLE_WEIGHTS_NAME"]
+__all__ = ["TheWorld", "TRAINABLE_WEIGHTS_NAME", "DEFAULT_LORA_TARGET_MODULES"]

@@ -1,0 +1,72 @@
+"""The model a run trains: TheWorld with its frozen parts and optional LoRA adapters."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from theworld.modeling.modeling_theworld import DEFAULT_LORA_TARGET_MODULES
+from theworld.training.arguments import ModelArguments
+
+
+def build_model(model_args: ModelArguments, seed: int):
+    """TheWorld with the requested parts frozen (the world projector always trains, Cosmos never does)."""
+    from transformers import set_seed
+
+    from theworld import TheWorld
+
+    from theworld.tiny import build_tiny_models, default_tiny_dir, is_tiny_gemma
+
+    gemma, cosmos = model_args.gemma_model, model_args.cosmos_model
+    if gemma is None or cosmos is None:
+        tiny_gemma, tiny_cosmos = build_tiny_models(default_tiny_dir())
+        gemma, cosmos = gemma or str(tiny_gemma), cosmos or str(tiny_cosmos)
+    set_seed(seed)  # the projector's initial weights are part of the run
+    # The tiny language model learns motion in minutes only from 'frame' tokens (docs/model.md); a real
+    # Gemma gets one token per latent patch, as LLaVA-style models do.
+    projection = model_args.world_projection or ("frame" if is_tiny_gemma(gemma) else "spatial")
+    options = dict(enable_world=model_args.enable_world, world_projection=projection,
+                   world_frame_tokens=model_args.world_frame_tokens,
+                   world_projector_type=model_args.world_projector_type, num_world_steps=model_args.num_world_steps,
+                   freeze_gemma_language=model_args.freeze_gemma_language,
+                   freeze_gemma_vision=model_args.freeze_gemma_vision)
+    if model_args.world_tokens_per_side is not None:
+        options["world_tokens_per_side"] = model_args.world_tokens_per_side
+    if model_args.world_image_size:
+        options["world_image_size"] = [int(v) for v in model_args.world_image_size.split(",")]
+    if is_saved_theworld(gemma):
+        # A TheWorld saved by an earlier run (its model/ folder) fixes its world settings; only freezing may change.
+        model = TheWorld.from_pretrained(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
+                                         freeze_gemma_vision=model_args.freeze_gemma_vision)
+    else:
+        model = TheWorld.from_pretrained(gemma, cosmos_model=cosmos, **options)
+    if model_args.lora_r > 0:
+        if model.language_adapter_config is not None:
+            if model.language_adapter_config.r != model_args.lora_r:
+                raise ValueError(f"{gemma} already has LoRA adapters of rank {model.language_adapter_config.r}; they "
+                                 f"keep training: drop --lora-r or pass --lora-r {model.language_adapter_config.r}")
+        else:
+            model.add_language_adapter(lora_config(model_args))
+    return model
+
+
+def lora_config(model_args: ModelArguments):
+    """The peft `LoraConfig` of the --lora-* flags."""
+    from peft import LoraConfig
+
+    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    if not targets:
+        raise ValueError("--lora-target-modules is empty: name the language model's modules to adapt, e.g. "
+                         f"{','.join(DEFAULT_LORA_TARGET_MODULES)}")
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none")
+
+
+def is_saved_theworld(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "theworld"
+
+
+def world_projector_parameters(model) -> dict[str, torch.Tensor]:
+    return dict(model.world_projector.named_parameters()) if model.world_projector is not None else {}

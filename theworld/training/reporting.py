@@ -1,0 +1,118 @@
+"""What a run writes and prints besides checkpoints: loss curve, summary, peak memory."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from theworld.training.heldout import to_device
+
+
+class MetricsLog:
+    """``metrics.jsonl``, appended as the run goes (per-step loss and LR, evaluations), so that a run that
+    crashes keeps its metrics. It starts from ``records`` (a resumed run's history up to its checkpoint:
+    what a crash wrote after the checkpoint is cut away, as the ledgers are). Only the main process writes."""
+
+    def __init__(self, path: Path, records: list[dict], enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            # A train record comes before the evaluation of the same step, as the run writes them.
+            ordered = sorted(records, key=lambda r: (r["step"], "loss" not in r))
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in ordered))
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max_new_tokens: int = 16) -> None:
+    """Show ``samples`` in TensorBoard: their frames (the worker's sanitized ones, oldest first) and, as text,
+    the question, the model's greedy answer and the reference answer. Main process only."""
+    import numpy as np
+
+    from theworld.data.collator import TheWorldCollator
+    from theworld.evaluation import reference_answer
+
+    if not samples or not accelerator.is_main_process:
+        return
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    prompt = to_device(TheWorldCollator(model, for_generation=True)(samples), accelerator.device)
+    with accelerator.autocast():
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    model.train(was_training)
+    answers = model.processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    for i, (sample, answer) in enumerate(zip(samples, answers)):
+        question = " ".join(item["text"] for message in sample["messages"] if message["role"] == "user"
+                            for item in message["content"] if item["type"] == "text")
+        writer.add_images(f"heldout/{i}/frames", np.stack([np.asarray(f) for f in sample["images"]]), step,
+                          dataformats="NHWC")
+        writer.add_text(f"heldout/{i}", f"**{sample.get('id', i)}**: {question}  \n"
+                                        f"model: `{answer.strip()}`  \ntruth: `{reference_answer(sample)}`", step)
+
+
+def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", alpha=0.6)
+    for key, label in (("eval_loss", "held-out loss (world)"), ("eval_loss_no_world", "held-out loss (world tokens off)")):
+        points = [(e["step"], e[key]) for e in evals if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def peak_memory_mb(device) -> dict:
+    """This process's peak resident set so far (``peak_rss_mb``) and, on a GPU, the peak of tensor memory
+    the CUDA caching allocator handed out on ``device`` (``peak_cuda_mb``, else None)."""
+    import resource
+
+    peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": peak_rss_kb / 1024, "peak_cuda_mb": cuda}
+
+
+def write_json_atomic(path: Path, value):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def print_summary(summary: dict, output_dir: str):
+    import textwrap
+
+    from theworld.evaluation import format_table
+
+    print(
+        f"\nTheWorld training: {summary['steps']}/{summary['max_steps']} steps, "
+        f"{summary['steps_per_second'] or 0:.2f} steps/s\n"
+        f"  samples: seen {summary['seen']} = trained {summary['trained']} + blocked {summary['blocked']} "
+        f"+ errors {summary['errors']}\n"
+        f"  held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}, "
+        f"answer accuracy {summary['initial_eval_accuracy']:.2%} -> {summary['final_eval_accuracy']:.2%}"
+        + (f" (world tokens off: loss {summary['final_eval_loss_no_world']:.4f}, "
+           f"accuracy {summary['final_eval_accuracy_no_world']:.2%})" if summary["final_eval_loss_no_world"] is not None else "")
+        + "\n" + textwrap.indent(format_table([("held-out", summary["eval_by_question"])]), "  ")
+        + f"\n  waited on the safety worker {summary['safety_wait_fraction'] or 0:.1%} and on data loading "
+        f"{summary['data_wait_fraction'] or 0:.1%} of the training time"
+        + (f"; {summary['bad_samples']} bad samples skipped (errors.jsonl, kind 'data')" if summary["bad_samples"] else "")
+        + "\n"
+        f"  outputs in {output_dir}: summary.json, metrics.jsonl, loss_curve.png, blocked.jsonl, tensorboard/, checkpoints/"
+    )

@@ -1,0 +1,41 @@
+"""The safety worker a run talks to: spawned by the local main process, attached to by the others."""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+from theworld.training.arguments import TrainArguments
+
+
+ENDPOINT_FILE = ".safety-endpoint-{host}"
+
+
+@contextmanager
+def safety_worker(train_args: TrainArguments, accelerator, threads: int | None = None):
+    """The endpoint of the safety worker this process talks to; spawned (and stopped) here unless attached.
+
+    ``threads`` caps a spawned worker's CPU threads (OMP_NUM_THREADS), for a worker sharing the trainer's cores."""
+    if train_args.safety_endpoint:
+        yield train_args.safety_endpoint, None
+        return
+    from safety_worker import spawn_worker
+
+    endpoint_file = Path(train_args.output_dir) / ENDPOINT_FILE.format(host=socket.gethostname())
+    if accelerator.is_local_main_process:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+        with spawn_worker(preset=train_args.safety_preset, device=train_args.safety_device, env=env) as worker:
+            endpoint_file.write_text(worker.endpoint)
+            accelerator.wait_for_everyone()  # the other local ranks read the endpoint now
+            try:
+                yield worker.endpoint, worker
+            finally:
+                accelerator.wait_for_everyone()  # nobody still needs the worker
+                endpoint_file.unlink(missing_ok=True)
+    else:
+        accelerator.wait_for_everyone()
+        try:
+            yield endpoint_file.read_text().strip(), None
+        finally:
+            accelerator.wait_for_everyone()
