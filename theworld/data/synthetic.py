@@ -79,7 +79,11 @@ def _blocked_ids(task, size: int) -> frozenset[str]:
     return frozenset(task.sample_id(int(i)) for i in chosen)
 
 
-def _check_common(task) -> None:
+def _check_common(task, questions: dict[str, str]) -> None:
+    """Checks both tasks share; ``questions`` are the task's question kinds."""
+    unknown = set(task.questions) - set(questions)
+    if unknown or not task.questions:
+        raise ValueError(f"questions must be a non-empty subset of {tuple(questions)}, got {task.questions}")
     if task.split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {task.split!r}")
     if not 0.0 <= task.blocked_fraction <= 1.0:
@@ -187,12 +191,9 @@ class SyntheticMotionTask(_BlockedSet):
     questions: tuple[str, ...] = tuple(MOTION_QUESTIONS)
 
     def __post_init__(self):
-        _check_common(self)
+        _check_common(self, MOTION_QUESTIONS)
         if self.num_frames < 2:
             raise ValueError(f"num_frames must be at least 2 (motion needs two frames), got {self.num_frames}")
-        unknown = set(self.questions) - set(MOTION_QUESTIONS)
-        if unknown or not self.questions:
-            raise ValueError(f"questions must be a non-empty subset of {tuple(MOTION_QUESTIONS)}, got {self.questions}")
         if self.image_size < self.square + 2 * (self.num_frames - 1):
             raise ValueError(f"image_size {self.image_size} is too small for a {self.num_frames}-frame clip of a "
                              f"{self.square}px square: use at least {self.square + 2 * (self.num_frames - 1)}")
@@ -232,10 +233,7 @@ class SyntheticWorldTask(_BlockedSet):
     questions: tuple[str, ...] = tuple(QUESTIONS)
 
     def __post_init__(self):
-        _check_common(self)
-        unknown = set(self.questions) - set(QUESTIONS)
-        if unknown or not self.questions:
-            raise ValueError(f"questions must be a non-empty subset of {tuple(QUESTIONS)}, got {self.questions}")
+        _check_common(self, QUESTIONS)
 
     def sample_id(self, index: int) -> str:
         return f"synthetic-{self.split}-{index:06d}"
