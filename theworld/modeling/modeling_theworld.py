@@ -357,14 +357,17 @@ class TheWorld(Gemma3ForConditionalGeneration):
             if int(lengths.min()) != latents.shape[2]:
                 raise ValueError("a world rollout continues each clip from its last latent frame: batch clips of one "
                                  "length together when num_world_steps > 0")
-            latents = self._roll_out(latents)
+            latents = self.roll_out(latents)
         return latents
 
-    def _roll_out(self, latents: torch.Tensor) -> torch.Tensor:
+    def roll_out(self, latents: torch.Tensor, steps: int | None = None, config: RolloutConfig | None = None) -> torch.Tensor:
+        """The clip's latents `[B, C, T, h, w]` followed by `steps` (default `num_world_steps`) latent frames
+        predicted by the Cosmos transformer (`config`: default `self.rollout_config`)."""
         if self.world_transformer is None:
             self.load_world_rollout_components()
-        rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents,
-                                       self.config.num_world_steps, config=self.rollout_config)
+        steps = self.config.num_world_steps if steps is None else steps
+        rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents, steps,
+                                       config=config or self.rollout_config)
         # The sampler leaves the observed frames at sigma_min noise: keep their exact (differentiable) latents.
         return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
 

@@ -189,21 +189,15 @@ class BatchingEngine:
 
     def _rollout(self, job: Job, world_latents: torch.Tensor, row: int) -> np.ndarray:
         """The observed clip plus `job.rollout` predicted latent frames, decoded (raw: not yet checked)."""
-        from theworld.modeling.rollout import RolloutConfig, decode_world_latents, rollout_world_latents
+        from theworld.modeling.rollout import RolloutConfig, decode_world_latents
         from theworld.modeling.world_encoder import latent_frames
 
         model = self.model
         latents = world_latents[row:row + 1]
-        if not model.config.num_world_steps:  # the answer had no rollout: make one for the video
-            latents = latents[:, :, :latent_frames(len(job.sample["images"]))]
-            if model.world_transformer is None:
-                model.load_world_rollout_components()
-            config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
-                                   seed=0 if job.seed is None else job.seed)
-            with torch.no_grad():
-                rolled = rollout_world_latents(model.world_transformer, model.world_scheduler, latents, job.rollout,
-                                               config=config)
-            # The sampler leaves the observed frames at sigma_min noise: show their exact latents.
-            latents = torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
         with torch.no_grad():
+            if not model.config.num_world_steps:  # the answer had no rollout: make one for the video
+                latents = latents[:, :, :latent_frames(len(job.sample["images"]))]
+                config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
+                                       seed=0 if job.seed is None else job.seed)
+                latents = model.roll_out(latents, job.rollout, config)
             return decode_world_latents(model.world_encoder, latents)[0]
