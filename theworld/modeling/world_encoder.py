@@ -187,6 +187,10 @@ class CosmosWorldEncoder(nn.Module):
         counts = [int(n) for n in num_frames]
         if self.cache is not None and not any(p.requires_grad for p in self.vae.parameters()):
             return self._encode_clips_cached(world_pixel_values, counts)
+        return self._encode_clips_uncached(world_pixel_values, counts)
+
+    def _encode_clips_uncached(self, world_pixel_values: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, frames = world_pixel_values.shape[:3]
         if len(set(counts)) == 1 and counts[0] == frames:
             latents = self(world_pixel_values)
             return latents, torch.full((batch,), latents.shape[2], dtype=torch.long)
@@ -208,14 +212,10 @@ class CosmosWorldEncoder(nn.Module):
         rows = [self.cache.get(key) for key in keys]
         missing = [row for row, latents in enumerate(rows) if latents is None]
         if missing:
-            self.cache, cache = None, self.cache  # encode the new clips without recursing into the cache
-            try:
-                encoded, lengths = self.encode_clips(world_pixel_values[missing], torch.tensor([counts[r] for r in missing]))
-            finally:
-                self.cache = cache
+            encoded, lengths = self._encode_clips_uncached(world_pixel_values[missing], [counts[r] for r in missing])
             for k, row in enumerate(missing):
                 rows[row] = encoded[k, :, : int(lengths[k])]
-                cache.put(keys[row], rows[row])
+                self.cache.put(keys[row], rows[row])
         longest = max(latents.shape[1] for latents in rows)
         out = rows[0].new_zeros(len(rows), rows[0].shape[0], longest, *rows[0].shape[2:])
         for row, latents in enumerate(rows):
