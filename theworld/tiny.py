@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -153,6 +154,8 @@ def _save_gemma(outdir: Path, config, processor, seed: int) -> None:
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
+    from theworld.modeling.modeling_theworld import text_embedding_rms
+
     tokenizer = processor.tokenizer
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)
@@ -161,9 +164,7 @@ def _save_gemma(outdir: Path, config, processor, seed: int) -> None:
         # and the image would not influence the logits. Trained checkpoints are never zero. Its inputs are
         # RMS-normalised (rms 1), so std = text_rms / sqrt(vision hidden) puts image tokens at the scale of
         # the text embeddings around them, as in a trained Gemma.
-        embeddings = model.get_input_embeddings()
-        ids = torch.arange(min(embeddings.num_embeddings, 4096))
-        text_rms = embeddings(ids).pow(2).mean().sqrt().item()
+        text_rms = text_embedding_rms(model.get_input_embeddings())
         projection = model.model.multi_modal_projector.mm_input_projection_weight
         projection.normal_(0.0, text_rms / projection.shape[0] ** 0.5)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -284,6 +285,7 @@ def _write_model_index(outdir: Path) -> None:
     (outdir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 
+@functools.cache
 def _calibration_clips() -> list[list]:
     """The motion-task clips both tiny models are calibrated on (a seed no training run uses)."""
     from theworld.data.synthetic import SyntheticMotionTask

@@ -212,11 +212,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         the old init) are invisible to attention, far larger ones swamp it; at the text's scale the language
         model reads them like any other token from the first step.
         """
-        embeddings = self.get_input_embeddings()
         with torch.no_grad():
-            ids = torch.arange(min(embeddings.num_embeddings, 4096), device=embeddings.weight.device)
-            rms = embeddings(ids).float().pow(2).mean().sqrt().item()
-            self.world_projector.output_gain.fill_(rms)
+            self.world_projector.output_gain.fill_(text_embedding_rms(self.get_input_embeddings()))
 
     def _add_world_tokens(self, tokenizer, expected_ids: bool) -> None:
         """Add the world tokens to the tokenizer; grow (never shrink) the embedding table if needed."""
@@ -489,6 +486,13 @@ class TheWorld(Gemma3ForConditionalGeneration):
 
 AutoModel.register(TheWorldConfig, TheWorld)
 AutoModelForImageTextToText.register(TheWorldConfig, TheWorld)
+
+
+@torch.no_grad()
+def text_embedding_rms(embeddings: torch.nn.Module) -> float:
+    """RMS of Gemma's (scaled) text embeddings over the first 4,096 ids: the scale other tokens start at."""
+    ids = torch.arange(min(embeddings.num_embeddings, 4096), device=embeddings.weight.device)
+    return embeddings(ids).float().pow(2).mean().sqrt().item()
 
 
 def _base_id(name_or_path) -> str | None:
