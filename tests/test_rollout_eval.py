@@ -110,3 +110,13 @@ def test_different_projector_weights_give_different_answers_only_with_the_world(
     scores = {name: {r["variant"]: r["eval_by_question"] for r in model_rows} for name, model_rows in rows.items()}
     # Control: without world tokens the two models are the same model.
     assert scores["a"]["world tokens off"] == scores["b"]["world tokens off"]
+    # What "only with the world" rests on: with world tokens the two projectors give different logits,
+    # without them the same (answer accuracies of random models on 8 samples cannot show it).
+    from theworld import TheWorldCollator
+
+    models = [TheWorld.from_pretrained(path).eval() for path in two_models]
+    with torch.no_grad():
+        for world, same in ((True, False), (False, True)):
+            batch = TheWorldCollator(models[0], world=world)(samples[:2])
+            logits_a, logits_b = (model(**batch).logits for model in models)
+            assert torch.equal(logits_a, logits_b) == same
