@@ -48,7 +48,7 @@ class ServeApp:
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def parse(self, raw: bytes) -> ChatRequest:
-        return parse_chat_request(parse_json_body(raw, self.limits), self.limits, self.count_tokens, self._check_clip)
+        return parse_chat_request(parse_json_body(raw), self.limits, self.count_tokens, self._check_clip)
 
     def validate(self, request: ChatRequest) -> ChatRequest:
         return validate(request, self.limits, self.count_tokens, self._check_clip)

@@ -18,6 +18,9 @@ DEMO_TEMPERATURE = 0.0  # greedy: the same question about the same image gets th
 def build_demo(server) -> gr.Blocks:
     """A `gr.Blocks` for `server` (a `theworld.serving.app.ServeApp`)."""
 
+    # Rollout videos are handed to Gradio as files; they live in one directory removed with the process.
+    videos = tempfile.TemporaryDirectory(prefix="theworld-demo-")
+
     async def ask(image, clip, prompt, rollout):
         try:
             frames = _frames(image, clip)
@@ -36,7 +39,7 @@ def build_demo(server) -> gr.Blocks:
             status = "**Refused by the safety checker** (answer): the generated answer was blocked and withheld."
         video = None
         if completion.rollout_video is not None:
-            with tempfile.NamedTemporaryFile(suffix=".mp4", delete=False, prefix="theworld-rollout-") as out:
+            with tempfile.NamedTemporaryFile(suffix=".mp4", delete=False, prefix="rollout-", dir=videos.name) as out:
                 out.write(completion.rollout_video)
             video = out.name
         elif completion.rollout_blocked:

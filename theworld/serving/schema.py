@@ -146,10 +146,8 @@ class ChatRequest:
 # ------------------------------------------------------------------------------- parsing
 
 
-def parse_json_body(raw: bytes, limits: Limits) -> dict:
-    if len(raw) > limits.max_request_bytes:
-        raise ApiError("request_too_large", f"the body is {len(raw)} bytes; the limit is {limits.max_request_bytes} "
-                                            "(--max-request-bytes)")
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object (its size is capped while it is read: `app._read_body`)."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
