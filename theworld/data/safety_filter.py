@@ -91,6 +91,11 @@ class FilterCounts:
     data_errors: int = 0  # of those, the samples the data path could not load ("kind": "data")
     wait_seconds: float = 0.0  # time the trainer sat waiting for a verdict
 
+    @property
+    def safety_errors(self) -> int:
+        """Samples whose safety check failed (the errors that count toward ``max_errors``)."""
+        return self.errors - self.data_errors
+
 
 @dataclass
 class _Pending:
@@ -180,7 +185,7 @@ class SafetyFilter:
             self.counts.seen += 1
             self.next_position = item.position + 1
             if error is not None:
-                self._record_error(item, error, item.kind)
+                self._record_error(item, error)
                 continue
             if not verdict.safe:
                 self.counts.blocked += 1
@@ -270,7 +275,8 @@ class SafetyFilter:
             return None, None, f"the worker returned {len(images)} frames for {len(item.sample['images'])} images"
         return verdicts[0], images, None
 
-    def _record_error(self, item: _Pending, error: str, kind: str = "safety"):
+    def _record_error(self, item: _Pending, error: str):
+        kind = item.kind
         self.counts.errors += 1
         self.counts.data_errors += kind == "data"
         self._write(self._errors_file, {"id": item.sample["id"], "position": item.position, "kind": kind, "error": error})
@@ -282,9 +288,9 @@ class SafetyFilter:
                     f"{self.errors_path} for every bad sample; fix the data or raise --max-bad-samples."
                 )
             return
-        if self.counts.errors - self.counts.data_errors > self.max_errors:
+        if self.counts.safety_errors > self.max_errors:
             raise SafetyCheckFailed(
-                f"{self.counts.errors - self.counts.data_errors} samples failed their safety check (last: {error}). Is the safety worker "
+                f"{self.counts.safety_errors} samples failed their safety check (last: {error}). Is the safety worker "
                 f"alive and reachable? See {self.errors_path}; raise safety_max_errors to tolerate more."
             )
 
