@@ -180,18 +180,31 @@ def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, ti
         assert blocked == [x for x in seen_ids(summary, seed=i) if x in task.blocked_ids]
 
 
-def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, tiny_models):
+def two_ranks(output_dir, tiny_models, *extra) -> str:
+    """Four steps of two CPU processes under torchrun, as the README launches them."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "theworld.train",
+         *small_run_args(output_dir, tiny_models, "--max-steps", "4", "--blocked-fraction", "0.25", *extra)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    return finish(proc)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_models):
+    """One data-parallel (DDP) two-process run, shared by the tests that read it."""
+    output_dir = tmp_path_factory.mktemp("two-ranks")
+    two_ranks(output_dir, tiny_models)
+    return output_dir
+
+
+def test_two_ranks_share_the_worker_their_local_main_process_spawns(two_rank_run, tiny_models):
     """`torchrun`/`accelerate launch`: rank 0 spawns one worker, rank 1 attaches; counters are summed over ranks.
 
     With the default tracker (TensorBoard), whose end_training destroys the process group: the summary's
     reduction and the last barrier must come before it, or rank 1 dies and no summary.json is written."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "theworld.train",
-         *small_run_args(tmp_path, tiny_models, "--max-steps", "4", "--blocked-fraction", "0.25")],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    finish(proc)
+    tmp_path = two_rank_run
     assert (tmp_path / "tensorboard").is_dir()  # the default tracker was on
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["safety_worker_spawned"]
@@ -225,6 +238,30 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(tmp_path, ti
     assert summary["initial_eval_loss"] == pytest.approx(evaluate(model, batches, OneProcess())["loss"], rel=1e-5)
 
 
+def test_fsdp_shards_the_model_trains_like_ddp_and_resumes_from_its_checkpoint(tmp_path, two_rank_run, tiny_models):
+    """`--fsdp` (FSDP2 on two gloo CPU processes): stopped after 2 of 4 steps and resumed, the run takes the
+    same steps as the unsharded data-parallel run: same losses, same saved weights. Checkpoints and the final
+    model hold whole tensors, gathered from the shards."""
+    two_ranks(tmp_path, tiny_models, "--fsdp", "--stop-after-steps", "2")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    out = two_ranks(tmp_path, tiny_models, "--fsdp", "--resume")
+    assert "resumed from" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reference = json.loads((two_rank_run / "summary.json").read_text())
+    assert summary["fsdp"] and not reference["fsdp"] and summary["steps"] == 4
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in read_jsonl(two_rank_run / "metrics.jsonl") if "loss" in r],
+                                   rel=1e-5)
+    assert summary["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], rel=1e-5)
+    sharded, unsharded = (load_file(run / "model" / "theworld_trainable.safetensors") for run in (tmp_path, two_rank_run))
+    assert sharded.keys() == unsharded.keys()
+    for name, tensor in unsharded.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # A resumed run that lost its optimizer state would have moved its weights elsewhere: this is not vacuous.
+    initial = build_model(parse_args(small_run_args(tmp_path, tiny_models))[0], seed=0).trainable_state_dict()
+    assert max((initial[n] - t).abs().max().item() for n, t in unsharded.items() if "standardizer" not in n) > 1e-3
+
+
 @pytest.mark.parametrize("form", ["jsonl", "save_to_disk"])
 def test_trains_on_jsonl_files_and_saved_datasets(tmp_path, tiny_models, tiny_safety_worker, form):
     """The two file formats go through the same checked path as the synthetic task."""
@@ -252,3 +289,18 @@ def test_trains_on_jsonl_files_and_saved_datasets(tmp_path, tiny_models, tiny_sa
     assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"]
     blocked = {r["id"] for r in read_jsonl(tmp_path / "run" / "blocked.jsonl")}
     assert blocked and blocked <= train_task.blocked_ids
+
+
+def test_the_accelerate_fsdp_config_shards_the_layers_the_trainer_shards(tiny_models):
+    """configs/accelerate_fsdp_4b.yaml is an FSDP config accelerate reads, naming the trainer's layer classes,
+    and those classes are in the model (`shard_model` finds them in the tiny build)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from theworld.training.sharding import SHARDED_LAYER_CLASSES
+
+    config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate_fsdp_4b.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.mixed_precision == "bf16"
+    assert tuple(config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) == SHARDED_LAYER_CLASSES
+    model = build_model(parse_args(small_run_args("unused", tiny_models))[0], seed=0)
+    assert {type(m).__name__ for m in model.modules()} >= set(SHARDED_LAYER_CLASSES)

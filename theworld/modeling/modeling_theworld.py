@@ -305,12 +305,16 @@ class TheWorld(Gemma3ForConditionalGeneration):
     def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The trainable weights (what `save_pretrained` writes), from `state_dict` if given (e.g. gathered
         by accelerate) else from the model."""
+        source = state_dict if state_dict is not None else {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        return {name: source[name].detach().contiguous().cpu() for name in self.trainable_names()}
+
+    def trainable_names(self) -> list[str]:
+        """Names of the tensors `trainable_state_dict` holds: the parameters that train and the world
+        projector's running latent statistics (learnt from the data like its weights)."""
         names = [name for name, param in self.named_parameters() if param.requires_grad]
-        # The projector's running latent statistics are learnt from the data like its weights.
         names += [f"world_projector.{name}" for name, _ in (self.world_projector.named_buffers()
                                                              if self.world_projector is not None else [])]
-        source = state_dict if state_dict is not None else {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        return {name: source[name].detach().contiguous().cpu() for name in names}
+        return names
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         is_main_process: bool = True, **kwargs) -> None:

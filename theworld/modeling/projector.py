@@ -32,7 +32,16 @@ class LatentStandardizer(nn.Module):
 
     @torch.no_grad()
     def update(self, latents: torch.Tensor, frame_mask: torch.Tensor) -> None:
-        """Add the real frames (`frame_mask` `[B, T]`) of a batch `[B, C, T, h, w]` to the statistics."""
+        """Add the real frames (`frame_mask` `[B, T]`) of a batch `[B, C, T, h, w]` to the statistics.
+
+        In a distributed run (every rank runs the training forward) the batch is every rank's batch: the
+        ranks' moments are summed, so all ranks keep the same statistics whether or not anything syncs
+        buffers (DDP broadcasts rank 0's; FSDP syncs none)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._update_across_ranks(latents, frame_mask)
+            return
         latents = latents.detach().float()
         for t in range(latents.shape[2]):
             rows = frame_mask[:, t]
@@ -40,13 +49,34 @@ class LatentStandardizer(nn.Module):
             if n_b == 0:
                 continue
             x = latents[rows, :, t]
-            mean_b, var_b = x.mean(0), x.var(0, unbiased=False)
-            n_a = float(self.count[t])
-            delta = mean_b - self.mean[:, t]
-            total = n_a + n_b
-            self.mean[:, t] += delta * (n_b / total)
-            self.sumsq[:, t] += var_b * n_b + delta.pow(2) * (n_a * n_b / total)
-            self.count[t] = total
+            self._merge(t, n_b, x.mean(0), x.var(0, unbiased=False))
+
+    def _merge(self, t: int, n_b: float, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
+        """Fold a batch's moments of latent frame `t` into the running ones (Chan et al.)."""
+        n_a = float(self.count[t])
+        delta = mean_b - self.mean[:, t]
+        total = n_a + n_b
+        self.mean[:, t] += delta * (n_b / total)
+        self.sumsq[:, t] += var_b * n_b + delta.pow(2) * (n_a * n_b / total)
+        self.count[t] = total
+
+    def _update_across_ranks(self, latents: torch.Tensor, frame_mask: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        x = latents.detach().double()
+        weight = frame_mask.to(x.dtype)  # [B, T]
+        rows = weight.view(*weight.shape[:1], 1, weight.shape[1], *[1] * (x.dim() - 3))
+        moments = torch.cat([weight.sum(0), (x * rows).sum(0).flatten(), (x * x * rows).sum(0).flatten()])
+        dist.all_reduce(moments)
+        frames, size = x.shape[2], x[0].numel()
+        counts = moments[:frames]
+        sums, squares = (moments[frames + i * size : frames + (i + 1) * size].view(x.shape[1:]) for i in range(2))
+        for t in range(frames):
+            n_b = float(counts[t])
+            if n_b == 0:
+                continue
+            mean_b = sums[:, t] / n_b
+            self._merge(t, n_b, mean_b.float(), (squares[:, t] / n_b - mean_b.pow(2)).clamp(min=0).float())
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         frames = latents.shape[2]

@@ -165,6 +165,13 @@ class TrainArguments:
         metadata={"help": "Recompute the Gemma language and SigLIP layers' activations in the backward pass instead of "
                           "keeping them (less memory, about a third more compute)."},
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Shard parameters, gradients and optimizer state across the launched processes with "
+                          "PyTorch FSDP2 (each Gemma decoder layer and SigLIP encoder layer, then the rest), on CPU "
+                          "or GPU. Needs torchrun or accelerate launch. Implied by an accelerate config with "
+                          "distributed_type FSDP (configs/accelerate_fsdp_4b.yaml)."},
+    )
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'.",

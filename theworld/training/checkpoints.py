@@ -1,4 +1,8 @@
-"""Checkpoints and exact resume: trainable weights, optimizer, scheduler, RNG and reading position per rank."""
+"""Checkpoints and exact resume: trainable weights, optimizer, scheduler, RNG and reading position per rank.
+
+Weights and optimizer state are written whole (gathered when the model is sharded with FSDP), the optimizer's
+keyed by parameter name (`torch.distributed.checkpoint.state_dict`), so the same files load into a sharded
+or an unsharded run."""
 from __future__ import annotations
 
 import json
@@ -9,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from theworld.training.sharding import gathered_trainable_state
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -49,10 +57,14 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, step: int, rank_st
     # Every rank saves its own RNG streams and data position (ranks read different samples).
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     (tmp / f"state_rank{rank}.json").write_text(json.dumps(rank_state))
+    # Whole tensors even when the model is sharded (FSDP): gathering is collective, so every rank takes part
+    # and rank 0 writes. A checkpoint therefore resumes at any number of ranks.
+    weights = gathered_trainable_state(accelerator.unwrap_model(model))
+    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(unwrapped.trainable_state_dict(), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -73,8 +85,11 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
     missing = [n for n, p in unwrapped.named_parameters() if p.requires_grad and n not in weights]
     if missing:
         raise ValueError(f"{checkpoint} lacks trainable weights {missing[:5]}; was it written with other --freeze-* flags?")
-    unwrapped.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    # Every rank reads the whole tensors and keeps its shard of them (all of them when not sharded).
+    full = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(unwrapped, weights, options=full)
+    set_optimizer_state_dict(model, optimizer.optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=False),
+                             options=full)
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     rank = accelerator.process_index
     set_rng_state(torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False))

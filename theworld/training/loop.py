@@ -15,6 +15,7 @@ from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs, load_
 from theworld.training.data import TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
 from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, evaluate_world_and_no_world, to_device
 from theworld.training.model import build_model, world_projector_parameters
+from theworld.training.sharding import full_tensor, gathered_trainable_state, is_sharded, shard_model
 from theworld.training.reporting import MetricsLog, log_heldout_examples, peak_memory_mb, write_json_atomic, write_loss_curve
 from theworld.training.worker_session import safety_worker
 
@@ -33,7 +34,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     benchmark uses it to compare against pre-checked data); by default every sample is checked live.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -85,13 +86,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         # A frozen VAE encodes a clip the same way every time: later epochs and evaluations reuse it.
         model.world_encoder.cache = LatentCache(max_bytes=int(train_args.latent_cache_mb * 2**20))
     collator = TheWorldCollator(model)
+    # `--fsdp`, or an accelerate config with FSDP (GPUs: accelerate runs a CPU launch as DDP): one sharding.
+    fsdp = train_args.fsdp or accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        shard_model(model)  # before the optimizer is built: sharding replaces the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
     # accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps * world_size,
                               num_training_steps=train_args.max_steps * world_size)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    projector_before = {n: p.detach().clone() for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
+    if fsdp:  # distributed by its shards already: no DDP wrapper, no second wrapping by accelerate
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sharded = is_sharded(model)
+    projector_before = {n: full_tensor(p.detach()).clone()
+                        for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
 
     ledger_suffix = "" if rank == 0 else f".rank{rank}"
 
@@ -127,6 +137,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if accelerator.unwrap_model(model).config.enable_world:
             no_world_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_share, EVAL_BATCH_SIZE,
                                                     world=False)
+        # A sharded model's forward is a collective: a rank with fewer held-out batches runs this one, uncounted.
+        lockstep = collate_eval_batches(accelerator.unwrap_model(model), eval_samples[:1], 1, world=None)[0] if sharded else None
 
         # Read and decoded ahead in threads, from where the samples taken so far end.
         reader = Prefetcher(stream.iter_loads_from(filter_state["next_position"] if filter_state else 0),
@@ -148,10 +160,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
         def show_examples(at_step: int) -> None:
             if {"tensorboard", "all"} & set(report_to) and train_args.heldout_examples > 0:
-                log_heldout_examples(accelerator, model, eval_samples[: train_args.heldout_examples], at_step)
+                log_heldout_examples(accelerator, model, eval_samples[: train_args.heldout_examples], at_step,
+                                     every_rank_generates=sharded)
 
         if not train_args.resume:
-            evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+            evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator, lockstep)})
             metrics.append(evals[-1])
             show_examples(0)
         stop_at = train_args.max_steps
@@ -196,7 +209,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
             pause = time.perf_counter()
             if step % train_args.eval_every == 0 or step == train_args.max_steps:
-                evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator)})
+                evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator, lockstep)})
                 metrics.append(evals[-1])
                 show_examples(step)
                 if report_to:
@@ -222,7 +235,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                               counts.data_errors], dtype=torch.float64, device=accelerator.device),
                                 "sum").tolist()
     seen, trained, blocked, errors, bad_samples = (int(x) for x in totals)
-    projector_after = world_projector_parameters(accelerator.unwrap_model(model))
+    projector_after = {n: full_tensor(p.detach()) for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
     wait = counts.wait_seconds - wait_at_start
     steps_run = step - (state["step"] if train_args.resume else 0)
     summary = {
@@ -250,7 +263,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "data_wait_seconds": data_wait,
         "data_wait_fraction": data_wait / loop_seconds if loop_seconds > 0 else None,
         "trainer_grad_enabled": torch.is_grad_enabled(),
-        "projector_max_abs_change": max(((projector_after[n].detach() - projector_before[n]).abs().max().item()
+        "projector_max_abs_change": max(((projector_after[n] - projector_before[n]).abs().max().item()
                                          for n in projector_before), default=None),
         "trainable_parameters": sum(p.numel() for p in params),
         "safety_endpoint": endpoint,
@@ -261,12 +274,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "num_processes": world_size,
         "lora_r": model_args.lora_r,
         "gradient_checkpointing": train_args.gradient_checkpointing,
+        "fsdp": sharded,
         **peak_memory_mb(accelerator.device),
     }
+    weights = gathered_trainable_state(accelerator.unwrap_model(model))  # collective when sharded
     if accelerator.is_main_process:
         write_loss_curve(history, evals, output_dir / "loss_curve.png")
         # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.
-        accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "model", state_dict=weights)
         write_json_atomic(output_dir / "model" / TASK_FILE, task_record(data_args, train_args.seed))
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()

@@ -29,17 +29,18 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max_new_tokens: int = 16) -> None:
+def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max_new_tokens: int = 16,
+                         every_rank_generates: bool = False) -> None:
     """Show ``samples`` in TensorBoard: their frames (the worker's sanitized ones, oldest first) and, as text,
-    the question, the model's greedy answer and the reference answer. Main process only."""
+    the question, the model's greedy answer and the reference answer. The main process writes; with
+    ``every_rank_generates`` (a sharded model, whose forward is a collective) every rank generates."""
     import numpy as np
 
     from theworld.data.collator import TheWorldCollator
     from theworld.evaluation import reference_answer
 
-    if not samples or not accelerator.is_main_process:
+    if not samples or not (accelerator.is_main_process or every_rank_generates):
         return
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -47,6 +48,9 @@ def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max
     with accelerator.autocast():
         out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
     model.train(was_training)
+    if not accelerator.is_main_process:
+        return
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
     answers = model.processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     for i, (sample, answer) in enumerate(zip(samples, answers)):
         question = " ".join(item["text"] for message in sample["messages"] if message["role"] == "user"
