@@ -48,14 +48,14 @@ def _one_client(endpoint: str, n: int, seed: int, in_flight: int, out) -> None:
             why[name] = why.get(name, 0) + 1
             return
         latencies.append(time.perf_counter() - start)
-        if kind == "echo":
-            ok = len(value) == 1 and np.array_equal(value[0], expect)
+        if kind == "echo":  # raw replies (`SafetyClient.request`) for ping, echo and check_text
+            ok = len(value.arrays) == 1 and np.array_equal(value.arrays[0], expect)
         elif kind == "text":
-            ok = value == [expect]
+            ok = [v["safe"] for v in value.result["verdicts"]] == [expect]
         elif kind == "sample":
             ok = value.safe and value.frames is not None and np.array_equal(value.frames, expect)
         else:
-            ok = isinstance(value, dict) and "instance_id" in value
+            ok = isinstance(value.result, dict) and "instance_id" in value.result
         wrong += not ok
 
     with SafetyClient(endpoint, timeout=120) as client:
@@ -64,15 +64,15 @@ def _one_client(endpoint: str, n: int, seed: int, in_flight: int, out) -> None:
             kind = ("ping", "echo", "text", "text", "sample")[i % 5]
             start = time.perf_counter()
             if kind == "ping":
-                fut, expect = client._submit("ping", {}, [], lambda rep: rep.result), None
+                fut, expect = client.request("ping"), None
             elif kind == "echo":
                 expect = rng.integers(0, 256, int(rng.integers(1, 4096)), dtype=np.uint8)
-                fut = client._submit("echo", {}, [expect], lambda rep: rep.arrays)
+                fut = client.request("echo", arrays=[expect])
             elif kind == "text":
                 blocked = bool(rng.random() < 0.5)
                 text = f"{BLOCKED_PHRASE} {seed}-{i}" if blocked else f"{SAFE_EXAMPLE} {seed}-{i}"
                 expect = not blocked
-                fut = client._submit("check_text", {"texts": [text]}, [], lambda rep: [v["safe"] for v in rep.result["verdicts"]])
+                fut = client.request("check_text", {"texts": [text]})
             else:
                 expect = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
                 fut = client.submit_sample(f"{SAFE_EXAMPLE} {seed}-{i}", expect)
