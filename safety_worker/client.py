@@ -138,8 +138,7 @@ class SafetyClient:
     def check_text(self, texts: str | Sequence[str]) -> Verdict | list[Verdict]:
         """Check one prompt (returns a Verdict) or a list of prompts (returns a list, same order)."""
         single = isinstance(texts, str)
-        verdicts = self._call("check_text", {"texts": [texts] if single else list(texts)},
-                              decode=lambda rep: [Verdict.from_wire(v) for v in rep.result["verdicts"]])
+        verdicts = self._wait(self.submit_text([texts] if single else list(texts)))
         return verdicts[0] if single else verdicts
 
     def check_video(self, frames: np.ndarray) -> Verdict:
@@ -150,15 +149,23 @@ class SafetyClient:
         """Check a prompt and its frames in one round trip (text first; blocked text skips the video)."""
         return self._wait(self.submit_sample(text, frames))
 
-    def submit_video(self, frames: np.ndarray) -> Future:
-        return self._submit("check_video", {}, [frames], _verdict)
+    # The submit_* forms return at once with a Future; keep as many in flight as you like. A future cannot
+    # be cancelled (the request is already sent): drop it if you no longer need it. `timeout`: seconds for
+    # this request (default: the client's), after which the future fails with WorkerTimeout.
 
-    def submit_sample(self, text: str, frames: np.ndarray | None = None) -> Future:
-        """Non-blocking `check_sample`: returns a Future[Verdict]; keep as many in flight as you like.
+    def submit_text(self, texts: Sequence[str], timeout: float | None = None) -> Future:
+        """Non-blocking `check_text` of a list of prompts: a Future[list[Verdict]], same order."""
+        return self._submit("check_text", {"texts": list(texts)}, [],
+                            lambda rep: [Verdict.from_wire(v) for v in rep.result["verdicts"]], timeout=timeout)
 
-        The future cannot be cancelled (the request is already sent); drop it if you no longer need it.
-        """
-        return self._submit("check_sample", {"text": text}, [] if frames is None else [frames], _verdict)
+    def submit_video(self, frames: np.ndarray, timeout: float | None = None) -> Future:
+        """Non-blocking `check_video`: a Future[Verdict]."""
+        return self._submit("check_video", {}, [frames], _verdict, timeout=timeout)
+
+    def submit_sample(self, text: str, frames: np.ndarray | None = None, timeout: float | None = None) -> Future:
+        """Non-blocking `check_sample`: a Future[Verdict]."""
+        return self._submit("check_sample", {"text": text}, [] if frames is None else [frames], _verdict,
+                            timeout=timeout)
 
     def echo(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Transport only (no checking): the worker sends the arrays straight back."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -33,26 +34,26 @@ class Guard:
 
     async def check_sample(self, text: str, frames: np.ndarray, deadline: float) -> Verdict:
         """The prompt and every frame in one round trip; a safe verdict carries the sanitised frames."""
-        reply = await self._request("check_sample", {"text": text}, [frames], deadline)
-        return Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
+        return await self._request(lambda client, left: client.submit_sample(text, frames, timeout=left), deadline)
 
     async def check_text(self, text: str, deadline: float) -> Verdict:
-        reply = await self._request("check_text", {"texts": [text]}, [], deadline)
-        return Verdict.from_wire(reply.result["verdicts"][0])
+        return (await self._request(lambda client, left: client.submit_text([text], timeout=left), deadline))[0]
 
     async def check_video(self, frames: np.ndarray, deadline: float) -> Verdict:
-        reply = await self._request("check_video", {}, [frames], deadline)
-        return Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
+        return await self._request(lambda client, left: client.submit_video(frames, timeout=left), deadline)
 
     async def hello(self, timeout: float) -> dict:
         """The worker's handshake (pid, instance id, models), or `safety_unavailable`."""
-        return (await self._request("hello", {}, [], time.monotonic() + timeout)).result
+        reply = await self._request(lambda client, left: client.request("hello", timeout=left),
+                                    time.monotonic() + timeout)
+        return reply.result
 
     def close(self) -> None:
         with self._lock:
             self._client.close()
 
-    async def _request(self, op: str, args: dict, arrays: list, deadline: float):
+    async def _request(self, submit: Callable[[SafetyClient, float], Future], deadline: float):
+        """``submit(client, seconds_left)``'s result, on a fresh client if the worker was declared dead."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -60,8 +61,7 @@ class Guard:
                                                      "nothing was returned unchecked, try again")
             client = self._client
             try:
-                future: Future = client.request(op, args, arrays, timeout=left)
-                return await asyncio.wrap_future(future)
+                return await asyncio.wrap_future(submit(client, left))
             except (WorkerDead, ClientClosed):
                 self._replace(client)
                 await asyncio.sleep(_RECONNECT_PAUSE)
