@@ -42,16 +42,11 @@ def task_of(model_dir: str | Path) -> dict:
 
 
 def heldout_samples(task: dict, size: int | None = None) -> list[dict]:
-    from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
+    from theworld.training import synthetic_task
 
-    size = size or task["eval_size"]
-    if task["data"] == "synthetic":
-        dataset = SyntheticMotionTask(split="heldout", size=size, seed=task["seed"], num_frames=task["num_frames"],
-                                      image_size=task["image_size"])
-    elif task["data"] == "synthetic-arrow":
-        dataset = SyntheticWorldTask(split="heldout", size=size, seed=task["seed"], image_size=task["image_size"])
-    else:
+    if task["data"] not in ("synthetic", "synthetic-arrow"):
         raise ValueError(f"the model was trained on {task['data']!r}; this script rebuilds the synthetic tasks only")
+    dataset = synthetic_task(task, "heldout", size or task["eval_size"])
     return [dataset[i] for i in range(len(dataset))]
 
 

@@ -7,7 +7,7 @@
 - ``worker_session``: the safety worker a run spawns or attaches to.
 - ``loop``: ``train()``, the loop itself, read top to bottom.
 - ``heldout``: evaluation during training. ``checkpoints``: checkpoints and exact resume.
-  ``reporting``: loss curve, summary, peak memory.
+  ``reporting``: loss curve, summary, peak memory. ``sharding``: FSDP (``--fsdp``) and gathering shards.
 """
 from theworld.training.arguments import (
     ARGUMENT_CLASSES, DataArguments, ModelArguments, TrainArguments, load_config_file, parse_args, parse_report_to,
@@ -15,17 +15,21 @@ from theworld.training.arguments import (
 from theworld.training.checkpoints import (
     CHECKPOINT_DIR, checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
-from theworld.training.data import SYNTHETIC_TASKS, TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
+from theworld.training.data import (
+    SYNTHETIC_TASKS, TASK_FILE, heldout_loads, open_datasets, synthetic_task, task_record, training_stream,
+)
 from theworld.training.heldout import (
     EVAL_BATCH_SIZE, collate_eval_batches, evaluate, evaluate_world_and_no_world, to_device,
 )
 from theworld.training.loop import resolve_mixed_precision, train
 from theworld.training.model import build_model, is_saved_theworld, lora_config, world_projector_parameters
 from theworld.training.reporting import peak_memory_mb, print_summary, write_json_atomic, write_loss_curve
+from theworld.training.sharding import SHARDED_LAYER_CLASSES, gathered_trainable_state, is_sharded, shard_model
 from theworld.training.worker_session import ENDPOINT_FILE, safety_worker
 
 __all__ = [
-    "ARGUMENT_CLASSES", "CHECKPOINT_DIR", "ENDPOINT_FILE", "EVAL_BATCH_SIZE", "SYNTHETIC_TASKS", "TASK_FILE",
+    "ARGUMENT_CLASSES", "CHECKPOINT_DIR", "ENDPOINT_FILE", "EVAL_BATCH_SIZE", "SHARDED_LAYER_CLASSES", "SYNTHETIC_TASKS",
+    "TASK_FILE", "gathered_trainable_state", "is_sharded", "shard_model", "synthetic_task",
     "DataArguments", "ModelArguments", "TrainArguments", "build_model", "checkpoint_dirs", "collate_eval_batches",
     "evaluate", "evaluate_world_and_no_world", "heldout_loads", "is_saved_theworld", "load_checkpoint",
     "load_config_file", "lora_config", "open_datasets", "parse_args", "parse_report_to", "peak_memory_mb",

@@ -19,17 +19,12 @@ def open_datasets(data_args: DataArguments, seed: int):
     Raises ``DataError`` (one line, exit code 2 from ``main``) when the data cannot be opened at all."""
     from theworld.data.shards import ShardSource, is_shard_spec
     from theworld.data.sources import DataError, DiskDataset, JsonlDataset
-    from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
 
     def open_one(spec: str, split: str):
         if spec in SYNTHETIC_TASKS:
             size = data_args.synthetic_size if split == "train" else data_args.synthetic_eval_size
             fraction = data_args.blocked_fraction if split == "train" else 0.0
-            if spec == "synthetic-arrow":
-                return SyntheticWorldTask(split=split, size=size, seed=seed,
-                                          image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
-            return SyntheticMotionTask(split=split, size=size, seed=seed, num_frames=data_args.synthetic_frames,
-                                       image_size=data_args.synthetic_image_size, blocked_fraction=fraction)
+            return synthetic_task({**task_record(data_args, seed), "data": spec}, split, size, fraction)
         if spec.endswith(".jsonl"):
             return JsonlDataset(spec)
         if Path(spec).is_dir():
@@ -72,6 +67,19 @@ def heldout_loads(heldout_data, size: int):
     if isinstance(heldout_data, ShardSource):
         return islice(ShardStream(heldout_data, shuffle=False, max_epochs=1).iter_loads_from(0), size)
     return islice(SampleStream(heldout_data, shuffle=False).iter_loads_from(0), min(len(heldout_data), size))
+
+
+def synthetic_task(record: dict, split: str, size: int, blocked_fraction: float = 0.0):
+    """The synthetic task of a `task_record` (``data`` "synthetic" or "synthetic-arrow"), one split of it."""
+    from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
+
+    if record["data"] == "synthetic-arrow":
+        return SyntheticWorldTask(split=split, size=size, seed=record["seed"], image_size=record["image_size"],
+                                  blocked_fraction=blocked_fraction)
+    if record["data"] == "synthetic":
+        return SyntheticMotionTask(split=split, size=size, seed=record["seed"], num_frames=record["num_frames"],
+                                   image_size=record["image_size"], blocked_fraction=blocked_fraction)
+    raise ValueError(f"{record['data']!r} is not a synthetic task ({', '.join(SYNTHETIC_TASKS)})")
 
 
 def task_record(data_args: DataArguments, seed: int) -> dict:
