@@ -304,3 +304,12 @@ def test_the_accelerate_fsdp_config_shards_the_layers_the_trainer_shards(tiny_mo
     assert tuple(config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) == SHARDED_LAYER_CLASSES
     model = build_model(parse_args(small_run_args("unused", tiny_models))[0], seed=0)
     assert {type(m).__name__ for m in model.modules()} >= set(SHARDED_LAYER_CLASSES)
+
+
+def test_fsdp_without_several_processes_is_a_one_line_usage_error():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "theworld.train", "--fsdp"], cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "--fsdp" in r.stderr and "torchrun --nproc-per-node 2" in r.stderr

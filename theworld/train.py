@@ -20,6 +20,7 @@ trained model for ``TheWorld.from_pretrained``).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from theworld.training import (  # noqa: F401  (the public names, importable from here as before)
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     from theworld.data.sources import DataError
 
     model_args, data_args, train_args = parse_args(argv)
+    if train_args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        print("theworld-train: error: --fsdp shards the model across processes: launch several, e.g. "
+              "`torchrun --nproc-per-node 2 -m theworld.train --fsdp` (on CPU: ACCELERATE_USE_CPU=true)", file=sys.stderr)
+        return 2
     try:
         summary = train(model_args, data_args, train_args)
     except DataError as e:  # the data cannot be opened at all: a start-up error, one line, usage exit code
