@@ -279,8 +279,8 @@ class Batching:
     Defaults: measured on CPU (docs/safety_worker.md).
     """
 
-    max_batch: int = 16
-    max_batch_frames: int = 32
+    max_batch: int = 32
+    max_batch_frames: int = 64
     wait_ms: float = 5.0
 
     def __post_init__(self):

@@ -23,7 +23,7 @@
    ``CosmosSafetyChecker`` on the tiny guardrail, plus the same Gemma 3). Prints import seconds,
    peak RSS and whether autograd survived. ``--training-only`` skips it.
 
-Usage: ``python scripts/bench_train.py [--training-only] [--steps 20] [--clip-steps 8] [--large-steps 2]``
+Usage: ``python scripts/bench_train.py [--training-only] [--steps 100] [--clip-steps 8] [--large-steps 2]``
 (about 7 minutes on 2 CPU cores).
 """
 from __future__ import annotations
@@ -198,13 +198,18 @@ def run_side(code: str, *argv) -> dict:
 
 
 def main():
+    from theworld.training import TrainArguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run on the one-frame task")
+    parser.add_argument("--steps", type=int, default=100,
+                        help="optimizer steps per run on the one-frame task (enough that filling the window at the "
+                             "start, which every live run waits for once, does not dominate)")
     parser.add_argument("--clip-steps", type=int, default=8, help="optimizer steps per run on the motion task")
     parser.add_argument("--large-steps", type=int, default=2, help="optimizer steps per run on 240x320 clips")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per step (the trainer's default)")
     parser.add_argument("--large-batch-size", type=int, default=2, help="samples per step on 240x320 clips")
-    parser.add_argument("--window", type=int, default=32, help="safety checks in flight ahead of the trainer")
+    parser.add_argument("--window", type=int, default=TrainArguments.safety_window,
+                        help="safety checks in flight ahead of the trainer (default: the trainer's)")
     parser.add_argument("--training-only", action="store_true", help="skip part 2 (the two processes)")
     args = parser.parse_args()
 

@@ -153,7 +153,7 @@ def batching_section(tiny_root, quick: bool) -> None:
         print(f"single client, one request in flight, check_sample text + 1x32x32: p50 {ms(statistics.median(t_off))} off"
               f"  {ms(statistics.median(t_on))} on  ratio {r_lat:.2f}x (target <= 1.2x: {'met' if r_lat <= 1.2 else 'MISSED'})")
         print("check_sample requests/s from client processes that each keep `window` requests in flight "
-              "(window 1: each waits for its verdict; the trainer's SafetyFilter keeps 32). mean batch: "
+              "(window 1: each waits for its verdict; the trainer's SafetyFilter keeps 64). mean batch: "
               "texts-or-samples per checker batch. x: 8 clients with batching on / 1 client with batching off.")
         for name, shape, window, n1, n8 in BATCH_WORKLOADS:
             rates = {}

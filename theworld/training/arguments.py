@@ -216,7 +216,8 @@ class TrainArguments:
     )
     safety_device: str = field(default="cpu", metadata={"help": "Device of a spawned worker's guard models."})
     safety_window: int = field(
-        default=32, metadata={"help": "Safety checks kept in flight ahead of the trainer (per process)."}
+        default=64, metadata={"help": "Safety checks kept in flight ahead of the trainer (per process): four "
+                                      "default batches, so the worker batches the next ones while a step runs."}
     )
     safety_timeout: float = field(default=120.0, metadata={"help": "Seconds to wait for one safety verdict."})
     safety_max_errors: int = field(
