@@ -30,12 +30,13 @@ def safety_worker(train_args: TrainArguments, accelerator, threads: int | None =
             accelerator.wait_for_everyone()  # the other local ranks read the endpoint now
             try:
                 yield worker.endpoint, worker
-            finally:
                 accelerator.wait_for_everyone()  # nobody still needs the worker
+            finally:
+                # After an error, no barrier: the other ranks may be inside another collective, and this
+                # rank waiting for them would hang the job without showing the error. Exiting lets the
+                # launcher stop them and report it.
                 endpoint_file.unlink(missing_ok=True)
     else:
         accelerator.wait_for_everyone()
-        try:
-            yield endpoint_file.read_text().strip(), None
-        finally:
-            accelerator.wait_for_everyone()
+        yield endpoint_file.read_text().strip(), None
+        accelerator.wait_for_everyone()
