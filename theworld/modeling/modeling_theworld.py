@@ -303,18 +303,18 @@ class TheWorld(Gemma3ForConditionalGeneration):
             self.world_projector.requires_grad_(True)
 
     def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The trainable weights (what `save_pretrained` writes), from `state_dict` if given (e.g. gathered
-        by accelerate) else from the model."""
-        source = state_dict if state_dict is not None else {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        return {name: source[name].detach().contiguous().cpu() for name in self.trainable_names()}
+        """The trainable weights (what `save_pretrained` writes), whole and on the CPU, from `state_dict` if
+        given else from the model: the parameters that train and the world projector's running latent
+        statistics (learnt from the data like its weights). On a model sharded with FSDP each tensor is
+        gathered from its shards, a collective: every rank calls this, and only trainable tensors travel."""
+        from torch.distributed.tensor import DTensor
 
-    def trainable_names(self) -> list[str]:
-        """Names of the tensors `trainable_state_dict` holds: the parameters that train and the world
-        projector's running latent statistics (learnt from the data like its weights)."""
         names = [name for name, param in self.named_parameters() if param.requires_grad]
         names += [f"world_projector.{name}" for name, _ in (self.world_projector.named_buffers()
                                                              if self.world_projector is not None else [])]
-        return names
+        source = state_dict if state_dict is not None else {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        whole = {name: source[name].detach() for name in names}
+        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).contiguous().cpu() for name, t in whole.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         is_main_process: bool = True, **kwargs) -> None:

@@ -24,12 +24,12 @@ from theworld.training.heldout import (
 from theworld.training.loop import resolve_mixed_precision, train
 from theworld.training.model import build_model, is_saved_theworld, lora_config, world_projector_parameters
 from theworld.training.reporting import peak_memory_mb, print_summary, write_json_atomic, write_loss_curve
-from theworld.training.sharding import SHARDED_LAYER_CLASSES, gathered_trainable_state, is_sharded, shard_model
+from theworld.training.sharding import SHARDED_LAYER_CLASSES, full_tensor, is_sharded, shard_model
 from theworld.training.worker_session import ENDPOINT_FILE, safety_worker
 
 __all__ = [
     "ARGUMENT_CLASSES", "CHECKPOINT_DIR", "ENDPOINT_FILE", "EVAL_BATCH_SIZE", "SHARDED_LAYER_CLASSES", "SYNTHETIC_TASKS",
-    "TASK_FILE", "gathered_trainable_state", "is_sharded", "shard_model", "synthetic_task",
+    "TASK_FILE", "full_tensor", "is_sharded", "shard_model", "synthetic_task",
     "DataArguments", "ModelArguments", "TrainArguments", "build_model", "checkpoint_dirs", "collate_eval_batches",
     "evaluate", "evaluate_world_and_no_world", "heldout_loads", "is_saved_theworld", "load_checkpoint",
     "load_config_file", "lora_config", "open_datasets", "parse_args", "parse_report_to", "peak_memory_mb",

@@ -16,7 +16,6 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from theworld.training.sharding import gathered_trainable_state
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -59,7 +58,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, step: int, rank_st
     (tmp / f"state_rank{rank}.json").write_text(json.dumps(rank_state))
     # Whole tensors even when the model is sharded (FSDP): gathering is collective, so every rank takes part
     # and rank 0 writes. A checkpoint therefore resumes at any number of ranks.
-    weights = gathered_trainable_state(accelerator.unwrap_model(model))
+    weights = accelerator.unwrap_model(model).trainable_state_dict()
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if accelerator.is_main_process:

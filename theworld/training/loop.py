@@ -15,7 +15,7 @@ from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs, load_
 from theworld.training.data import TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
 from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, evaluate_world_and_no_world, to_device
 from theworld.training.model import build_model, world_projector_parameters
-from theworld.training.sharding import full_tensor, gathered_trainable_state, is_sharded, shard_model
+from theworld.training.sharding import full_tensor, is_sharded, shard_model
 from theworld.training.reporting import MetricsLog, log_heldout_examples, peak_memory_mb, write_json_atomic, write_loss_curve
 from theworld.training.worker_session import safety_worker
 
@@ -160,8 +160,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
         def show_examples(at_step: int) -> None:
             if {"tensorboard", "all"} & set(report_to) and train_args.heldout_examples > 0:
-                log_heldout_examples(accelerator, model, eval_samples[: train_args.heldout_examples], at_step,
-                                     every_rank_generates=sharded)
+                log_heldout_examples(accelerator, model, eval_samples[: train_args.heldout_examples], at_step)
 
         if not train_args.resume:
             evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator, lockstep)})
@@ -277,7 +276,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "fsdp": sharded,
         **peak_memory_mb(accelerator.device),
     }
-    weights = gathered_trainable_state(accelerator.unwrap_model(model))  # collective when sharded
+    weights = accelerator.unwrap_model(model).trainable_state_dict()  # collective when sharded
     if accelerator.is_main_process:
         write_loss_curve(history, evals, output_dir / "loss_curve.png")
         # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.

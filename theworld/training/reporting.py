@@ -29,19 +29,19 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max_new_tokens: int = 16,
-                         every_rank_generates: bool = False) -> None:
+def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max_new_tokens: int = 16) -> None:
     """Show ``samples`` in TensorBoard: their frames (the worker's sanitized ones, oldest first) and, as text,
-    the question, the model's greedy answer and the reference answer. The main process writes; with
-    ``every_rank_generates`` (a sharded model, whose forward is a collective) every rank generates."""
+    the question, the model's greedy answer and the reference answer. The main process writes; a sharded
+    model's forward is a collective, so then every rank generates."""
     import numpy as np
 
     from theworld.data.collator import TheWorldCollator
     from theworld.evaluation import reference_answer
+    from theworld.training.sharding import is_sharded
 
-    if not samples or not (accelerator.is_main_process or every_rank_generates):
-        return
     model = accelerator.unwrap_model(model)
+    if not samples or not (accelerator.is_main_process or is_sharded(model)):
+        return
     was_training = model.training
     model.eval()
     prompt = to_device(TheWorldCollator(model, for_generation=True)(samples), accelerator.device)

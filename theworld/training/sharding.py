@@ -53,10 +53,3 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
-    """`TheWorld.trainable_state_dict`, whole on every rank, on the CPU: what a checkpoint and the final
-    ``model/`` save. Only the trainable tensors travel, never the frozen Gemma or Cosmos weights."""
-    source = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {name: full_tensor(source[name].detach()).contiguous().cpu() for name in model.trainable_names()}
