@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the tiny models change so that cached copies are rebuilt instead of silently reused.
-TINY_FORMAT_VERSION = 3
+TINY_FORMAT_VERSION = 4
 _COMPLETE_MARKER = ".theworld-tiny-complete"
 
 # The Gemma 3 chat template (as shipped with google/gemma-3-4b-it).
