@@ -63,9 +63,11 @@ class LatentWhitener(nn.Module):
     Why (the `"frame"` projection): that projection reads a whole latent frame with one linear map, and
     the tiny VAE mixes every pixel into every latent cell, so the latent features are strongly correlated;
     gradient descent on a linear readout of correlated inputs learns slowly along the weak directions,
-    which is where motion is. Measured on the motion task (a readout like the projector's trained on
-    cached latents, 400 steps of 16 direction samples): 37 % with every feature standardised, 98 %
-    whitened (`docs/training.md`, "The motion task's design").
+    which is where motion is. Measured on the motion task (ad-hoc probes, not project scripts): a readout
+    like the projector's trained on cached tiny-VAE latents (400 steps of 16 direction samples, 512
+    held-out clips, background ``[0, 8)``) reads the direction 32 % of the time with every feature
+    standardised and 98 % whitened; in the in-process trainer loop (800 steps of batch 16, 16 frame
+    tokens, seed 0) 74 % with ``eps=0.1`` and 95 % with ``eps=0.01``.
 
     Statistics are cumulative over the real frames seen in training mode, per latent frame index, like
     `LatentStandardizer`'s; the whitening matrix `(cov + eps * mean eigenvalue * I)^(-1/2)` is recomputed
