@@ -70,7 +70,7 @@ class LatentWhitener(nn.Module):
     tokens, seed 0) 74 % with ``eps=0.1`` and 95 % with ``eps=0.01``.
 
     Statistics are cumulative over the real frames seen in training mode, per latent frame index, like
-    `LatentStandardizer`'s; the whitening matrix `(cov + eps * mean eigenvalue * I)^(-1/2)` is recomputed
+    `LatentStandardizer`'s; the whitening matrix `(cov + (eps * mean eigenvalue + 1e-5) * I)^(-1/2)` is recomputed
     from them in each forward (an eigendecomposition of a `D x D` matrix, `D = C * h * w`, kept small by
     the projection's own limit). Buffers, saved with the weights and restored on resume.
     """
@@ -89,6 +89,17 @@ class LatentWhitener(nn.Module):
         self.register_buffer("count", torch.zeros(frames, dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(frames, features, dtype=torch.float64))
         self.register_buffer("comoment", torch.zeros(frames, features, features, dtype=torch.float64))
+
+    @staticmethod
+    def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`torch.linalg.eigh` on one thread: LAPACK's result changes in the last bits with the thread count,
+        which would make a resumed run differ from an uninterrupted one (the trainer sets the thread count)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return torch.linalg.eigh(matrix)
+        finally:
+            torch.set_num_threads(threads)
 
     @torch.no_grad()
     def update(self, latents: torch.Tensor, frame_mask: torch.Tensor) -> None:
@@ -118,8 +129,10 @@ class LatentWhitener(nn.Module):
                 out.append(x[:, t])
                 continue
             cov = self.comoment[t].double() / count  # float64 whatever dtype the module was cast to
-            eigenvalues, vectors = torch.linalg.eigh(cov)
-            eigenvalues = eigenvalues.clamp(min=0) + self.eps * eigenvalues.clamp(min=0).mean()
+            eigenvalues, vectors = self._eigh(cov)
+            eigenvalues = eigenvalues.clamp(min=0)
+            # + an absolute floor (LatentStandardizer's): frames seen without any variance stay finite
+            eigenvalues = eigenvalues + self.eps * eigenvalues.mean() + 1e-5
             whitening = (vectors * eigenvalues.rsqrt()) @ vectors.T
             out.append((x[:, t] - self.mean[t].to(x.dtype)) @ whitening.to(x.dtype))
         return torch.stack(out, 1).view(batch, frames, channels, height, width).transpose(1, 2)
