@@ -334,6 +334,25 @@ def test_projection_modes_train(tiny_models, options):
     assert model.world_projector.proj[0].weight.grad.abs().sum() > 0
 
 
+def test_the_frame_projection_whitens_each_latent_frame_with_running_statistics():
+    from theworld.modeling.projector import LatentWhitener, WorldProjector
+
+    torch.manual_seed(0)
+    mixing = torch.randn(8, 8) * torch.logspace(-1, 1, 8)  # correlated, unequal variances
+    latents = (torch.randn(2000, 8) @ mixing).view(2000, 2, 1, 2, 2).expand(2000, 2, 3, 2, 2).contiguous()
+    mask = torch.ones(2000, 3, dtype=torch.bool)
+    mask[:, 2] = False  # frame index 2 never seen: passes through unchanged
+    whitener = LatentWhitener(2, 3, (2, 2), eps=1e-9)
+    for start in range(0, 2000, 100):
+        whitener.update(latents[start:start + 100], mask[start:start + 100])
+    out = whitener(latents)
+    assert torch.allclose(torch.cov(out[:, :, 0].flatten(1).T), torch.eye(8), atol=1e-2)
+    assert torch.equal(out[:, :, 2], latents[:, :, 2])
+    assert isinstance(WorldProjector(16, (4, 4), 64, max_frames=3, projection="frame").standardizer, LatentWhitener)
+    with pytest.raises(ValueError, match="world_tokens_per_side"):
+        WorldProjector(16, (32, 32), 64, projection="frame")
+
+
 def test_projector_stays_float32_in_a_bfloat16_model(tiny_models):
     model = load_tiny_world(tiny_models, dtype=torch.bfloat16)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16

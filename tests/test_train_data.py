@@ -116,8 +116,11 @@ def test_a_saved_dataset_without_splits_needs_its_own_held_out_data(tmp_path):
 # ---------------------------------------------------------------- the motion task
 
 def square_top_left(frame, colour):
+    """Top-left of the square on the wrapped scene: the first of its rows/columns whose predecessor is not."""
     rows, cols = np.nonzero((frame == np.array(COLOURS[colour])).all(axis=-1))
-    return int(rows.min()), int(cols.min())
+    size = frame.shape[0]
+    first = lambda values: next(v for v in sorted(set(values)) if (v - 1) % size not in set(values))
+    return first(rows.tolist()), first(cols.tolist())
 
 
 def test_motion_task_is_a_pure_function_with_the_fixed_sample_format():
@@ -136,27 +139,59 @@ def test_motion_clips_move_one_pixel_per_frame_the_way_the_answer_says():
     task = SyntheticMotionTask(size=64, questions=("direction",))
     steps = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
     colour_task = SyntheticMotionTask(size=64, questions=("colour",))
+    size = task.image_size
     for i in range(64):
         sample, same_scene = task[i], colour_task[i]  # same index and seed: same clip, other question
         colour = same_scene["answer"]
         positions = [square_top_left(frame, colour) for frame in sample["images"]]
-        moves = {(b[0] - a[0], b[1] - a[1]) for a, b in zip(positions, positions[1:])}
-        assert moves == {steps[sample["answer"]]}
+        moves = {((b[0] - a[0]) % size, (b[1] - a[1]) % size) for a, b in zip(positions, positions[1:])}
+        assert moves == {(steps[sample["answer"]][0] % size, steps[sample["answer"]][1] % size)}
 
 
-def test_the_last_frame_says_nothing_about_the_direction():
-    """Where the square ends up is drawn from the same range whatever the direction."""
-    task = SyntheticMotionTask(size=800, questions=("colour",))
-    direction_task = SyntheticMotionTask(size=800, questions=("direction",))
-    ranges = {}
-    for i in range(800):
-        top, left = square_top_left(task[i]["images"][-1], task[i]["answer"])
-        ranges.setdefault(direction_task[i]["answer"], set()).add((top, left))
-    spans = {d: (min(p[0] for p in s), max(p[0] for p in s), min(p[1] for p in s), max(p[1] for p in s))
-             for d, s in ranges.items()}
-    assert len(spans) == 4 and len(set(spans.values())) == 1, spans
+def _end_positions(size=800):
+    """(direction, first-frame top/left, last-frame top/left) of `size` clips."""
+    task = SyntheticMotionTask(size=size, questions=("colour",))
+    direction_task = SyntheticMotionTask(size=size, questions=("direction",))
+    out = []
+    for i in range(size):
+        frames, colour = task[i]["images"], task[i]["answer"]
+        out.append((direction_task[i]["answer"], square_top_left(frames[0], colour), square_top_left(frames[-1], colour)))
+    return out
+
+
+def test_no_single_frame_says_anything_about_the_direction():
+    """The last frame's position, and the first's, are drawn from the same lattice whatever the direction."""
+    task = SyntheticMotionTask(size=1)
+    lattice = {(task.cell * i + 1, task.cell * j + 1) for i in range(4) for j in range(4)}
+    last, first = {}, {}
+    for direction, start, end in _end_positions():
+        last.setdefault(direction, set()).add(end)
+        first.setdefault(direction, set()).add(start)
+    assert len(last) == 4 and all(s == lattice for s in last.values()), last
+    assert all(s == lattice for s in first.values()), first
+
+
+def test_a_time_reversed_clip_is_a_clip_the_task_draws():
+    """Reversed, a clip moves the opposite way and ends on the lattice the task draws last positions from."""
+    opposite = {"up": "down", "down": "up", "left": "right", "right": "left"}
+    task = SyntheticMotionTask(size=64, questions=("direction",))
+    colour_task = SyntheticMotionTask(size=64, questions=("colour",))
+    assert task.reversal_in_distribution and not SyntheticMotionTask(num_frames=5).reversal_in_distribution
+    lattice = {(task.cell * i + 1, task.cell * j + 1) for i in range(4) for j in range(4)}
+    size = task.image_size
+    for i in range(64):
+        frames, colour = task[i]["images"][::-1], colour_task[i]["answer"]
+        positions = [square_top_left(frame, colour) for frame in frames]
+        step = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}[opposite[task[i]["answer"]]]
+        assert {((b[0] - a[0]) % size, (b[1] - a[1]) % size) for a, b in zip(positions, positions[1:])} == {
+            (step[0] % size, step[1] % size)}
+        assert positions[-1] in lattice
+        background = ~(frames[0] == np.array(COLOURS[colour])).all(-1) & ~(frames[-1] == np.array(COLOURS[colour])).all(-1)
+        np.testing.assert_array_equal(frames[0][background], frames[-1][background])  # static background
 
 
 def test_motion_task_refuses_frames_that_do_not_fit():
     with pytest.raises(ValueError, match="too small"):
         SyntheticMotionTask(num_frames=17, image_size=32)
+    with pytest.raises(ValueError, match="multiple of cell"):
+        SyntheticMotionTask(image_size=36)

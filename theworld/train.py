@@ -2,7 +2,7 @@
 
 With no arguments this is the complete offline default: the project's tiny Gemma 3 and Cosmos
 (built on first use under ``theworld.tiny.default_tiny_dir()``), the synthetic world task, and a
-spawned safety worker running the tiny guardrail; 800 steps (a few minutes on 2 CPU cores), then a summary.
+spawned safety worker running the tiny guardrail; 1200 steps (a few minutes on 2 CPU cores), then a summary.
 Real models train with the same command: ``--gemma-model google/gemma-3-4b-it --cosmos-model
 nvidia/Cosmos-Predict2-2B-Video2World --data my.jsonl``. Multi-GPU: ``accelerate launch -m
 theworld.train ...`` (one safety worker per node: the local main process spawns it, the other local

@@ -134,26 +134,28 @@ class _BlockedSet:
 
 
 def draw_motion_clip(image_size: int, num_frames: int, colour: str, direction: str, square: int,
-                     rng: np.random.Generator) -> list[np.ndarray]:
-    """A square moving one pixel per frame in ``direction`` over a static noisy background.
+                     rng: np.random.Generator, cell: int = 8, background: int = 4) -> list[np.ndarray]:
+    """A square moving one pixel per frame in ``direction`` over a static noisy background, on a torus.
 
-    The last frame's position is uniform over the positions from which every direction's first frame
-    is still inside the image, so the last frame alone says nothing about the direction.
+    The scene wraps around: a square that leaves one edge re-enters at the opposite one. The last frame's
+    top/left is drawn uniformly from a lattice of ``cell``-pixel steps (the square centred in its cell),
+    whatever the direction, so the last frame alone says nothing about the direction; on a torus the
+    first frame's position is uniform over the same lattice too when the clip travels a multiple of
+    ``cell`` pixels, and a time-reversed clip is then exactly a clip of the opposite direction that the
+    task draws as well. Background pixels are uniform in ``[0, background)``.
     """
     travel = num_frames - 1
-    low, high = travel, image_size - square - travel  # inclusive range of the last frame's top/left
-    if high < low:
-        raise ValueError(f"a {num_frames}-frame clip of a {square}px square needs images of at least "
-                         f"{square + 2 * travel}px, got {image_size}")
-    background = rng.integers(0, 48, size=(image_size, image_size, 3)).astype(np.uint8)
-    last_top, last_left = (int(v) for v in rng.integers(low, high + 1, size=2))
+    background_pixels = rng.integers(0, background, size=(image_size, image_size, 3)).astype(np.uint8)
+    offset = (cell - square) // 2
+    last_top, last_left = (int(v) * cell + offset for v in rng.integers(0, image_size // cell, size=2))
     step_y, step_x = STEPS[direction]
+    span = np.arange(square)
     frames = []
     for t in range(num_frames):
         back = travel - t  # frames before the last one
         top, left = last_top - step_y * back, last_left - step_x * back
-        frame = background.copy()
-        frame[top : top + square, left : left + square] = COLOURS[colour]
+        frame = background_pixels.copy()
+        frame[np.ix_((top + span) % image_size, (left + span) % image_size)] = COLOURS[colour]
         frames.append(frame)
     return frames
 
@@ -167,13 +169,31 @@ class SyntheticMotionTask(_BlockedSet):
     question: its direction of motion (answerable only across frames: the last frame's position is
     drawn independently of the direction) or its colour (a control, answerable from the last frame).
 
+    The scene is a torus (the square leaving one edge re-enters at the other) and the last frame's
+    top/left lies on a lattice of ``cell`` pixels, uniform over it. With the default 9 frames the square
+    travels 8 px, one cell, so the first frame is uniform over the same lattice and a time-reversed clip
+    is exactly a clip this task draws (the opposite direction, ending where the original started): no
+    frame alone says anything about the direction, and reading a reversed clip needs nothing the model
+    was not trained on. Why a lattice of 8 px and a faint background (pixels in ``[0, 4)``; was
+    ``[0, 48)``): the tiny Cosmos VAE downsamples by 8 and mixes every pixel into every latent cell (a
+    square in one cell changes all 16 cells' latents), so motion at arbitrary sub-cell positions, or a
+    per-clip background at the square's scale, make the latents of one motion unlike each other.
+    Measured with a readout like the projector's on cached latents (whitened, 400 steps of 16 direction
+    samples, 512 held-out clips): torus with positions anywhere 22 %, lattice with background
+    ``[0, 48)`` 38 %, ``[0, 16)`` 86 %, ``[0, 8)`` 98 %, none 99.8 %. The previous task (no wrap, last
+    position in ``[8, 18]``) leaked the direction through the *first* frame: a ridge probe on the first
+    latent frame alone read it 82 % of the time, and reversed clips, whose first frame is the original's
+    last, flipped 24 %.
+
     Args:
         split: ``"train"`` or ``"heldout"``; the two splits draw from disjoint random streams.
         size: number of samples.
         seed: the task seed; the same seed rebuilds the same samples everywhere.
         num_frames: frames per clip; the Cosmos VAE takes ``1 + 4k`` (9 gives 3 latent frames).
-        image_size: side of the square frames in pixels.
-        square: side of the moving square in pixels.
+        image_size: side of the square frames in pixels, a multiple of ``cell``.
+        square: side of the moving square in pixels, at most ``cell``.
+        cell: spacing of the lattice the last frame's top/left is drawn from (the VAE's 8 px latent cell).
+        background: background pixels are uniform in ``[0, background)``, static over the clip.
         blocked_fraction: fraction of samples whose user text carries the tiny guard's blocked phrase;
             exactly ``round(blocked_fraction * size)`` samples, listed by ``blocked_ids``.
         questions: which question kinds to ask, a subset of ``MOTION_QUESTIONS``.
@@ -189,14 +209,30 @@ class SyntheticMotionTask(_BlockedSet):
     square: int = 6
     blocked_fraction: float = 0.0
     questions: tuple[str, ...] = tuple(MOTION_QUESTIONS)
+    cell: int = 8
+    background: int = 4
 
     def __post_init__(self):
         _check_common(self, MOTION_QUESTIONS)
         if self.num_frames < 2:
             raise ValueError(f"num_frames must be at least 2 (motion needs two frames), got {self.num_frames}")
-        if self.image_size < self.square + 2 * (self.num_frames - 1):
-            raise ValueError(f"image_size {self.image_size} is too small for a {self.num_frames}-frame clip of a "
-                             f"{self.square}px square: use at least {self.square + 2 * (self.num_frames - 1)}")
+        if not 1 <= self.square <= self.cell:
+            raise ValueError(f"square must be between 1 and cell={self.cell} pixels, got {self.square}")
+        if self.image_size % self.cell:
+            raise ValueError(f"image_size must be a multiple of cell={self.cell}, got {self.image_size}")
+        if not 1 <= self.background <= 256:
+            raise ValueError(f"background must be between 1 and 256, got {self.background}")
+        # On a torus a clip must travel less than half way round: otherwise the shorter way from its first
+        # position to its last is not its direction of motion.
+        if 2 * (self.num_frames - 1) >= self.image_size:
+            raise ValueError(f"image_size {self.image_size} is too small for a {self.num_frames}-frame clip: the "
+                             f"square would travel half way round the wrapped scene or more; use at least "
+                             f"{2 * (self.num_frames - 1) + self.cell - (2 * (self.num_frames - 1)) % self.cell}")
+
+    @property
+    def reversal_in_distribution(self) -> bool:
+        """Whether every time-reversed clip is exactly a clip the task draws (travel a multiple of ``cell``)."""
+        return (self.num_frames - 1) % self.cell == 0
 
     def sample_id(self, index: int) -> str:
         return f"motion-{self.split}-{index:06d}"
@@ -206,7 +242,8 @@ class SyntheticMotionTask(_BlockedSet):
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
         kind = self.questions[rng.integers(len(self.questions))]
-        frames = draw_motion_clip(self.image_size, self.num_frames, colour, direction, self.square, rng)
+        frames = draw_motion_clip(self.image_size, self.num_frames, colour, direction, self.square, rng,
+                                  self.cell, self.background)
         answer = {"colour": colour, "direction": direction}[kind]
         return self._sample(index, MOTION_QUESTIONS[kind], kind, answer, frames)
 

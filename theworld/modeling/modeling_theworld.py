@@ -29,7 +29,7 @@ from transformers import initialization as init
 from theworld._import_guard import assert_grad_enabled
 from theworld.configuration_theworld import TheWorldConfig
 from theworld.modeling.fusion import IGNORE_INDEX
-from theworld.modeling.projector import LatentStandardizer, WorldProjector
+from theworld.modeling.projector import LatentStandardizer, LatentWhitener, WorldProjector
 from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
 from theworld.modeling.world_encoder import CosmosWorldEncoder, latent_frames
 from theworld.processing_theworld import TheWorldProcessor
@@ -115,6 +115,9 @@ class TheWorld(Gemma3ForConditionalGeneration):
             init.ones_(module.output_gain)  # from_pretrained then sets it to the text embeddings' rms
         if isinstance(module, LatentStandardizer):
             for buffer in (module.count, module.mean, module.sumsq):
+                init.zeros_(buffer)
+        if isinstance(module, LatentWhitener):
+            for buffer in (module.count, module.mean, module.comoment):
                 init.zeros_(buffer)
 
     # ------------------------------------------------------------------ loading and saving
