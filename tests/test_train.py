@@ -256,7 +256,10 @@ def test_fsdp_shards_the_model_trains_like_ddp_and_resumes_from_its_checkpoint(t
     sharded, unsharded = (load_file(run / "model" / "theworld_trainable.safetensors") for run in (tmp_path, two_rank_run))
     assert sharded.keys() == unsharded.keys()
     for name, tensor in unsharded.items():
-        torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        # An attention key bias has no gradient (softmax ignores a shift shared by all scores): AdamW moves it
+        # by the sign of rounding noise, which the two runs' reductions sum in different orders (2e-6 seen).
+        atol = 1e-5 if name.endswith("k_proj.bias") else 1e-6
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=atol, msg=name)
     # A resumed run that lost its optimizer state would have moved its weights elsewhere: this is not vacuous.
     initial = build_model(parse_args(small_run_args(tmp_path, tiny_models))[0], seed=0).trainable_state_dict()
     assert max((initial[n] - t).abs().max().item() for n, t in unsharded.items() if "standardizer" not in n) > 1e-3

@@ -6,6 +6,17 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _summed_over_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`tensors` summed over the ranks of a distributed run (one all-reduce); as they are in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(tensors)
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 class LatentStandardizer(nn.Module):
     """Standardises every latent feature (channel, latent frame, position) with running statistics.
 
@@ -37,19 +48,16 @@ class LatentStandardizer(nn.Module):
         In a distributed run (every rank runs the training forward) the batch is every rank's batch: the
         ranks' moments are summed, so all ranks keep the same statistics whether or not anything syncs
         buffers (DDP broadcasts rank 0's; FSDP syncs none)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._update_across_ranks(latents, frame_mask)
-            return
-        latents = latents.detach().float()
-        for t in range(latents.shape[2]):
-            rows = frame_mask[:, t]
-            n_b = int(rows.sum())
+        x = latents.detach().double()
+        weight = frame_mask.to(x.dtype)  # [B, T]
+        rows = weight[:, None, :, None, None]
+        counts, sums, squares = _summed_over_ranks(weight.sum(0), (x * rows).sum(0), (x * x * rows).sum(0))
+        for t in range(x.shape[2]):
+            n_b = float(counts[t])
             if n_b == 0:
                 continue
-            x = latents[rows, :, t]
-            self._merge(t, n_b, x.mean(0), x.var(0, unbiased=False))
+            mean_b = sums[:, t] / n_b
+            self._merge(t, n_b, mean_b.float(), (squares[:, t] / n_b - mean_b.pow(2)).clamp(min=0).float())
 
     def _merge(self, t: int, n_b: float, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
         """Fold a batch's moments of latent frame `t` into the running ones (Chan et al.)."""
@@ -59,24 +67,6 @@ class LatentStandardizer(nn.Module):
         self.mean[:, t] += delta * (n_b / total)
         self.sumsq[:, t] += var_b * n_b + delta.pow(2) * (n_a * n_b / total)
         self.count[t] = total
-
-    def _update_across_ranks(self, latents: torch.Tensor, frame_mask: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        x = latents.detach().double()
-        weight = frame_mask.to(x.dtype)  # [B, T]
-        rows = weight.view(*weight.shape[:1], 1, weight.shape[1], *[1] * (x.dim() - 3))
-        moments = torch.cat([weight.sum(0), (x * rows).sum(0).flatten(), (x * x * rows).sum(0).flatten()])
-        dist.all_reduce(moments)
-        frames, size = x.shape[2], x[0].numel()
-        counts = moments[:frames]
-        sums, squares = (moments[frames + i * size : frames + (i + 1) * size].view(x.shape[1:]) for i in range(2))
-        for t in range(frames):
-            n_b = float(counts[t])
-            if n_b == 0:
-                continue
-            mean_b = sums[:, t] / n_b
-            self._merge(t, n_b, mean_b.float(), (squares[:, t] / n_b - mean_b.pow(2)).clamp(min=0).float())
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         frames = latents.shape[2]
@@ -133,20 +123,25 @@ class LatentWhitener(nn.Module):
 
     @torch.no_grad()
     def update(self, latents: torch.Tensor, frame_mask: torch.Tensor) -> None:
-        """Add the real frames (`frame_mask` `[B, T]`) of a batch `[B, C, T, h, w]` to the statistics."""
-        x = latents.detach().to(torch.float64).transpose(1, 2).flatten(2)  # [B, T, D]
+        """Add the real frames (`frame_mask` `[B, T]`) of a batch `[B, C, T, h, w]` to the statistics
+        (in a distributed run, every rank's batch: see `LatentStandardizer.update`)."""
+        x = latents.detach().double().transpose(1, 2).flatten(2)  # [B, T, D]
+        weight = frame_mask.to(x.dtype)  # [B, T]
+        weighted = x * weight[..., None]
+        counts, sums, products = _summed_over_ranks(
+            weight.sum(0), weighted.sum(0), torch.einsum("btd,bte->tde", weighted, x)
+        )
         for t in range(x.shape[1]):
-            rows = x[frame_mask[:, t], t]
-            n_b = rows.shape[0]
+            n_b = float(counts[t])
             if n_b == 0:
                 continue
-            mean_b = rows.mean(0)
-            centred = rows - mean_b
+            mean_b = sums[t] / n_b
             n_a = float(self.count[t])
             total = n_a + n_b
             delta = mean_b - self.mean[t]
             self.mean[t] += delta * (n_b / total)
-            self.comoment[t] += centred.T @ centred + torch.outer(delta, delta) * (n_a * n_b / total)
+            comoment_b = products[t] - torch.outer(mean_b, mean_b) * n_b
+            self.comoment[t] += comoment_b + torch.outer(delta, delta) * (n_a * n_b / total)
             self.count[t] = total
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -181,7 +176,8 @@ class WorldProjector(nn.Module):
       positions across frames itself (measured on the motion task: see `docs/model.md`). Its input grows
       with the latent grid (`2 * C * h * w`), so pool large grids with `tokens_per_side`.
 
-    Every latent feature is standardised first (`LatentStandardizer`). A learned temporal embedding
+    Every latent feature is standardised first (`LatentStandardizer`); the `"frame"` projection whitens
+    each latent frame instead (`LatentWhitener`), since it reads all of a frame's features at once. A learned temporal embedding
     (one vector per latent frame index, up to `max_frames`, zero at initialisation) tells the frames
     apart: index 0 is a clip's first latent frame, and a world rollout continues the indices after the
     clip's last one. The output is RMS-normalised and scaled by a learned gain that starts at
