@@ -190,6 +190,16 @@ def test_a_time_reversed_clip_is_a_clip_the_task_draws():
         np.testing.assert_array_equal(frames[0][background], frames[-1][background])  # static background
 
 
+def test_motion_task_trains_on_more_direction_questions_and_measures_both_alike():
+    count = lambda task: sum(task[i]["question_type"] == "direction" for i in range(len(task))) / len(task)
+    train, heldout = SyntheticMotionTask(size=1000), SyntheticMotionTask(split="heldout", size=1000)
+    assert train.question_shares == {"direction": 0.75, "colour": 0.25} and abs(count(train) - 0.75) < 0.05
+    assert heldout.question_shares == {"direction": 0.5, "colour": 0.5} and abs(count(heldout) - 0.5) < 0.05
+    assert count(SyntheticMotionTask(size=200, question_weights=(0, 1))) == 0
+    with pytest.raises(ValueError, match="question_weights"):
+        SyntheticMotionTask(question_weights=(1,))
+
+
 def test_motion_task_refuses_frames_that_do_not_fit():
     with pytest.raises(ValueError, match="too small"):
         SyntheticMotionTask(num_frames=17, image_size=32)
