@@ -1,8 +1,7 @@
 """The safety worker process: a ZeroMQ ROUTER in front of the real `cosmos_guardrail` checker.
 
 Threads: the main thread owns the ROUTER socket (decodes, validates, answers cheap ops at once,
-queues checks); one checker thread runs the guardrail models on queued checks (with a text thread
-that checks a batch's texts while the checker thread checks its frames) and hands replies
+queues checks); one checker thread runs the guardrail models on queued checks and hands replies
 back through an inproc socket (ZeroMQ sockets are not thread-safe, so only the main thread touches
 the ROUTER). This keeps `hello`/`ping`/`stats` answered while a long video is being checked, lets
 the queue be bounded (`busy` when full) and lets the main thread answer *blocked* for a check that
@@ -13,7 +12,6 @@ checker (which switches autograd off in this process: that is why it is a separa
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hmac
 import logging
@@ -362,8 +360,6 @@ class SafetyWorker:
         self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
         self._carry = None  # a job (or _STOP) taken from the queue that did not fit the last batch
         self._expected_jobs = 1  # requests in the previous batch: how many a batch waits for
-        # A batch's texts are checked on this thread while the checker thread checks its frames.
-        self._text_thread = concurrent.futures.ThreadPoolExecutor(1, "text-guard", initializer=_inference_thread)
         # Jobs queued, running, or finished but not yet handed back: main thread only. Draining
         # waits for this to reach 0 (queue and _running alone miss a job between the two).
         self._outstanding = 0
@@ -425,7 +421,6 @@ class SafetyWorker:
             except queue.Full:
                 pass  # leaving after an error with a full queue: the daemon thread dies with us
             thread.join(timeout=1.0)
-            self._text_thread.shutdown(wait=False)
             self._wake_rx.close(linger=0)
             self._router.close(linger=LINGER_MS)
             if self._auth is not None:
@@ -559,7 +554,9 @@ class SafetyWorker:
     # -- checker thread
 
     def _checker_loop(self) -> None:
-        _inference_thread()
+        import torch
+
+        torch.set_grad_enabled(False)  # grad mode is per thread; this thread only runs inference
         wake = self._ctx.socket(zmq.PUSH)
         wake.connect(self._wake_addr)
         try:
@@ -663,35 +660,27 @@ class SafetyWorker:
         return _verdict_reply(req, self.guard.check_video(req.arrays[0]))
 
     def _check_batch(self, reqs: list[Request]) -> list[Reply]:
-        """Several requests at once, with the same replies as `_check` of each: all their texts in one
-        `check_texts` and all their frames in one `check_videos`, the two side by side (texts on the
-        text thread). A check_sample whose text is blocked is answered by its text verdict, so its
-        frames were checked for nothing: that is the price of running the two stages at once instead
-        of one after the other (measured in docs/safety_worker.md)."""
+        """Several requests at once: all their texts in one `check_texts`, then the frames of those
+        still safe in one `check_videos`. Same replies as `_check` of each."""
         texts, owners = [], []
         for j, req in enumerate(reqs):
             mine = req.args["texts"] if req.op == "check_text" else [req.args["text"]] if req.op == "check_sample" else []
             texts += mine
             owners += [j] * len(mine)
-        video = [j for j, req in enumerate(reqs) if req.op != "check_text" and req.arrays]
-        text_stage = self._text_thread.submit(self.guard.check_texts, texts) if texts and video else None
-        try:
-            frame_verdicts = dict(zip(video, self.guard.check_videos([reqs[j].arrays[0] for j in video]) if video else []))
-        finally:
-            if text_stage is not None:
-                concurrent.futures.wait([text_stage])  # never leave it running behind a retry
-        text_verdicts = text_stage.result() if text_stage is not None else self.guard.check_texts(texts) if texts else []
         per_job: list[list] = [[] for _ in reqs]
-        for j, verdict in zip(owners, text_verdicts):
+        for j, verdict in zip(owners, self.guard.check_texts(texts) if texts else []):
             per_job[j].append(verdict)
-        replies: list[Reply] = []
+        replies: list[Reply | None] = [None] * len(reqs)
+        video = []
         for j, req in enumerate(reqs):
             if req.op == "check_text":
-                replies.append(_texts_reply(req, per_job[j]))
+                replies[j] = _texts_reply(req, per_job[j])
             elif req.op == "check_sample" and (not per_job[j][0].safe or not req.arrays):
-                replies.append(_verdict_reply(req, per_job[j][0]))
+                replies[j] = _verdict_reply(req, per_job[j][0])
             else:
-                replies.append(_verdict_reply(req, frame_verdicts[j]))
+                video.append(j)
+        for j, verdict in zip(video, self.guard.check_videos([reqs[j].arrays[0] for j in video]) if video else []):
+            replies[j] = _verdict_reply(reqs[j], verdict)
         return replies
 
     def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
@@ -718,13 +707,6 @@ def _texts_reply(req: Request, verdicts: Sequence[Verdict]) -> Reply:
 def _verdict_reply(req: Request, verdict: Verdict) -> Reply:
     return Reply(req.id, P.STATUS_OK, result=verdict.to_wire(),
                  arrays=[verdict.frames] if verdict.safe and verdict.frames is not None else [])
-
-
-def _inference_thread() -> None:
-    """Set up a thread that only runs the guard models (inference)."""
-    import torch
-
-    torch.set_grad_enabled(False)  # grad mode is per thread
 
 
 def _grad_enabled() -> bool:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from safety_worker import SafetyClient
-from safety_worker.protocol import Request
 from safety_worker.server import GuardedChecker, SafetyWorker
 
 
@@ -138,37 +137,3 @@ def test_a_batch_that_raises_is_retried_one_by_one_so_only_the_bad_input_is_bloc
     for v, f in zip([verdicts[0], *verdicts[2:]], good):
         np.testing.assert_array_equal(v.frames, f // 2)
     assert stats["retried_one_by_one"] == 4 and stats["largest"] == 4  # one batch of four, then each alone
-
-
-def test_a_batch_checks_its_texts_and_its_frames_side_by_side(tmp_path):
-    """Each stage waits until the other has started: run one after the other, the first would wait
-    its whole timeout and report it. A sample whose text is blocked still gets its text verdict."""
-    text_started, frames_started = threading.Event(), threading.Event()
-    seen = {}
-
-    def text(t):
-        text_started.set()
-        seen["text saw frames"] = frames_started.wait(10)
-        seen["text thread"] = threading.current_thread().name
-        return (t != "bad", "no" if t == "bad" else "ok")
-
-    def postprocess(frames):
-        frames_started.set()
-        seen["frames saw text"] = text_started.wait(10)
-        return frames
-
-    runner = SimpleNamespace(run_safety_check=lambda frames: (True, ""), postprocess=postprocess, postprocessors=[])
-    checker = SimpleNamespace(text_guardrail=SimpleNamespace(safety_models=[_Guard(text)]),
-                              video_guardrail=runner, check_video_safety=postprocess)
-    worker = SafetyWorker(f"ipc://{tmp_path}/w.sock", lambda: checker, models={})
-    replies = worker._check_batch([
-        Request(1, "check_sample", {"text": "fine"}, [FRAMES]),
-        Request(2, "check_sample", {"text": "bad"}, [FRAMES]),
-        Request(3, "check_text", {"texts": ["fine", "bad"]}),
-    ])
-    worker._text_thread.shutdown()
-    assert seen["text saw frames"] and seen["frames saw text"], seen
-    assert seen["text thread"].startswith("text-guard")
-    assert replies[0].result["safe"] and replies[0].arrays[0].tobytes() == FRAMES.tobytes()
-    assert not replies[1].result["safe"] and replies[1].result["stage"] == "text" and replies[1].arrays == []
-    assert [v["safe"] for v in replies[2].result["verdicts"]] == [True, False]
