@@ -202,7 +202,8 @@ class SyntheticMotionTask(_BlockedSet):
             other); the training split asks the direction three times as often as the colour
             (``TRAIN_QUESTION_WEIGHTS``): the direction is the hard question and the colour is learnt
             from the image anyway. Measured in-process at the trainer's defaults (1200 steps of 16, seeds 1-3):
-            direction 77 / 62 / 87 % with equal shares, 96 / 98 / 98 % with 3 : 1; colour 100 % in both.
+            direction 77 / 62 / 87 % with equal shares, 96 / 98 / 98 % with 3 : 1; colour 100 % in both
+            (seeds 0-6 with 3 : 1 in docs/training.md: five of seven learn the direction).
 
     Each sample is ``{"id", "images": [F uint8 HxWx3 frames], "messages", "question_type", "answer"}``.
     """
