@@ -198,6 +198,8 @@ def test_motion_task_trains_on_more_direction_questions_and_measures_both_alike(
     assert count(SyntheticMotionTask(size=200, question_weights=(0, 1))) == 0
     with pytest.raises(ValueError, match="question_weights"):
         SyntheticMotionTask(question_weights=(1,))
+    with pytest.raises(ValueError, match="distinct"):
+        SyntheticMotionTask(questions=("direction", "direction", "colour"))
 
 
 def test_motion_task_refuses_frames_that_do_not_fit():

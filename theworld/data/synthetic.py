@@ -224,6 +224,8 @@ class SyntheticMotionTask(_BlockedSet):
 
     def __post_init__(self):
         _check_common(self, MOTION_QUESTIONS)
+        if len(set(self.questions)) != len(self.questions):
+            raise ValueError(f"questions must be distinct (weight them with question_weights), got {self.questions}")
         weights = self.question_weights
         if weights is not None and (len(weights) != len(self.questions) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"question_weights must be one weight >= 0 per question of {self.questions} with a "
