@@ -61,6 +61,13 @@ def _saved_theworld_config(path) -> TheWorldConfig | None:
     return TheWorldConfig.from_pretrained(path)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP `DTensor` shard (a collective: every rank calls it), or ``tensor`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 class TheWorld(Gemma3ForConditionalGeneration):
     """Gemma 3 with Cosmos world tokens. Build it with `TheWorld.from_pretrained`.
 
@@ -113,11 +120,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         if isinstance(module, WorldProjector):
             init.zeros_(module.temporal_embedding)
             init.ones_(module.output_gain)  # from_pretrained then sets it to the text embeddings' rms
-        if isinstance(module, LatentStandardizer):
-            for buffer in (module.count, module.mean, module.sumsq):
-                init.zeros_(buffer)
-        if isinstance(module, LatentWhitener):
-            for buffer in (module.count, module.mean, module.comoment):
+        if isinstance(module, (LatentStandardizer, LatentWhitener)):
+            for buffer in module.buffers():  # running statistics: nothing seen yet
                 init.zeros_(buffer)
 
     # ------------------------------------------------------------------ loading and saving
@@ -310,14 +314,11 @@ class TheWorld(Gemma3ForConditionalGeneration):
         given else from the model: the parameters that train and the world projector's running latent
         statistics (learnt from the data like its weights). On a model sharded with FSDP each tensor is
         gathered from its shards, a collective: every rank calls this, and only trainable tensors travel."""
-        from torch.distributed.tensor import DTensor
-
         names = [name for name, param in self.named_parameters() if param.requires_grad]
         names += [f"world_projector.{name}" for name, _ in (self.world_projector.named_buffers()
                                                              if self.world_projector is not None else [])]
         source = state_dict if state_dict is not None else {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        whole = {name: source[name].detach() for name in names}
-        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).contiguous().cpu() for name, t in whole.items()}
+        return {name: full_tensor(source[name].detach()).contiguous().cpu() for name in names}
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         is_main_process: bool = True, **kwargs) -> None:

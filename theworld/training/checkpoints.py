@@ -16,8 +16,6 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-
-
 CHECKPOINT_DIR = "checkpoints"
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from theworld.modeling.modeling_theworld import full_tensor  # noqa: F401  (re-exported: the trainer's name for it)
+
 # The repeated blocks: each is all-gathered for its forward and backward and freed after, which is what
 # bounds a rank's parameter memory. The rest but the frozen Cosmos parts (embeddings, the world projector)
 # forms the root group. Keep in step with fsdp_transformer_layer_cls_to_wrap in the accelerate config.
@@ -46,10 +48,3 @@ def is_sharded(model) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a `DTensor` shard (a collective), or ``tensor`` itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
