@@ -348,6 +348,14 @@ def test_the_frame_projection_whitens_each_latent_frame_with_running_statistics(
     out = whitener(latents)
     assert torch.allclose(torch.cov(out[:, :, 0].flatten(1).T), torch.eye(8), atol=1e-2)
     assert torch.equal(out[:, :, 2], latents[:, :, 2])
+    # The matrices are reused while the statistics stay, and follow them when they change or are loaded.
+    assert whitener._whitening is not None and torch.equal(whitener(latents), out)
+    other = LatentWhitener(2, 3, (2, 2), eps=1e-9)
+    other.update(latents[:100] * 3, mask[:100])
+    whitener.load_state_dict(other.state_dict())
+    assert torch.equal(whitener(latents), other(latents)) and not torch.allclose(whitener(latents), out)
+    whitener.update(latents[:100], mask[:100])
+    assert not torch.equal(whitener(latents), other(latents))
     assert isinstance(WorldProjector(16, (4, 4), 64, max_frames=3, projection="frame").standardizer, LatentWhitener)
     with pytest.raises(ValueError, match="world_tokens_per_side"):
         WorldProjector(16, (32, 32), 64, projection="frame")

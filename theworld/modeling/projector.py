@@ -91,7 +91,7 @@ class LatentWhitener(nn.Module):
 
     Statistics are cumulative over the real frames seen in training mode, per latent frame index, like
     `LatentStandardizer`'s; the whitening matrix `(cov + (eps * mean eigenvalue + 1e-5) * I)^(-1/2)` is recomputed
-    from them in each forward (an eigendecomposition of a `D x D` matrix, `D = C * h * w`, kept small by
+    from them in a forward after they changed (an eigendecomposition of a `D x D` matrix, `D = C * h * w`, kept small by
     the projection's own limit). Buffers, saved with the weights and restored on resume.
     """
 
@@ -109,6 +109,7 @@ class LatentWhitener(nn.Module):
         self.register_buffer("count", torch.zeros(frames, dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(frames, features, dtype=torch.float64))
         self.register_buffer("comoment", torch.zeros(frames, features, features, dtype=torch.float64))
+        self._whitening: tuple[tuple, list] | None = None  # (statistics' fingerprint, matrix per frame)
 
     @staticmethod
     def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,22 +145,39 @@ class LatentWhitener(nn.Module):
             self.comoment[t] += comoment_b + torch.outer(delta, delta) * (n_a * n_b / total)
             self.count[t] = total
 
+    def _matrices(self) -> list[torch.Tensor | None]:
+        """The whitening matrix of each latent frame index (None: never seen in training), float64.
+
+        Recomputed only when the statistics changed: every training step changes them, but evaluation and
+        generation reuse the matrices (three eigendecompositions of 256 x 256 cost ~10 ms a forward on the
+        tiny models). The fingerprint (counts and sums of the buffers) also notices statistics that were
+        loaded or copied in place."""
+        fingerprint = (tuple(self.count.tolist()), float(self.mean.sum()), float(self.comoment.sum()), self.comoment.device)
+        if self._whitening is None or self._whitening[0] != fingerprint:
+            matrices = []
+            for t, count in enumerate(fingerprint[0]):
+                if count <= 1:  # a frame index never seen in training passes through unchanged
+                    matrices.append(None)
+                    continue
+                cov = self.comoment[t].double() / count  # float64 whatever dtype the module was cast to
+                eigenvalues, vectors = self._eigh(cov)
+                eigenvalues = eigenvalues.clamp(min=0)
+                # + an absolute floor (LatentStandardizer's): frames seen without any variance stay finite
+                eigenvalues = eigenvalues + self.eps * eigenvalues.mean() + 1e-5
+                matrices.append((vectors * eigenvalues.rsqrt()) @ vectors.T)
+            self._whitening = (fingerprint, matrices)
+        return self._whitening[1]
+
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         batch, channels, frames, height, width = latents.shape
         x = latents.transpose(1, 2).flatten(2)  # [B, T, D]
+        matrices = self._matrices()
         out = []
         for t in range(frames):
-            count = float(self.count[t])
-            if count <= 1:  # a frame index never seen in training passes through unchanged
+            if matrices[t] is None:
                 out.append(x[:, t])
-                continue
-            cov = self.comoment[t].double() / count  # float64 whatever dtype the module was cast to
-            eigenvalues, vectors = self._eigh(cov)
-            eigenvalues = eigenvalues.clamp(min=0)
-            # + an absolute floor (LatentStandardizer's): frames seen without any variance stay finite
-            eigenvalues = eigenvalues + self.eps * eigenvalues.mean() + 1e-5
-            whitening = (vectors * eigenvalues.rsqrt()) @ vectors.T
-            out.append((x[:, t] - self.mean[t].to(x.dtype)) @ whitening.to(x.dtype))
+            else:
+                out.append((x[:, t] - self.mean[t].to(x.dtype)) @ matrices[t].to(x.dtype))
         return torch.stack(out, 1).view(batch, frames, channels, height, width).transpose(1, 2)
 
 
