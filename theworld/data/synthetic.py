@@ -201,7 +201,7 @@ class SyntheticMotionTask(_BlockedSet):
             held-out split asks each equally often (each type is measured on as many samples as the
             other); the training split asks the direction three times as often as the colour
             (``TRAIN_QUESTION_WEIGHTS``): the direction is the hard question and the colour is learnt
-            from the image anyway. Measured in-process at the trainer's defaults (1200 steps of 16, seeds 1-3):
+            from the image anyway. Measured with an ad-hoc in-process loop at the trainer's defaults (1200 steps of 16, seeds 1-3):
             direction 77 / 62 / 87 % with equal shares, 96 / 98 / 98 % with 3 : 1; colour 100 % in both
             (seeds 0-6 with 3 : 1 in docs/training.md: five of seven learn the direction).
 
