@@ -74,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                         "at most 2^17 pixels per pass: large frames gain nothing from batching on a CPU) "
                         f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
     s.add_argument("--batch-wait-ms", type=float, default=batching.wait_ms,
-                   help="after the first queued check, wait at most M ms for more to join its batch "
-                        f"(checks that queue while a batch computes join the next one anyway). Default {batching.wait_ms:g}")
+                   help="while a batch has fewer checks than the previous one, or none yet from a client the previous "
+                        "one served, wait at most M ms (after its first check) for more to join it; a lone client never "
+                        "waits (checks that queue while a batch computes join the next one anyway). "
+                        f"Default {batching.wait_ms:g}")
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://127.0.0.1:P/metrics (0: any free port, shown in `hello`); "
                         "names start with safety_worker_ (docs/safety_worker.md). Default: off")

@@ -270,8 +270,9 @@ class Batching:
 
     A batch takes queued checks until it holds `max_batch` texts-or-samples (each text of a
     check_text counts one, a check_video or check_sample one) or `max_batch_frames` frames; if it
-    has fewer requests than the previous batch, it waits at most `wait_ms` after its first check
-    for more to arrive. A check that would overflow it starts the next batch (a single check bigger
+    has fewer requests than were queued when it began plus those the previous batch answered (their
+    clients are about to send again), it waits at most `wait_ms` after its first check for more to
+    arrive (`BatchGatherer`). A check that would overflow it starts the next batch (a single check bigger
     than the limits still runs, alone). `max_batch=1`
     checks one request at a time with the face filter's own batch size, as before batching.
     `max_batch_frames` is also the face filter's forward-pass batch size (on a CPU, at most
@@ -300,6 +301,54 @@ def _frame_count(req: Request) -> int:
 
 
 _STOP = object()  # the checker thread's stop signal, carried over when a batch runs into it
+
+
+class BatchGatherer:
+    """Forms the checker's batches from the job queue, by the rules of `Batching`.
+
+    `next_batch` takes what is queued and waits (at most `wait_ms` after the batch's first job) for
+    more while the batch holds fewer requests than were queued when it began plus those the previous
+    batch answered: clients that wait for their verdicts send again as soon as they get them. With k
+    clients that each keep one request in flight, a batch starts as soon as all k have sent again,
+    and a lone client never waits at all. Counting only the previous batch is not enough: requests
+    can split into two groups that take turns, each batch holding the requests that queued while the
+    other group's batch ran (8 clients were seen locked into batches of 4 at 98 req/s, against ~135
+    in batches of 8, docs/safety_worker.md; one client keeping 4 in flight into batches of 2); the
+    queued group then waits for the answered one and the two merge. A client that went quiet costs
+    one wait, in the batch after its last one."""
+
+    def __init__(self, jobs: queue.Queue, batching: Batching):
+        self._jobs = jobs
+        self.batching = batching
+        self._carry = None  # a job (or _STOP) taken from the queue that did not fit the last batch
+        self._answered = 0  # requests in the previous batch
+
+    def next_batch(self) -> list | None:
+        """The next queued jobs to check together; None when the queue yields None (stop)."""
+        expected = self._jobs.qsize() + (self._carry is not None) + self._answered
+        first, self._carry = (self._carry or self._jobs.get()), None
+        if first is None or first is _STOP:
+            return None
+        batch, units, frames = [first], _units(first.request), _frame_count(first.request)
+        limits = self.batching
+        wait_until = time.monotonic() + limits.wait_ms / 1000
+        while limits.max_batch > 1 and units < limits.max_batch and frames < limits.max_batch_frames:
+            left = wait_until - time.monotonic() if len(batch) < expected else 0
+            try:
+                job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._carry = _STOP  # finish this batch, then stop
+                break
+            u, f = _units(job.request), _frame_count(job.request)
+            if units + u > limits.max_batch or frames + f > limits.max_batch_frames:
+                self._carry = job  # it starts the next batch
+                break
+            batch.append(job)
+            units, frames = units + u, frames + f
+        self._answered = len(batch)
+        return batch
 
 
 @dataclasses.dataclass
@@ -358,8 +407,7 @@ class SafetyWorker:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.queue_size)
         self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
         self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
-        self._carry = None  # a job (or _STOP) taken from the queue that did not fit the last batch
-        self._expected_jobs = 1  # requests in the previous batch: how many a batch waits for
+        self._gatherer = BatchGatherer(self._jobs, batching)
         # Jobs queued, running, or finished but not yet handed back: main thread only. Draining
         # waits for this to reach 0 (queue and _running alone miss a job between the two).
         self._outstanding = 0
@@ -561,7 +609,7 @@ class SafetyWorker:
         wake.connect(self._wake_addr)
         try:
             while True:
-                jobs = self._next_batch()
+                jobs = self._gatherer.next_batch()
                 if jobs is None:
                     return
                 # Every job comes back through _done (reply None if it was answered already).
@@ -570,36 +618,6 @@ class SafetyWorker:
                 wake.send(b"")
         finally:
             wake.close(linger=0)
-
-    def _next_batch(self) -> list[_Job] | None:
-        """The next queued jobs to check together (see `Batching`); None when the worker stops.
-
-        Takes what is queued; waits (at most `wait_ms`) for more only until the batch has as many
-        requests as the previous one had: with k clients each waiting for its verdict, the batch
-        starts as soon as all k have sent again, and a lone client never waits at all."""
-        first, self._carry = (self._carry or self._jobs.get()), None
-        if first is None or first is _STOP:
-            return None
-        batch, units, frames = [first], _units(first.request), _frame_count(first.request)
-        limits = self.batching
-        wait_until = time.monotonic() + limits.wait_ms / 1000
-        while limits.max_batch > 1 and units < limits.max_batch and frames < limits.max_batch_frames:
-            left = wait_until - time.monotonic() if len(batch) < self._expected_jobs else 0
-            try:
-                job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._carry = _STOP  # finish this batch, then stop
-                break
-            u, f = _units(job.request), _frame_count(job.request)
-            if units + u > limits.max_batch or frames + f > limits.max_batch_frames:
-                self._carry = job  # it starts the next batch
-                break
-            batch.append(job)
-            units, frames = units + u, frames + f
-        self._expected_jobs = len(batch)
-        return batch
 
     def _run_batch(self, jobs: list[_Job]) -> list[Reply | None]:
         """Replies for `jobs` (None for a job answered already): skip expired ones, check the rest

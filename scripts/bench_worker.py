@@ -106,9 +106,10 @@ def client_proc(endpoint, n, queue, start, shape=(1, 32, 32, 3), window=WINDOW, 
         queue.put(time.monotonic())  # CLOCK_MONOTONIC: one clock for all processes of the machine
 
 
-def throughput(endpoint, clients, n_per_client, shape=(1, 32, 32, 3), window=WINDOW):
+def throughput(endpoint, clients, n_per_client, shape=(1, 32, 32, 3), window=WINDOW, on_start=None):
     """Requests/s of `clients` processes, each keeping `window` check_sample requests in flight,
-    from the moment all of them start sending to the moment the last one has all its verdicts."""
+    from the moment all of them start sending to the moment the last one has all its verdicts.
+    `on_start` is called once all clients are connected and warmed up, just before they start."""
     ctx = mp.get_context("spawn")
     q, start = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=client_proc, args=(endpoint, n_per_client, q, start, shape, window, k))
@@ -116,6 +117,8 @@ def throughput(endpoint, clients, n_per_client, shape=(1, 32, 32, 3), window=WIN
     for p in procs:
         p.start()
     assert [q.get() for _ in procs] == ["ready"] * clients
+    if on_start is not None:
+        on_start()
     t0 = time.monotonic()
     start.set()
     finished = [q.get() for _ in procs]
@@ -154,21 +157,29 @@ def batching_section(tiny_root, quick: bool) -> None:
               f"  {ms(statistics.median(t_on))} on  ratio {r_lat:.2f}x (target <= 1.2x: {'met' if r_lat <= 1.2 else 'MISSED'})")
         print("check_sample requests/s from client processes that each keep `window` requests in flight "
               "(window 1: each waits for its verdict; the trainer's SafetyFilter keeps 64). mean batch: "
-              "texts-or-samples per checker batch. x: 8 clients with batching on / 1 client with batching off.")
+              "texts-or-samples per checker batch; ms: checker time per batch; checker busy: share of the run the checker "
+              "spent computing (near 100 %: compute-bound, more clients cannot go faster). x: 8 clients with batching on / "
+              "1 client with batching off.")
         for name, shape, window, n1, n8 in BATCH_WORKLOADS:
             rates = {}
             for clients, n in ((1, n1), (8, n8)):
                 for label, worker, client in (("off", off, c_off), ("on", on, c_on)):
-                    before = client.stats()["batching"]
-                    rates[label, clients], _ = throughput(worker.endpoint, clients, max(2, int(n * scale)), shape, window)
-                    after = client.stats()["batching"]
-                    batches = after["batches"] - before["batches"]
-                    rates[label, clients, "mean"] = (after["units"] - before["units"]) / batches if batches else 0.0
+                    before = {}
+                    requests = clients * max(2, int(n * scale))
+                    rates[label, clients], _ = throughput(worker.endpoint, clients, requests // clients, shape, window,
+                                                          on_start=lambda: before.update(client.stats()))
+                    after = client.stats()
+                    batches = after["batching"]["batches"] - before["batching"]["batches"]
+                    busy = after["check_seconds"] - before["check_seconds"]
+                    rates[label, clients, "mean"] = (after["batching"]["units"] - before["batching"]["units"]) / batches if batches else 0.0
+                    rates[label, clients, "ms"] = 1e3 * busy / batches if batches else 0.0
+                    rates[label, clients, "busy"] = busy * rates[label, clients] / requests  # share of the measured time
             r8 = rates["on", 8] / rates["off", 1]
             target = f" (target >= 3x: {'met' if r8 >= 3 else 'MISSED'})" if shape == (1, 32, 32, 3) else ""
             print(f"{name:20s} window {window}: 1 client {rates['off', 1]:6.1f} off {rates['on', 1]:6.1f} on (mean batch "
                   f"{rates['on', 1, 'mean']:4.1f}) | 8 clients {rates['off', 8]:6.1f} off {rates['on', 8]:6.1f} on (mean batch "
-                  f"{rates['on', 8, 'mean']:4.1f}) | x {r8:.2f}{target}")
+                  f"{rates['on', 8, 'mean']:4.1f}, {rates['on', 8, 'ms']:.0f} ms, checker busy {rates['on', 8, 'busy']:.0%}) "
+                  f"| x {r8:.2f}{target}")
 
 
 def main():

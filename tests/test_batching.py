@@ -7,12 +7,16 @@ random-weight Qwen3 (the tiny guard's hand-set weights ignore positions, so they
 position-id or attention-mask mistake).
 """
 import concurrent.futures
+import queue
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from safety_worker import SafetyClient
+from safety_worker.server import Batching, BatchGatherer
 from safety_worker.tiny import (
     BLOCKED_PHRASE, BLOCKLIST_WORD, CONTROVERSIAL_PHRASE, EXACT_MATCH_WORD, SAFE_EXAMPLE, UNPARSEABLE_PHRASE,
 )
@@ -144,3 +148,53 @@ def test_left_padded_guard_generate_equals_one_prompt_at_a_time(random_qwen_guar
     assert together == alone
     assert len({tuple(a[:3]) for a in alone}) == len(alone)  # the random model answers each prompt differently
     assert len({len(a) for a in alone}) == len(alone)  # and rows end at different steps (the cut after EOS matters)
+
+
+# ---------------------------------------------------------------- how batches form
+
+def _job(peer: bytes):
+    return SimpleNamespace(peer=peer, request=SimpleNamespace(op="check_sample", args={"text": "x"},
+                                                              arrays=[np.zeros((1, 2, 2, 3), np.uint8)]))
+
+
+def _put_later(q, jobs, delay):
+    timer = threading.Timer(delay, lambda: [q.put(j) for j in jobs])
+    timer.start()
+    return timer
+
+
+def test_a_batch_waits_for_the_clients_the_previous_batch_answered_so_alternating_groups_merge():
+    # The lock seen with 8 window-1 clients: batch {A..D} ran while B0..B3 queued; when it ends,
+    # the B requests are waiting and A0..A3 are about to send again. Counting the previous batch
+    # alone (4) would start {B0..B3} at once, and the two groups would take turns forever.
+    jobs = queue.Queue()
+    gatherer = BatchGatherer(jobs, Batching(max_batch=32, max_batch_frames=64, wait_ms=5000))
+    group_a, group_b = [_job(b"A%d" % i) for i in range(4)], [_job(b"B%d" % i) for i in range(4)]
+    for j in group_a:
+        jobs.put(j)
+    assert gatherer.next_batch() == group_a  # takes what is queued
+    for j in group_b:
+        jobs.put(j)
+    timer = _put_later(jobs, group_a, 0.2)
+    t = time.monotonic()
+    batch = gatherer.next_batch()
+    timer.join()
+    assert sorted(j.peer for j in batch) == sorted(j.peer for j in group_a + group_b)
+    assert time.monotonic() - t < 4  # it started when the last client was in, not at the deadline
+
+
+def test_a_quiet_client_costs_one_wait_and_a_lone_client_never_waits():
+    jobs = queue.Queue()
+    gatherer = BatchGatherer(jobs, Batching(max_batch=32, max_batch_frames=64, wait_ms=1000))
+    a, b = _job(b"A"), _job(b"B")
+    jobs.put(a), jobs.put(b)
+    assert gatherer.next_batch() == [a, b]
+    _put_later(jobs, [a], 0.05)  # B went quiet: this batch waits for it, once
+    t = time.monotonic()
+    assert gatherer.next_batch() == [a]
+    assert time.monotonic() - t >= 0.9
+    for _ in range(3):  # one client, one request in flight: sent after its verdict
+        _put_later(jobs, [a], 0.05)
+        t = time.monotonic()
+        assert gatherer.next_batch() == [a]
+        assert time.monotonic() - t < 0.5
