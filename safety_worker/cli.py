@@ -74,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                         "at most 2^17 pixels per pass: large frames gain nothing from batching on a CPU) "
                         f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
     s.add_argument("--batch-wait-ms", type=float, default=batching.wait_ms,
-                   help="while a batch has fewer checks than the previous one, or none yet from a client the previous "
-                        "one served, wait at most M ms (after its first check) for more to join it; a lone client never "
-                        "waits (checks that queue while a batch computes join the next one anyway). "
+                   help="while a batch has fewer checks than were queued when it began plus those the previous batch "
+                        "answered (their clients are about to send again), wait at most M ms (after its first check) for "
+                        "more to join it; a lone client never waits. "
                         f"Default {batching.wait_ms:g}")
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://127.0.0.1:P/metrics (0: any free port, shown in `hello`); "
