@@ -91,7 +91,7 @@ def scenarios(args) -> list[Scenario]:
         Scenario("one-frame task (synthetic-arrow, 1x32x32)", ["--data", "synthetic-arrow"], args.steps, args.batch_size),
         # A heavier step (256 world tokens per sample instead of 16): a trainer the worker can keep up with.
         Scenario("one-frame task, heavier trainer step (128x128 world image)",
-                 ["--data", "synthetic-arrow", "--world-image-size", "128,128"], args.steps, args.batch_size),
+                 ["--data", "synthetic-arrow", "--world-image-size", "128,128", "--world-projection", "spatial"], args.steps, args.batch_size),
         Scenario("motion task (synthetic, 9x32x32 clips)", ["--data", "synthetic"], args.clip_steps, args.batch_size),
         Scenario("240x320 clips (motion task scaled, 9x240x320)", ["--data", "synthetic"], args.large_steps,
                  args.large_batch_size, frame_size=(240, 320)),

@@ -357,8 +357,9 @@ def test_the_frame_projection_whitens_each_latent_frame_with_running_statistics(
     whitener.update(latents[:100], mask[:100])
     assert not torch.equal(whitener(latents), other(latents))
     assert isinstance(WorldProjector(16, (4, 4), 64, max_frames=3, projection="frame").standardizer, LatentWhitener)
+    WorldProjector(16, (8, 8), 64, projection="frame")  # 1024 values per frame: the most it whitens
     with pytest.raises(ValueError, match="world_tokens_per_side"):
-        WorldProjector(16, (32, 32), 64, projection="frame")
+        WorldProjector(16, (16, 16), 64, projection="frame")  # a 128x128 world image: 8.7 s per step in eigh
 
 
 def test_projector_stays_float32_in_a_bfloat16_model(tiny_models):

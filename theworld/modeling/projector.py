@@ -91,11 +91,13 @@ class LatentWhitener(nn.Module):
 
     Statistics are cumulative over the real frames seen in training mode, per latent frame index, like
     `LatentStandardizer`'s; the whitening matrix `(cov + (eps * mean eigenvalue + 1e-5) * I)^(-1/2)` is recomputed
-    from them in a forward after they changed (an eigendecomposition of a `D x D` matrix, `D = C * h * w`, kept small by
-    the projection's own limit). Buffers, saved with the weights and restored on resume.
+    from them in a forward after they changed, so once per training step: an eigendecomposition of a `D x D`
+    matrix, `D = C * h * w`, per latent frame index. On one thread (as `_eigh` runs it) that took 6 ms at
+    `D = 256` (the tiny default), 0.16 s at 1024 and 8.7 s at 4096 (measured by hand on the 2-core
+    development machine), hence the limit `MAX_FEATURES`. Buffers, saved with the weights and restored on resume.
     """
 
-    MAX_FEATURES = 4096
+    MAX_FEATURES = 1024  # a larger D makes the eigendecomposition the training step (8.7 s at 4096)
 
     def __init__(self, channels: int, frames: int, grid: tuple[int, int], eps: float = 0.01):
         super().__init__()
@@ -103,7 +105,9 @@ class LatentWhitener(nn.Module):
         if features > self.MAX_FEATURES:
             raise ValueError(
                 f"the 'frame' projection whitens each latent frame as one vector of channels x positions = "
-                f"{features} values (at most {self.MAX_FEATURES}): pool the latent grid with world_tokens_per_side"
+                f"{features} values (at most {self.MAX_FEATURES}: every training step eigendecomposes a matrix of that "
+                f"side, 8.7 s at 4096 on one CPU thread): pool the latent grid with world_tokens_per_side, or use "
+                f"another world_projection"
             )
         self.eps = eps
         self.register_buffer("count", torch.zeros(frames, dtype=torch.float64))
