@@ -220,6 +220,19 @@ def test_labels_cover_only_the_answer(tiny_world_model):
     assert (batch["labels"][batch["input_ids"] == model.config.world_token_index] == -100).all()
 
 
+def test_a_training_batch_preprocesses_its_clips_for_the_vae_once(tiny_world_model, monkeypatch):
+    import theworld.processing_theworld as processing
+
+    calls, real = [], processing.preprocess_world_clips
+    monkeypatch.setattr(processing, "preprocess_world_clips", lambda clips, h, w: calls.append(len(clips)) or real(clips, h, w))
+    rows, collate = samples(3), TheWorldCollator(tiny_world_model)
+    assert "world_pixel_values" in collate(rows) and calls == [3]  # not again for the prompt-only encoding
+    # The prompt's token ids (where the answer starts) are the same without its clips' VAE input.
+    clips, prompts = [list(r["images"]) for r in rows], [r["messages"][:-1] for r in rows]
+    assert (collate._encode(prompts, clips, True, world_inputs=False)["input_ids"]
+            == collate._encode(prompts, clips, True)["input_ids"])
+
+
 def test_loss_counts_only_the_collators_labelled_tokens(tiny_world_model):
     model = tiny_world_model
     batch = TheWorldCollator(model)(samples(3))
