@@ -226,11 +226,20 @@ def test_a_training_batch_preprocesses_its_clips_for_the_vae_once(tiny_world_mod
     calls, real = [], processing.preprocess_world_clips
     monkeypatch.setattr(processing, "preprocess_world_clips", lambda clips, h, w: calls.append(len(clips)) or real(clips, h, w))
     rows, collate = samples(3), TheWorldCollator(tiny_world_model)
-    assert "world_pixel_values" in collate(rows) and calls == [3]  # not again for the prompt-only encoding
+    batch = collate(rows)
+    assert "world_pixel_values" in batch and calls == [3]  # not again for the prompt-only encoding
     # The prompt's token ids (where the answer starts) are the same without its clips' VAE input.
     clips, prompts = [list(r["images"]) for r in rows], [r["messages"][:-1] for r in rows]
     assert (collate._encode(prompts, clips, True, world_inputs=False)["input_ids"]
             == collate._encode(prompts, clips, True)["input_ids"])
+    # world_pixels=False (evaluation passes that reuse latents): everything else as before, no preprocessing.
+    calls.clear()
+    tokens_only = TheWorldCollator(tiny_world_model, world_pixels=False)(rows)
+    assert calls == [] and tokens_only.keys() == batch.keys() - {"world_pixel_values"}
+    assert all(torch.equal(tokens_only[k], batch[k]) for k in tokens_only)
+    with torch.no_grad():
+        latents = tiny_world_model.encode_world(batch["world_pixel_values"], batch["world_num_frames"])
+        assert torch.equal(tiny_world_model(**tokens_only, world_latents=latents).logits, tiny_world_model(**batch).logits)
 
 
 def test_loss_counts_only_the_collators_labelled_tokens(tiny_world_model):

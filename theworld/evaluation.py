@@ -107,15 +107,15 @@ def evaluate_by_question(model, samples: list[dict], *, batch_size: int = 8, wor
     model.eval()
     world = model.config.enable_world if world is None else world
     collate = TheWorldCollator(model, world=world)
+    collate_for_latents = TheWorldCollator(model, world=world, world_pixels=False)  # latents come from the first pass
     types = [question_type(s) for s in samples]
 
     def correctness(batch_samples: list[dict], latents_for=None) -> list[bool]:
         flags = []
         for start in range(0, len(batch_samples), batch_size):
             chunk = batch_samples[start : start + batch_size]
-            batch = _to_device(collate(chunk), model.device)
+            batch = _to_device((collate if latents_for is None else collate_for_latents)(chunk), model.device)
             if latents_for is not None:
-                batch.pop("world_pixel_values")
                 batch["world_latents"] = latents_for(start, len(chunk))
             flags += answer_scores(model, batch, autocast)[0].tolist()
         return flags

@@ -37,10 +37,13 @@ class TheWorldCollator:
         padding_side: `"right"` (default for training) or `"left"` (always for generation).
         max_length: refuse (ValueError) rows longer than this many tokens, rather than truncating
             through an image or the answer.
+        world_pixels: `False` keeps the world blocks and `world_num_frames` but leaves out
+            `world_pixel_values` (the clips are not preprocessed for the VAE), for a caller that passes
+            `world_latents` it encoded before.
     """
 
     def __init__(self, model_or_processor, *, world: bool | None = None, for_generation: bool = False,
-                 padding_side: str | None = None, max_length: int | None = None):
+                 padding_side: str | None = None, max_length: int | None = None, world_pixels: bool = True):
         self.processor = getattr(model_or_processor, "processor", None) or model_or_processor
         if not hasattr(self.processor, "render"):
             raise TypeError("pass a TheWorld model or its TheWorldProcessor (model.processor)")
@@ -54,6 +57,7 @@ class TheWorldCollator:
         if for_generation and padding_side == "right":
             raise ValueError("generation needs left padding (new tokens are appended on the right)")
         self.max_length = max_length
+        self.world_pixels = world_pixels
         self.tokenizer = self.processor.tokenizer
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
@@ -75,13 +79,14 @@ class TheWorldCollator:
         if self.for_generation:
             prompts = [s["messages"][:-1] if s["messages"][-1]["role"] == "assistant" else s["messages"]
                        for s in samples]
-            encoded = self._encode(prompts, clips, add_generation_prompt=True)
+            encoded = self._encode(prompts, clips, add_generation_prompt=True, world_inputs=self.world_pixels)
             labels = None
         else:
             for sample in samples:
                 if sample["messages"][-1]["role"] != "assistant":
                     raise ValueError(f"sample {sample.get('id')!r} has no final assistant answer to train on")
-            encoded = self._encode([s["messages"] for s in samples], clips, add_generation_prompt=False)
+            encoded = self._encode([s["messages"] for s in samples], clips, add_generation_prompt=False,
+                                   world_inputs=self.world_pixels)
             # Only the prompt's token ids are needed (where the answer starts): not its clips' VAE input.
             prompt_ids = self._encode([s["messages"][:-1] for s in samples], clips, add_generation_prompt=True,
                                       world_inputs=False)["input_ids"]
@@ -94,6 +99,8 @@ class TheWorldCollator:
         if "world_pixel_values" in encoded:
             batch["world_pixel_values"] = encoded["world_pixel_values"]
             batch["world_num_frames"] = encoded["world_num_frames"]
+        elif self.world and any(clips):
+            batch["world_num_frames"] = torch.tensor([len(clip) for clip in clips])
         if self.max_length is not None:
             lengths = batch["attention_mask"].sum(dim=1)
             if int(lengths.max()) > self.max_length:
