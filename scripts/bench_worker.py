@@ -17,6 +17,7 @@ Prints, side by side from the same run:
 This process imports cosmos_guardrail for part 3 (it is a benchmark, not a trainer).
 
     python scripts/bench_worker.py --batching-only   # part 5 alone (~2 minutes on 2 CPU cores)
+    python scripts/bench_worker.py --batching-only --device cuda   # the same with the guard models on a GPU
 """
 from __future__ import annotations
 
@@ -139,16 +140,17 @@ BATCH_WORKLOADS = (  # (name, frames shape, requests in flight per client, reque
 )
 
 
-def batching_section(tiny_root, quick: bool) -> None:
+def batching_section(tiny_root, quick: bool, device: str = "cpu") -> None:
     """Part 5: the same requests to a batching worker and a --max-batch 1 worker, side by side."""
     scale = 0.5 if quick else 1.0
     extra = ["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]
-    with spawn_worker(preset="tiny", extra_args=extra) as on, \
-            spawn_worker(preset="tiny", extra_args=[*extra, "--max-batch", "1"]) as off, \
+    with spawn_worker(preset="tiny", device=device, extra_args=extra) as on, \
+            spawn_worker(preset="tiny", device=device, extra_args=[*extra, "--max-batch", "1"]) as off, \
             SafetyClient(on.endpoint, timeout=300) as c_on, SafetyClient(off.endpoint, timeout=300) as c_off:
         b = on.hello["batching"]
         print(f"\n## 5. dynamic batching: batching on (--max-batch {b['max_batch']} --max-batch-frames "
-              f"{b['max_batch_frames']} --batch-wait-ms {b['wait_ms']:g}) vs off (--max-batch 1), tiny checkpoint, faces all")
+              f"{b['max_batch_frames']} --batch-wait-ms {b['wait_ms']:g}) vs off (--max-batch 1), tiny checkpoint, "
+              f"faces all, guard models on {on.hello.get('device', device)}")
         frame = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
         t_off, t_on = timed_pair(lambda: c_off.check_sample(SAFE_EXAMPLE, frame),
                                  lambda: c_on.check_sample(SAFE_EXAMPLE, frame), int(100 * scale), warmup=5)
@@ -186,6 +188,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--batching-only", action="store_true", help="run part 5 (batching on vs --max-batch 1) alone")
+    ap.add_argument("--device", default="cpu", help="the workers' (and part 3's in-process checker's) torch device: "
+                                                    "cpu (default) or cuda[:N]")
     args = ap.parse_args()
     n_small, n_clip, n_check, n_tp = (200, 10, 3, 20) if args.quick else (1000, 30, 5, 40)
     tiny_root = default_tiny_dir()
@@ -193,9 +197,10 @@ def main():
 
     print(f"# bench_worker: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, zmq {zmq.zmq_version()}")
     if args.batching_only:
-        batching_section(tiny_root, args.quick)
+        batching_section(tiny_root, args.quick, args.device)
         return
-    with spawn_worker(preset="tiny", extra_args=["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]) as worker, \
+    with spawn_worker(preset="tiny", device=args.device,
+                      extra_args=["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]) as worker, \
             SafetyClient(worker.endpoint, timeout=300) as client:
         bare, close_bare = bare_echo(f"ipc://{rundir}/bare.sock")
         try:
@@ -223,6 +228,8 @@ def main():
 
         torch.set_num_threads(1)
         checker = CosmosSafetyChecker()
+        if args.device != "cpu":
+            checker.to(args.device)  # as the worker's load_checker
         small_clip = np.random.default_rng(1).integers(0, 256, (4, 240, 320, 3), dtype=np.uint8)
         t_in_text, t_text = timed_pair(lambda: checker.check_text_safety(SAFE_EXAMPLE),
                                        lambda: client.check_text(SAFE_EXAMPLE), n_small // 4)
@@ -245,7 +252,7 @@ def main():
             base = base or rps
             print(f"{k} client(s): {rps:7.1f} req/s   ({rps / base:.2f}x of 1 client)")
 
-    batching_section(tiny_root, args.quick)
+    batching_section(tiny_root, args.quick, args.device)
 
 
 if __name__ == "__main__":
