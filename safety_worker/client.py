@@ -13,7 +13,8 @@ pending request fails with `WorkerDead` and so does every later call (no request
 "safe" by default). When the connection drops and comes back (a supervised worker restarted on the
 same endpoint, see `safety_worker.liveness.Supervisor`) every request still owed is sent again:
 checks are idempotent and a second reply to the same id is ignored. A `busy` answer is retried with
-exponential backoff (Lazy Pirate), at most `busy_retries` times and never past the request's deadline.
+exponential backoff (Lazy Pirate), at most `busy_retries` times (None: no limit) and never past the
+request's deadline.
 """
 from __future__ import annotations
 
@@ -80,12 +81,13 @@ class SafetyClient:
     """Client of one safety worker endpoint; thread-safe; use as a context manager or call close()."""
 
     def __init__(self, endpoint: str, timeout: float = 60.0, *, heartbeat: float | None = 1.0,
-                 dead_after: float | None = 60.0, busy_retries: int = 6, curve_server_key: bytes | str | None = None,
+                 dead_after: float | None = 60.0, busy_retries: int | None = 6, curve_server_key: bytes | str | None = None,
                  curve_keys_dir: str | None = None):
         """`timeout`: seconds one request may take. `heartbeat`: ping interval while replies are owed
         (None: no pings). `dead_after`: seconds of silence, while replies are owed, after which the worker
         is declared dead (None: never; each request still times out). `busy_retries`: resends of a request
-        the worker answered `busy`. `curve_server_key`: the worker's CURVE public key (z85) for a tcp://
+        the worker answered `busy` (None: as many as fit before its deadline; the backoff grows to 2 s
+        between resends). `curve_server_key`: the worker's CURVE public key (z85) for a tcp://
         worker serving with keys; the client's own key pair comes from `curve_keys_dir` (see
         `python -m safety_worker keys`) or is generated for this client alone."""
         self.endpoint = endpoint
@@ -374,10 +376,10 @@ class SafetyClient:
             with self._lock:
                 entry = self._pending.get(reply.id)
                 if (entry is not None and reply.status == P.STATUS_ERROR and reply.error["code"] == P.BUSY
-                        and entry[4] < self.busy_retries):
+                        and (self.busy_retries is None or entry[4] < self.busy_retries)):
                     # Lazy Pirate: back off and send again, unless the deadline comes first.
                     entry[4] += 1
-                    when = time.monotonic() + min(2.0, 0.05 * 2 ** entry[4])
+                    when = time.monotonic() + min(2.0, 0.05 * 2 ** min(entry[4], 6))
                     if when < entry[1]:
                         self._retry_at.append((when, reply.id))
                         continue

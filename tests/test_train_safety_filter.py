@@ -53,6 +53,24 @@ def test_window_bounds_the_checks_in_flight_and_waiting_is_timed(tmp_path, tiny_
     assert 0 < filtered.counts.wait_seconds <= elapsed and filtered.counts.passed == 20
 
 
+def test_the_processes_of_a_node_keep_no_more_checks_in_flight_than_the_worker_queues(tiny_safety_worker, monkeypatch):
+    """More than the worker's queue in flight would be answered `busy` (two default ranks kept 128 against
+    64, and the held-out check once failed when resends ran out): each process keeps its share."""
+    from types import SimpleNamespace
+
+    from theworld.training.worker_session import local_processes, safety_window_share
+
+    with SafetyClient(tiny_safety_worker.endpoint) as client:
+        hello = client.hello()
+    assert hello["limits"]["queue_size"] == 64
+    assert [safety_window_share(64, hello, n) for n in (1, 2, 3, 100)] == [64, 32, 21, 1]
+    assert safety_window_share(16, hello, 2) == 16 and safety_window_share(64, {}, 2) == 64
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert local_processes(SimpleNamespace(num_processes=8)) == 2  # two nodes of 2 processes: 2 per worker
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert local_processes(SimpleNamespace(num_processes=1)) == 1
+
+
 def test_failed_checks_are_counted_ledgered_and_never_handed_on(tmp_path, tiny_safety_worker):
     task = SyntheticWorldTask(size=6)
     samples = [task[i] for i in range(6)]

@@ -218,7 +218,9 @@ class TrainArguments:
     safety_device: str = field(default="cpu", metadata={"help": "Device of a spawned worker's guard models."})
     safety_window: int = field(
         default=64, metadata={"help": "Safety checks kept in flight ahead of the trainer (per process): four "
-                                      "default batches, so the worker batches the next ones while a step runs."}
+                                      "default batches, so the worker batches the next ones while a step runs. "
+                                      "At most the process's share of the worker's queue (64 by default, shared "
+                                      "by the node's processes): more would be answered busy."}
     )
     safety_timeout: float = field(default=120.0, metadata={"help": "Seconds to wait for one safety verdict."})
     safety_max_errors: int = field(

@@ -17,7 +17,7 @@ from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, eva
 from theworld.training.model import build_model, world_projector_parameters
 from theworld.training.sharding import full_tensor, is_sharded, shard_model
 from theworld.training.reporting import MetricsLog, log_heldout_examples, peak_memory_mb, write_json_atomic, write_loss_curve
-from theworld.training.worker_session import safety_worker
+from theworld.training.worker_session import local_processes, safety_window_share, safety_worker
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -115,14 +115,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     with ExitStack() as stack:
         endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator, worker_threads))
-        client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout))
+        # A worker shared by several processes (or runs) can be briefly full: resend a `busy` check
+        # until its deadline rather than count it as a failed check after a few seconds.
+        client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout, busy_retries=None))
         worker_hello = client.hello()
+        safety_window = safety_window_share(train_args.safety_window, worker_hello, local_processes(accelerator))
+        if safety_window < train_args.safety_window:
+            accelerator.print(f"safety window: {safety_window} checks in flight per process ({local_processes(accelerator)} "
+                              f"processes share the worker's queue of {worker_hello['limits']['queue_size']})")
         assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
         heldout = Prefetcher(heldout_loads(heldout_data, data_args.eval_size), data_args.data_workers,
                              data_args.data_prefetch)
-        eval_filter = SafetyFilter(client, heldout, window=train_args.safety_window, output_dir=output_dir,
+        eval_filter = SafetyFilter(client, heldout, window=safety_window, output_dir=output_dir,
                                    ledger_suffix=f".eval{ledger_suffix}", max_errors=train_args.safety_max_errors,
                                    result_timeout=train_args.safety_timeout, fresh_ledgers=True)
         eval_samples = [sample for _, sample in eval_filter]
@@ -145,7 +151,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                             data_args.data_workers, data_args.data_prefetch)
         stack.callback(reader.close)
         if make_sample_filter is None:
-            samples = SafetyFilter(client, reader, window=train_args.safety_window, output_dir=output_dir,
+            samples = SafetyFilter(client, reader, window=safety_window, output_dir=output_dir,
                                    ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
                                    result_timeout=train_args.safety_timeout, state=filter_state,
                                    max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,

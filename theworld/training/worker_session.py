@@ -40,3 +40,22 @@ def safety_worker(train_args: TrainArguments, accelerator, threads: int | None =
         accelerator.wait_for_everyone()
         yield endpoint_file.read_text().strip(), None
         accelerator.wait_for_everyone()
+
+
+def local_processes(accelerator) -> int:
+    """Processes of this run on this node: they share its one safety worker."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or accelerator.num_processes
+
+
+def safety_window_share(window: int, worker_hello: dict, processes: int) -> int:
+    """The checks one process keeps in flight: `window`, at most its share of the worker's queue.
+
+    The node's processes share one worker, whose queue holds `queue_size` checks (`hello`'s limits);
+    more in flight than that are answered `busy` and sent again after a backoff, load that checks
+    nothing. Two processes with the default window of 64 against the default queue of 64 kept 128 in
+    flight, and once the held-out check ran out of resends (51 samples failed)."""
+    queue_size = (worker_hello.get("limits") or {}).get("queue_size")
+    if not queue_size:
+        return window
+    return max(1, min(window, queue_size // max(1, processes)))
+
