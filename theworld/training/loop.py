@@ -57,13 +57,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    local = local_processes(accelerator)  # this node's processes: they share its cores and its safety worker
     worker_threads = None
     if train_args.num_threads:
         torch.set_num_threads(train_args.num_threads)
     elif accelerator.device.type == "cpu" and not train_args.safety_endpoint and train_args.safety_device == "cpu":
         # Two CPU-bound processes on the same cores with a full thread pool each thrash; split the cores.
         worker_threads = max(1, (os.cpu_count() or 2) // 2)
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * accelerator.num_processes)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * local)))
     checkpoints = checkpoint_dirs(output_dir)
     if train_args.resume and not checkpoints:
         raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINT_DIR}; start without --resume")
@@ -119,10 +120,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         # until its deadline rather than count it as a failed check after a few seconds.
         client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout, busy_retries=None))
         worker_hello = client.hello()
-        safety_window = safety_window_share(train_args.safety_window, worker_hello, local_processes(accelerator))
+        safety_window = safety_window_share(train_args.safety_window, worker_hello, local)
         if safety_window < train_args.safety_window:
-            accelerator.print(f"safety window: {safety_window} checks in flight per process ({local_processes(accelerator)} "
-                              f"processes share the worker's queue of {worker_hello['limits']['queue_size']})")
+            accelerator.print(f"safety window: {safety_window} checks in flight per process ({local} processes "
+                              f"share the worker's queue of {worker_hello['limits']['queue_size']})")
         assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
