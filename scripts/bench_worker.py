@@ -166,9 +166,9 @@ def batching_section(tiny_root, quick: bool, device: str = "cpu") -> None:
             rates = {}
             for clients, n in ((1, n1), (8, n8)):
                 for label, worker, client in (("off", off, c_off), ("on", on, c_on)):
-                    before = {}
-                    requests = clients * max(2, int(n * scale))
-                    rates[label, clients], _ = throughput(worker.endpoint, clients, requests // clients, shape, window,
+                    before, per_client = {}, max(2, int(n * scale))
+                    requests = clients * per_client
+                    rates[label, clients], _ = throughput(worker.endpoint, clients, per_client, shape, window,
                                                           on_start=lambda: before.update(client.stats()))
                     after = client.stats()
                     batches = after["batching"]["batches"] - before["batching"]["batches"]

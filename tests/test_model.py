@@ -230,7 +230,7 @@ def test_a_training_batch_preprocesses_its_clips_for_the_vae_once(tiny_world_mod
     assert "world_pixel_values" in batch and calls == [3]  # not again for the prompt-only encoding
     # The prompt's token ids (where the answer starts) are the same without its clips' VAE input.
     clips, prompts = [list(r["images"]) for r in rows], [r["messages"][:-1] for r in rows]
-    assert (collate._encode(prompts, clips, True, world_inputs=False)["input_ids"]
+    assert (collate._encode(prompts, clips, True, world_pixels=False)["input_ids"]
             == collate._encode(prompts, clips, True)["input_ids"])
     # world_pixels=False (evaluation passes that reuse latents): everything else as before, no preprocessing.
     calls.clear()

@@ -295,8 +295,8 @@ def _calibration_clips() -> list[list]:
     tests/test_train_bad_samples.py (weights differed by ~1e-8 after the resume point; cause not isolated),
     while with ``[0, 48)`` it does, as before. Training on the default task is unaffected (measured).
     Measured again on 2026-12-01 with today's code: calibrated on ``[0, 4)``, that test's resumed run
-    repeats the uninterrupted one bit for bit, so the reason above no longer holds; the tiny models keep ``[0, 48)`` because every recorded figure
-    (README, docs) was measured on them.
+    repeats the uninterrupted one bit for bit, so the reason above no longer holds; the tiny models keep
+    ``[0, 48)`` because every recorded figure (README, docs) was measured on them.
     """
     from theworld.data.synthetic import SyntheticMotionTask
 

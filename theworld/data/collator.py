@@ -62,15 +62,16 @@ class TheWorldCollator:
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
     def _encode(self, conversations: list[list[dict]], clips: list[list], add_generation_prompt: bool,
-                world_inputs: bool = True) -> dict:
-        """The processor's encoding; `world_inputs=False` keeps the world blocks in the text (same token ids)
-        but skips preprocessing the clips for the VAE (~0.1 s a 9-frame 480x640 clip on a CPU)."""
+                world_pixels: bool = True) -> dict:
+        """The processor's encoding; `world_pixels=False` keeps the world blocks in the text (same token ids)
+        but skips preprocessing the clips for the VAE (~0.1 s a 9-frame 480x640 clip on a CPU, measured by
+        hand)."""
         texts = [self.processor.render(messages, num_frames=len(clip), add_generation_prompt=add_generation_prompt,
                                        with_world=self.world and bool(clip))
                  for messages, clip in zip(conversations, clips)]
         if self.world and not all(clips):
             raise ValueError("a world sample needs its clip: every sample must have 'images'")
-        return self.processor(text=texts, clips=clips, with_world=self.world if world_inputs else False)
+        return self.processor(text=texts, clips=clips, with_world=self.world if world_pixels else False)
 
     def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not samples:
@@ -79,17 +80,17 @@ class TheWorldCollator:
         if self.for_generation:
             prompts = [s["messages"][:-1] if s["messages"][-1]["role"] == "assistant" else s["messages"]
                        for s in samples]
-            encoded = self._encode(prompts, clips, add_generation_prompt=True, world_inputs=self.world_pixels)
+            encoded = self._encode(prompts, clips, add_generation_prompt=True, world_pixels=self.world_pixels)
             labels = None
         else:
             for sample in samples:
                 if sample["messages"][-1]["role"] != "assistant":
                     raise ValueError(f"sample {sample.get('id')!r} has no final assistant answer to train on")
             encoded = self._encode([s["messages"] for s in samples], clips, add_generation_prompt=False,
-                                   world_inputs=self.world_pixels)
+                                   world_pixels=self.world_pixels)
             # Only the prompt's token ids are needed (where the answer starts): not its clips' VAE input.
             prompt_ids = self._encode([s["messages"][:-1] for s in samples], clips, add_generation_prompt=True,
-                                      world_inputs=False)["input_ids"]
+                                      world_pixels=False)["input_ids"]
             labels = [self._answer_labels(ids, prompt, sample.get("id"))
                       for ids, prompt, sample in zip(encoded["input_ids"], prompt_ids, samples)]
 
