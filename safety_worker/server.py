@@ -22,7 +22,9 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 import uuid
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -103,10 +105,12 @@ class GuardedChecker:
             if name == "QWEN3GUARD":
                 answers = self._qwen3guard(guard, [texts[i] for i in pending])
             else:
+                # The blocklist through `blocklist_is_safe`: its own `is_safe` blocks every text with a `*`.
+                is_safe = partial(blocklist_is_safe, guard) if name == "BLOCKLIST" else guard.is_safe
                 answers = []
                 for i in pending:
                     try:
-                        safe, message = guard.is_safe(texts[i])
+                        safe, message = is_safe(texts[i])
                         answers.append((safe, message, False))
                     except Exception as e:  # this text alone fails closed
                         verdicts[i] = Verdict.blocked(_text_error(e), "text", fault=True)
@@ -185,6 +189,64 @@ class GuardedChecker:
                 verdicts[i] = _video_verdict(clips[i].shape, out[start:start + n])
                 start += n
         return verdicts
+
+
+# ---------------------------------------------------------------- the blocklist, without upstream's false positives
+
+# Upstream's `to_ascii` leaves only ASCII in the text the blocklist censors, so a non-ASCII censor mark in
+# the censored form can only be a censored word (upstream's mark, `*`, is also an ordinary character).
+_CENSOR_MARK = "\u2588"
+
+
+def blocklist_is_safe(blocklist, text: str) -> tuple[bool, str]:
+    """(safe, message) of cosmos_guardrail's `Blocklist` for `text`: blocked exactly when its word lists match a
+    word of the text, whatever other characters the text contains.
+
+    `Blocklist.is_safe` (cosmos_guardrail 0.3.2) censors matches with `*` and then blocks any text whose
+    censored form contains `*`, so every text that already has one ("What is 2*3?", "**bold**", a markdown
+    bullet) is blocked. Here its three rules run in its order with its own pieces, word lists and messages
+    (better-profanity's `censor` with whitelisted words restored by `uncensor_whitelist`, the same on the
+    NLTK-lemmatised tokens, then `check_against_whole_word_blocklist` on the exact-match list), except that:
+
+    - the censor mark cannot occur in the censored text (`_CENSOR_MARK`): a mark found there is a match;
+    - better-profanity reads `* @ $ " '` as letters (its leetspeak: "z*rblax" is "zorblax"), so "**zorblax**"
+      is one unknown word to it: each text is also read with those characters as punctuation (spaces);
+    - `to_ascii` turns non-ASCII letters into spaces ("zorbl\u00e1x" becomes "zorbl x" and passes): each text is
+      also read with accents and compatibility forms folded to ASCII (NFKD, combining marks dropped);
+    - where a match spans words, the censored text has fewer words than the text and `uncensor_whitelist`
+      (which pairs words by position) raises or restores the wrong word: the match then stands;
+    - an empty text has no word to match and passes (upstream blocks it; the text guard still sees it), and
+      a blank line in the exact-match list is no word (upstream's `\b\b` then matches every text).
+
+    A text is blocked if any of its readings is."""
+    symbols = {ord(c): " " for c in blocklist.profanity.ALLOWED_CHARACTERS if c.isascii() and not c.isalnum()}
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    for reading in dict.fromkeys((text, text.translate(symbols), folded, folded.translate(symbols))):
+        safe, message = _blocklist_reading_is_safe(blocklist, reading)
+        if not safe:
+            return False, message
+    return True, "Input is safe"
+
+
+def _blocklist_reading_is_safe(blocklist, text: str) -> tuple[bool, str]:
+    import nltk
+    from cosmos_guardrail.cosmos_guardrail import CENSOR
+    from cosmos_guardrail.cosmos_utils import to_ascii
+
+    text = to_ascii(text)
+    lemmatised = " ".join(blocklist.lemmatizer.lemmatize(token) for token in nltk.word_tokenize(text))
+    for prompt in (text, lemmatised):
+        if _CENSOR_MARK in prompt:  # to_ascii and WordNet make this impossible: never guess
+            raise ValueError(f"the blocklist's censor mark {_CENSOR_MARK!r} is in the text it censors")
+        censored = blocklist.profanity.censor(prompt, censor_char=_CENSOR_MARK)
+        if len(censored.split()) == len(prompt.split()):  # else the pairing by position is off
+            censored = blocklist.uncensor_whitelist(prompt, censored)
+        if _CENSOR_MARK in censored:
+            return False, f"Prompt blocked by censorship: Censored Prompt: {censored.replace(_CENSOR_MARK, CENSOR)}"
+    exact_match_words = [word for word in blocklist.exact_match_words if word.strip()]
+    matched, message = blocklist.check_against_whole_word_blocklist(
+        text, exact_match_words, blocklist.guardrail_partial_match_min_chars, blocklist.guardrail_partial_match_letter_count)
+    return (False, message) if matched else (True, "Input is safe")
 
 
 def qwen3guard_answers(guard, prompts: Sequence[str]) -> list[str]:
