@@ -46,6 +46,10 @@ PLAIN_TEXTS = [
     "line one\n\nline two", f"the {BLOCKLIST_WORD}es", "the dogs chase balls",
 ]
 
+# Non-ASCII letters that upstream's `to_ascii` turns into spaces: an accent, full-width letters, a Cyrillic "o".
+DISGUISED = [BLOCKLIST_WORD.replace("a", "\u00e1"), "".join(chr(ord(c) + 0xfee0) for c in BLOCKLIST_WORD),
+             BLOCKLIST_WORD.replace("o", "\u043e")]
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
@@ -53,7 +57,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 def verdicts(run_in_checker_process):
     """(upstream, ours) verdicts of each text below, from one process holding the real checker."""
     texts = STAR_TEXTS + WRAPPED_WORDS + PLAIN_TEXTS + [
-        "zor blax " + WHITELIST_WORD, "", SAFE_EXAMPLE + " " * 2, "zorbl\u00e1x", "\uff5a\uff4f\uff52\uff42\uff4c\uff41\uff58"]
+        "zor blax " + WHITELIST_WORD, "", SAFE_EXAMPLE + " " * 2, *DISGUISED]
     return run_in_checker_process(f"""
         from safety_worker.server import blocklist_is_safe
         blocklist = checker.text_guardrail.safety_models[0]
@@ -66,7 +70,8 @@ def verdicts(run_in_checker_process):
         out = {{t: [upstream(t), list(blocklist_is_safe(blocklist, t))] for t in {texts!r}}}
         # A blank line in the exact-match list (a stray newline in a word file) makes upstream block everything.
         blocklist.exact_match_words.append("")
-        out["blank exact-match line"] = [upstream({SAFE_EXAMPLE!r}), list(blocklist_is_safe(blocklist, {SAFE_EXAMPLE!r}))]
+        safe_example = {SAFE_EXAMPLE!r}
+        out["blank exact-match line"] = [upstream(safe_example), list(blocklist_is_safe(blocklist, safe_example))]
         print(json.dumps(out))
     """)
 
@@ -102,10 +107,17 @@ def test_a_match_across_words_is_blocked_not_a_guard_error(verdicts):
     assert ours == [False, f"Prompt blocked by censorship: Censored Prompt: **** {WHITELIST_WORD}"]
 
 
-def test_accents_and_full_width_letters_do_not_hide_a_word(verdicts):
-    for text in ("zorbl\u00e1x", "\uff5a\uff4f\uff52\uff42\uff4c\uff41\uff58"):
-        upstream, ours = verdicts[text]
-        assert upstream[0] is True and ours[0] is False  # upstream turns the letters into spaces
+@pytest.mark.parametrize("text", DISGUISED)
+def test_accents_full_width_and_cyrillic_look_alikes_do_not_hide_a_word(verdicts, text):
+    upstream, ours = verdicts[text]
+    assert upstream[0] is True and ours[0] is False  # upstream turned the letters into spaces
+
+
+def test_look_alikes_are_read_as_latin_only_inside_words_with_latin_letters():
+    from safety_worker.server import _ascii_folded
+
+    cyrillic_cop, mixed_cop = "\u0441\u043e\u0440", "\u0441op"  # Russian "litter"; "cop" with a Cyrillic "c"
+    assert _ascii_folded(f"{cyrillic_cop} {mixed_cop} caf\u00e9 \ufb01ne") == f"{cyrillic_cop} cop cafe fine"
 
 
 def test_an_empty_text_has_no_word_to_block_and_a_blank_list_line_is_no_word(verdicts):
