@@ -37,7 +37,9 @@ from .protocol import Limits, ProtocolError, Reply, Request, Verdict
 
 logger = logging.getLogger("safety_worker")
 
-WORKER_VERSION = "0.1.0"
+# Part of the checker identity that keys stored verdicts (safety_worker.proxy.checker_identity): bump it
+# when verdicts change. 0.2.0: the blocklist no longer blocks every text that contains a `*`.
+WORKER_VERSION = "0.2.0"
 _QWEN_LABEL = re.compile(r"Safety: (Safe|Unsafe|Controversial)")
 _POLL_MS = 100  # how often the main loop looks at signals, drains and checker timeouts
 
