@@ -50,6 +50,9 @@ PLAIN_TEXTS = [
 DISGUISED = [BLOCKLIST_WORD.replace("a", "\u00e1"), "".join(chr(ord(c) + 0xfee0) for c in BLOCKLIST_WORD),
              BLOCKLIST_WORD.replace("o", "\u043e")]
 
+# The worker's own censor mark (U+2588) in the text: upstream's `to_ascii` makes it a space before censoring.
+MARKED = ["\u2588\u2588\u2588\u2588 80%", f"\u2588\u2588 {BLOCKLIST_WORD} \u2588\u2588"]
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
@@ -57,7 +60,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 def verdicts(run_in_checker_process):
     """(upstream, ours) verdicts of each text below, from one process holding the real checker."""
     texts = STAR_TEXTS + WRAPPED_WORDS + PLAIN_TEXTS + [
-        "zor blax " + WHITELIST_WORD, "", SAFE_EXAMPLE + " " * 2, *DISGUISED]
+        "zor blax " + WHITELIST_WORD, "", *DISGUISED, *MARKED]
     return run_in_checker_process(f"""
         from safety_worker.server import blocklist_is_safe
         blocklist = checker.text_guardrail.safety_models[0]
@@ -79,7 +82,8 @@ def verdicts(run_in_checker_process):
 @pytest.mark.parametrize("text", STAR_TEXTS)
 def test_texts_with_asterisks_pass_the_blocklist_that_upstream_blocks(verdicts, text):
     upstream, ours = verdicts[text]
-    assert upstream[0] is False and "Prompt blocked by censorship" in upstream[1]  # the inherited bug, still there
+    assert upstream[0] is False and "Prompt blocked by censorship" in upstream[1], \
+        "upstream no longer blocks texts with '*': update docs/safety_worker.md"
     assert ours == [True, "Input is safe"]
 
 
@@ -118,6 +122,10 @@ def test_look_alikes_are_read_as_latin_only_inside_words_with_latin_letters():
 
     cyrillic_cop, mixed_cop = "\u0441\u043e\u0440", "\u0441op"  # Russian "litter"; "cop" with a Cyrillic "c"
     assert _ascii_folded(f"{cyrillic_cop} {mixed_cop} caf\u00e9 \ufb01ne") == f"{cyrillic_cop} cop cafe fine"
+
+
+def test_a_text_with_the_workers_censor_mark_in_it_is_read_like_any_other(verdicts):
+    assert [verdicts[t][1][0] for t in MARKED] == [True, False]
 
 
 def test_an_empty_text_has_no_word_to_block_and_a_blank_list_line_is_no_word(verdicts):
