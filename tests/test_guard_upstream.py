@@ -50,6 +50,9 @@ PLAIN_TEXTS = [
 DISGUISED = [BLOCKLIST_WORD.replace("a", "\u00e1"), "".join(chr(ord(c) + 0xfee0) for c in BLOCKLIST_WORD),
              BLOCKLIST_WORD.replace("o", "\u043e")]
 
+# The blocklist word split by a space ("zor blax"), which better-profanity joins back, then a whitelisted word.
+ACROSS_WORDS = f"{BLOCKLIST_WORD[:3]} {BLOCKLIST_WORD[3:]} {WHITELIST_WORD}"
+
 # The worker's own censor mark (U+2588) in the text: upstream's `to_ascii` makes it a space before censoring.
 MARKED = ["\u2588\u2588\u2588\u2588 80%", f"\u2588\u2588 {BLOCKLIST_WORD} \u2588\u2588"]
 
@@ -60,7 +63,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 def verdicts(run_in_checker_process):
     """(upstream, ours) verdicts of each text below, from one process holding the real checker."""
     texts = STAR_TEXTS + WRAPPED_WORDS + PLAIN_TEXTS + [
-        "zor blax " + WHITELIST_WORD, "", *DISGUISED, *MARKED]
+        ACROSS_WORDS, "", *DISGUISED, *MARKED]
     return run_in_checker_process(f"""
         from safety_worker.server import blocklist_is_safe
         blocklist = checker.text_guardrail.safety_models[0]
@@ -104,9 +107,9 @@ def test_the_plain_texts_cover_both_verdicts(verdicts):
 
 
 def test_a_match_across_words_is_blocked_not_a_guard_error(verdicts):
-    """"zor blax" matches the blocklist's "zorblax" across a space; upstream's whitelist step then pairs the
+    """Better-profanity joins the two parts into the listed word; upstream's whitelist step then pairs the
     censored words with the text's by position and raises (the worker would call it a guard fault)."""
-    upstream, ours = verdicts["zor blax " + WHITELIST_WORD]
+    upstream, ours = verdicts[ACROSS_WORDS]
     assert upstream == ["raised", "IndexError"]
     assert ours == [False, f"Prompt blocked by censorship: Censored Prompt: **** {WHITELIST_WORD}"]
 
