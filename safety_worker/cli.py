@@ -165,7 +165,9 @@ def serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 
-    from .server import SafetyWorker, WorkerStartError, install_signal_handlers, load_checker
+    from .endpoint import WorkerStartError
+    from .front import install_signal_handlers
+    from .server import SafetyWorker, load_checker
 
     limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
     if args.replicas:
