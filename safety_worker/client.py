@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .liveness import DEAD_AFTER_S, HEARTBEAT_S
 
 _MAX_POLL_MS = 1000  # the I/O thread re-checks deadlines at least this often
 _SEND_RETRY_MS = 20  # how soon a request that found no connected worker is sent again
@@ -85,8 +86,8 @@ def drain_wakeups(sock: socket.socket) -> None:
 class SafetyClient:
     """Client of one safety worker endpoint; thread-safe; use as a context manager or call close()."""
 
-    def __init__(self, endpoint: str, timeout: float = 60.0, *, heartbeat: float | None = 1.0,
-                 dead_after: float | None = 60.0, busy_retries: int | None = 6, curve_server_key: bytes | str | None = None,
+    def __init__(self, endpoint: str, timeout: float = 60.0, *, heartbeat: float | None = HEARTBEAT_S,
+                 dead_after: float | None = DEAD_AFTER_S, busy_retries: int | None = 6, curve_server_key: bytes | str | None = None,
                  curve_keys_dir: str | None = None):
         """`timeout`: seconds one request may take. `heartbeat`: ping interval while replies are owed
         (None: no pings). `dead_after`: seconds of silence, while replies are owed, after which the worker
