@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                         "names start with safety_worker_ (docs/safety_worker.md). Default: off")
     s.add_argument("--replicas", type=int, default=0,
                    help="run N checker processes behind a load-balancing proxy on ENDPOINT, with a verdict cache "
-                        "and a supervisor per replica (restarted if it dies or hangs); default 0: one in-process checker")
+                        "and a supervisor per replica (restarted if it dies or hangs); the endpoint answers as one worker "
+                        "(hello's pid and metrics_url are this process's; the replicas' pids are in stats.proxy.replica_pids); "
+                        "default 0: one in-process checker")
     s.add_argument("--cache-mb", type=float, default=256.0,
                    help="with --replicas: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
     s.add_argument("--cache-file", default=None,
