@@ -196,6 +196,12 @@ def serve(args) -> int:
         logging.getLogger("safety_worker").warning(
             "INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
     install_signal_handlers(worker)
+    import gc
+
+    # The loaded models are a large object graph that lives as long as the process: move it out of the
+    # cyclic collector's sight. Exiting then takes ~1.7 s instead of ~7.7 s (measured here on a
+    # SIGTERM'd tiny worker, all in the final collection), and collections while serving skip it too.
+    gc.freeze()
     print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} instance={worker.instance_id}", flush=True)
     worker.serve()
     return 0
