@@ -103,11 +103,13 @@ def test_a_req_socket_gets_its_reply_with_the_delimiter_echoed(worker_front):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(worker_front.endpoint)
     try:
-        for rid, op in ((1, "ping"), (2, "hello")):  # a REQ socket wedges after a reply it cannot match
-            sock.send_multipart([P.TAG, _header(id=rid, op=op)])
+        # Answered by the front itself, and by the checker (queued, answered later): a REQ socket
+        # wedges after a reply it cannot match, so each must come back.
+        for rid, op, args in ((1, "ping", {}), (2, "hello", {}), (3, "check_text", {"texts": ["a calm lake via REQ"]})):
+            sock.send_multipart([P.TAG, _header(id=rid, op=op, args=args)])
             assert sock.poll(30_000), f"no reply to a REQ socket's {op}"
             reply = P.decode_reply(sock.recv_multipart(copy=False))
-            assert (reply.id, reply.status) == (rid, "ok")
+            assert (reply.id, reply.status) == (rid, "ok"), reply.error
     finally:
         sock.close()
         ctx.term()
