@@ -202,7 +202,7 @@ def serve(args) -> int:
     # cyclic collector's sight. Exiting then takes ~1.7 s instead of ~7.7 s (measured here on a
     # SIGTERM'd tiny worker, all in the final collection), and collections while serving skip it too.
     gc.freeze()
-    print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} instance={worker.instance_id}", flush=True)
+    worker.announce_ready()
     worker.serve()
     return 0
 

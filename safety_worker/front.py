@@ -114,6 +114,13 @@ class WorkerFront:
             raise WorkerStartError(f"--metrics-port {port}: {e}; pick a free port (0: any)") from None
         return self.metrics_url
 
+    def announce_ready(self, **extra) -> None:
+        """Print the one line `spawn_worker` (and a person) waits for: the endpoint accepts requests."""
+        fields = {"endpoint": self.endpoint, "pid": os.getpid(), "instance": self.instance_id, **extra}
+        if self.metrics_url:
+            fields["metrics"] = self.metrics_url
+        print("safety-worker ready " + " ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+
     def request_stop(self, *_) -> None:
         """Stop accepting work; finish what was received, then return from serve()."""
         self._stopping = True

@@ -322,11 +322,7 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
         return 2
     if args.insecure and args.endpoint.startswith("tcp://"):
         logger.warning("INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
-    if proxy.metrics_url:
-        logger.info("metrics at %s", proxy.metrics_url)
     install_signal_handlers(proxy)
-    print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} replicas={len(replicas)} "
-          f"replica_pids={','.join(str(r.pid) for r in replicas)}"
-          + (f" metrics={proxy.metrics_url}" if proxy.metrics_url else ""), flush=True)
+    proxy.announce_ready(replicas=len(replicas), replica_pids=",".join(str(r.pid) for r in replicas))
     proxy.serve()
     return 0
