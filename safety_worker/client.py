@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .liveness import DEAD_AFTER_S, HEARTBEAT_S
 
 _MAX_POLL_MS = 1000  # the I/O thread re-checks deadlines at least this often
 _SEND_RETRY_MS = 20  # how soon a request that found no connected worker is sent again
@@ -68,6 +69,11 @@ def _verdict(reply: P.Reply) -> Verdict:
     return Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
 
 
+def _wire_ms(seconds: float) -> int:
+    """`timeout_ms` for a wait of `seconds` (a uint64 on the wire: a longer wait is sent as the largest)."""
+    return max(0, min(P.MAX_ID, int(seconds * 1000)))
+
+
 def drain_wakeups(sock: socket.socket) -> None:
     """Empty a non-blocking wake-up socketpair end (its bytes only mean "look at your queue")."""
     try:
@@ -80,8 +86,8 @@ def drain_wakeups(sock: socket.socket) -> None:
 class SafetyClient:
     """Client of one safety worker endpoint; thread-safe; use as a context manager or call close()."""
 
-    def __init__(self, endpoint: str, timeout: float = 60.0, *, heartbeat: float | None = 1.0,
-                 dead_after: float | None = 60.0, busy_retries: int | None = 6, curve_server_key: bytes | str | None = None,
+    def __init__(self, endpoint: str, timeout: float = 60.0, *, heartbeat: float | None = HEARTBEAT_S,
+                 dead_after: float | None = DEAD_AFTER_S, busy_retries: int | None = 6, curve_server_key: bytes | str | None = None,
                  curve_keys_dir: str | None = None):
         """`timeout`: seconds one request may take. `heartbeat`: ping interval while replies are owed
         (None: no pings). `dead_after`: seconds of silence, while replies are owed, after which the worker
@@ -108,7 +114,7 @@ class SafetyClient:
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._outbox: collections.deque = collections.deque()
-        # id -> (future, absolute deadline, decode, request, busy retries used)
+        # id -> (future, reply deadline, decode, request, busy retries used, start deadline)
         self._pending: dict[int, list] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -178,11 +184,12 @@ class SafetyClient:
         return self._call("shutdown", {"token": token})
 
     def request(self, op: str, args: dict | None = None, arrays: Sequence[np.ndarray] = (),
-                timeout: float | None = None) -> Future:
+                timeout: float | None = None, start_within: float | None = None) -> Future:
         """Any op, non-blocking: a Future of the raw `protocol.Reply` (ok replies only; an error reply
         raises `WorkerError`). For tools that pass requests on, like the `--replicas` front.
-        `timeout`: seconds (default: the client's)."""
-        return self._submit(op, args or {}, list(arrays), lambda rep: rep, timeout=timeout)
+        `timeout`: seconds to wait for the reply (default: the client's). `start_within`: seconds the
+        worker may take to start it (its `timeout_ms`; default: `timeout`)."""
+        return self._submit(op, args or {}, list(arrays), lambda rep: rep, timeout=timeout, start_within=start_within)
 
     @property
     def outstanding(self) -> int:
@@ -226,14 +233,16 @@ class SafetyClient:
         return fut.result(timeout=self.timeout + 10)
 
     def _submit(self, op: str, args: dict, arrays: list, decode: Callable[[P.Reply], Any],
-                timeout: float | None = None) -> Future:
+                timeout: float | None = None, start_within: float | None = None) -> Future:
         timeout = self.timeout if timeout is None else timeout
+        start_within = timeout if start_within is None else start_within
         if self._closed:
             raise ClientClosed(f"SafetyClient({self.endpoint}) is closed")
         if self._dead is not None:
             raise WorkerDead(str(self._dead))
         rid = next(self._ids)
-        req = P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=int(timeout * 1000))
+        now = time.monotonic()
+        req = P.Request(id=rid, op=op, args=args, arrays=arrays, timeout_ms=_wire_ms(start_within))
         frames = P.encode_request(req)
         fut: Future = Future()
         # The request is on its way to the worker and cannot be taken back: mark the future running so
@@ -242,8 +251,8 @@ class SafetyClient:
         fut.set_running_or_notify_cancel()
         with self._lock:
             if not self._pending:
-                self._owed_since = time.monotonic()
-            self._pending[rid] = [fut, time.monotonic() + timeout, decode, req, 0]
+                self._owed_since = now
+            self._pending[rid] = [fut, now + timeout, decode, req, 0, now + start_within]
         self._outbox.append((rid, frames))
         self._wake_tx.send(b"x")
         return fut
@@ -255,7 +264,7 @@ class SafetyClient:
         if entry is None:
             return
         req: P.Request = entry[3]
-        left_ms = max(1, int((entry[1] - time.monotonic()) * 1000))
+        left_ms = max(1, _wire_ms(entry[5] - time.monotonic()))
         self.resends += 1
         self._outbox.append((rid, P.encode_request(P.Request(req.id, req.op, req.args, req.arrays, left_ms))))
 

@@ -19,12 +19,25 @@ import time
 
 logger = logging.getLogger("safety_worker.liveness")
 
+# The liveness defaults, one set for every link to a worker (SafetyClient, the server's guard, the
+# trainer, the --replicas front's links to its replicas, the supervisor). They are ordered on purpose:
+# a supervised worker that hangs is killed after at most PING_EVERY_S + HANG_TIMEOUT_S (35 s) and
+# restarted (about 6 s for the tiny preset, longer for real weights), after which its clients resend
+# what they were owed. DEAD_AFTER_S is longer than that, so a client declares a worker dead
+# (`WorkerDead`, fail closed) only when it is not coming back, never in the middle of a restart that
+# would have answered it. HANG_TIMEOUT_S is long enough for a worker busy with a batch on loaded
+# cores to answer a ping (pings are answered between batches' replies, not queued behind them).
+HEARTBEAT_S = 1.0  # a client pings this often while replies are owed
+DEAD_AFTER_S = 60.0  # a client declares the worker dead after this much silence while replies are owed
+PING_EVERY_S = 5.0  # the supervisor pings its worker this often
+HANG_TIMEOUT_S = 30.0  # the supervisor kills and restarts a worker that leaves a ping unanswered this long
+
 
 class Supervisor:
     """Restart a `WorkerProcess` that died or hung; see the module docstring."""
 
-    def __init__(self, worker, restarts: int = 3, interval: float = 0.5, ping_every: float = 5.0,
-                 hang_timeout: float = 10.0, backoff: float = 0.5):
+    def __init__(self, worker, restarts: int = 3, interval: float = 0.5, ping_every: float = PING_EVERY_S,
+                 hang_timeout: float = HANG_TIMEOUT_S, backoff: float = 0.5):
         self.worker = worker
         self.ping_every = ping_every
         self.restarts_left = restarts

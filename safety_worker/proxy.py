@@ -6,8 +6,12 @@ request with `protocol.decode_request` (a malformed one is answered here and nev
 checker). Checks go to the replica with the fewest requests outstanding (load balancing by queue
 depth, not round robin), through one `SafetyClient` per replica, so each replica link has the
 client's liveness machinery: a replica killed or hung is restarted by its `Supervisor` and the
-requests it owed are resent. `hello`, `ping` and `echo` go to a replica too, so clients see a real
-checker; `stats` from a replica is returned with a `proxy` section (per-replica load, cache).
+requests it owed are resent. The endpoint itself behaves as a single worker's (`front.WorkerFront`,
+shared with `server.SafetyWorker`): `hello` describes the replicas' checker with the front's own pid
+(the one in the endpoint's lock file), instance id, endpoint and metrics URL; `ping` and `shutdown`
+are answered by the front. `echo` goes to a replica; `stats` from a replica is returned with a
+`proxy` section (per-replica pids and load, the cache). A request's `timeout_ms` keeps its meaning
+(the time it may wait to be started) and is passed on to the replica unchanged.
 
 Verdict cache: key = SHA-256 over the checker identity (preset, model ids, policy, worker and
 cosmos-guardrail versions from the replicas' `hello`) and the request's content (op, args, array
@@ -24,21 +28,21 @@ import hashlib
 import json
 import logging
 import os
-import socket
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import msgpack
 import numpy as np
-import zmq
 
 from . import protocol as P
-from .client import WorkerDead, WorkerError, WorkerTimeout, drain_wakeups
-from .endpoint import LINGER_MS, bind_router, claim_endpoint, release_endpoint
+from .client import WorkerDead, WorkerError, WorkerTimeout
+from .endpoint import claim_endpoint
+from .front import WorkerFront, install_signal_handlers
 
 logger = logging.getLogger("safety_worker.proxy")
 
-_POLL_MS = 100
+_REPLY_WAIT_S = 3600.0  # how long the front waits for a replica's reply to a request without timeout_ms
+_REPLY_MARGIN_S = 10.0  # beyond timeout_ms + the check timeout: a batch's wait, the loop's poll, the link
 
 
 def checker_identity(hello: dict) -> str:
@@ -129,38 +133,37 @@ class VerdictCache:
         return len(data["entries"])
 
 
-class ReplicaProxy:
+class ReplicaProxy(WorkerFront):
     """Serve `endpoint` with the replicas' endpoints behind it; see the module docstring."""
+
+    name = "replica proxy"
 
     def __init__(self, endpoint: str, replicas: Sequence, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
                  owner_token: str | None = None, curve_dir: str | None = None, insecure: bool = False,
-                 parent_pid: int | None = None, lock_file=None, cache_file: str | None = None):
+                 parent_pid: int | None = None, lock_file=None, cache_file: str | None = None,
+                 metrics_port: int | None = None):
         """`lock_file`: the endpoint's claim (`endpoint.claim_endpoint`), taken before the replicas were started."""
-        self.endpoint = endpoint
+        super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
+                         curve_dir=curve_dir, lock_file=lock_file)
         self.replicas = list(replicas)
-        self.limits = limits
-        self._owner_token = owner_token
-        self._parent_pid = parent_pid
-        self._lock_file = lock_file
-        self.clients = [r.client(timeout=3600.0) for r in self.replicas]
+        self.clients = [r.client(timeout=_REPLY_WAIT_S) for r in self.replicas]
         self.identity = checker_identity(self.replicas[0].hello)
+        # A check that started is answered within its check timeout (blocked if it overran).
+        self._check_time_s = float(self.replicas[0].hello.get("limits", {}).get("check_timeout_s", 60.0))
         self.cache = VerdictCache(cache_bytes)
         self.cache_file = cache_file
         if cache_file and os.path.exists(cache_file):
             logger.info("verdict cache: %d entries loaded from %s", self.cache.load(cache_file, self.identity), cache_file)
         self._inflight: dict[str, list] = {}  # content key -> waiting (envelope, request id)
         self._done: collections.deque = collections.deque()
-        self._wake_rx, self._wake_tx = socket.socketpair()
-        self._wake_rx.setblocking(False)
-        self._stopping = False
         self.counts = {"requests": 0, "answered_here": 0, "dispatched": [0] * len(self.replicas)}
-        self._ctx = zmq.Context()
-        self._front, self._auth = bind_router(self._ctx, endpoint, limits.max_message_bytes, curve_dir)
-        self._metrics_server, self.metrics_url, self._scrape_clients = None, None, []
+        self._scrape_clients = []
+        if metrics_port is not None:
+            self._serve_replica_metrics(metrics_port)
 
-    def serve_metrics(self, port: int) -> str:
+    def _serve_replica_metrics(self, port: int) -> str:
         """Serve Prometheus metrics for all replicas (label `replica`) and the front's own counters."""
-        from .metrics import proxy_families, serve_metrics
+        from .metrics import proxy_families
 
         # Separate clients with a short timeout: a scrape must not wait an hour on a hung replica.
         self._scrape_clients = [r.client(timeout=5.0) for r in self.replicas]
@@ -174,80 +177,38 @@ class ReplicaProxy:
                     logger.warning("metrics: replica %d did not answer stats: %s", i, e)
             return out
 
-        self._metrics_server, self.metrics_url = serve_metrics(port, sources, lambda: proxy_families(self.snapshot()))
-        return self.metrics_url
+        return self.serve_metrics(port, sources, lambda: proxy_families(self.snapshot()))
 
-    def request_stop(self, *_):
-        self._stopping = True
+    # -- the front's hooks
 
-    def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._front, zmq.POLLIN)
-        poller.register(self._wake_rx.fileno(), zmq.POLLIN)
-        try:
-            while True:
-                events = dict(poller.poll(_POLL_MS))
-                if self._wake_rx.fileno() in events:
-                    drain_wakeups(self._wake_rx)
-                self._send_done()
-                if self._front in events:
-                    for _ in range(256):
-                        try:
-                            frames = self._front.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_message(frames)
-                if self._parent_pid is not None and os.getppid() != self._parent_pid:
-                    logger.warning("parent process %d is gone; stopping", self._parent_pid)
-                    self._parent_pid = None
-                    self._stopping = True
-                if self._stopping and not self._inflight and not any(c.outstanding for c in self.clients) and not self._done:
-                    break
-        finally:
-            if self.cache_file:
-                self.cache.save(self.cache_file, self.identity)
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-            for client in self.clients + self._scrape_clients:
-                client.close()
-            for replica in self.replicas:
-                replica.stop()
-            self._front.close(linger=LINGER_MS)
-            if self._auth is not None:
-                self._auth.stop()
-            self._ctx.term()
-            release_endpoint(self.endpoint, self._lock_file)
-            logger.info("replica proxy stopped")
+    def _checker_hello(self) -> dict:
+        # The replicas' checker (they run the same command); the front adds its own pid and endpoint.
+        return dict(self.replicas[0].hello)
 
-    # -- front side (main thread only)
-
-    def _on_message(self, frames: list) -> None:
-        envelope, body = frames[:1], frames[1:]
-        try:
-            req = P.decode_request(body, self.limits)
-        except P.ProtocolError as e:
-            self._reply(envelope, P.error_reply(e.request_id, e.code, e.message))
-            return
+    def _count_request(self, op: str) -> None:
         self.counts["requests"] += 1
-        if self._stopping:
-            self._reply(envelope, P.error_reply(req.id, P.SHUTTING_DOWN, "the worker is shutting down; use another worker"))
-            return
-        if req.op == "shutdown":
-            import hmac
 
-            if not self._owner_token or not hmac.compare_digest(req.args.get("token", "").encode(), self._owner_token.encode()):
-                self._reply(envelope, P.error_reply(req.id, P.FORBIDDEN, "only the worker's owner may shut it down"))
-            else:
-                self.request_stop()
-                self._reply(envelope, P.Reply(req.id, P.STATUS_OK, result={"stopping": True}))
-            return
+    def _drained(self) -> bool:
+        return not self._inflight and not any(c.outstanding for c in self.clients) and not self._done
+
+    def _close_back_end(self) -> None:
+        if self.cache_file:
+            self.cache.save(self.cache_file, self.identity)
+        for client in self.clients + self._scrape_clients:
+            client.close()
+        # Side by side: each drains for a while, and whoever stops this front waits only so long
+        # (spawn_worker's stop: 10 s) before it kills the front and leaves the replicas to their parent watch.
+        with ThreadPoolExecutor(len(self.replicas)) as pool:
+            list(pool.map(lambda replica: replica.stop(), self.replicas))
+
+    def _handle(self, envelope: list, req: P.Request) -> None:
         key = None
         if req.op in P.CHECK_OPS:
             key = content_key(self.identity, req.op, req.args, req.arrays)
             cached = self.cache.get(key)
             if cached is not None:
                 self.counts["answered_here"] += 1
-                self._reply(envelope, P.Reply(req.id, P.STATUS_OK, result=cached[0], arrays=cached[1]))
+                self._send(envelope, P.Reply(req.id, P.STATUS_OK, result=cached[0], arrays=cached[1]), req.op)
                 return
             if key in self._inflight:  # the same content is being checked now: wait for that verdict
                 self._inflight[key].append((envelope, req.id))
@@ -255,21 +216,26 @@ class ReplicaProxy:
             self._inflight[key] = [(envelope, req.id)]
         i = min(range(len(self.clients)), key=lambda j: self.clients[j].outstanding)
         self.counts["dispatched"][i] += 1
-        timeout = (req.timeout_ms / 1000) if req.timeout_ms is not None else 3600.0
         try:
-            future = self.clients[i].request(req.op, req.args, req.arrays, timeout=timeout)
+            future = self.clients[i].request(req.op, req.args, req.arrays, **self._deadlines(req))
         except Exception as e:  # the replica client is dead (restart budget spent)
             self._finish(envelope, req, key, None, e)
             return
         future.add_done_callback(lambda f, env=envelope, r=req, k=key: self._queue_done(env, r, k, f))
 
+    def _deadlines(self, req: P.Request) -> dict:
+        """The replica link's deadlines: `timeout_ms` keeps its meaning at a single worker (the time
+        the request may wait to be *started*) and passes on unchanged; the front waits for the reply
+        that long plus a check's run time (any value, 2^64-1 ms included, is fine)."""
+        if req.timeout_ms is None:
+            return {}
+        start = req.timeout_ms / 1000
+        return {"start_within": start, "timeout": start + self._check_time_s + _REPLY_MARGIN_S}
+
     def _queue_done(self, envelope, req, key, future: Future) -> None:
-        # Runs on the replica client's I/O thread: hand over to the main thread, which owns the socket.
+        # Runs on the replica client's I/O thread: hand over to the serving thread, which owns the socket.
         self._done.append((envelope, req, key, future))
-        try:
-            self._wake_tx.send(b"x")
-        except OSError:
-            pass
+        self.wake()
 
     def _send_done(self) -> None:
         while self._done:
@@ -283,8 +249,10 @@ class ReplicaProxy:
         if exc is not None:
             code = (exc.code if isinstance(exc, WorkerError) and exc.code in P.ERROR_CODES else
                     P.DEADLINE_EXCEEDED if isinstance(exc, WorkerTimeout) else P.INTERNAL)
+            # A replica's own error is passed on as a single worker would word it.
+            message = exc.message if isinstance(exc, WorkerError) else str(exc)
             detail = "a replica is dead: " if isinstance(exc, WorkerDead) else ""
-            reply = P.error_reply(req.id, code, f"{detail}{exc}")
+            reply = P.error_reply(req.id, code, f"{detail}{message}")
         elif req.op == "stats":
             reply.result = dict(reply.result, proxy=self.snapshot())
         if key is not None:
@@ -294,13 +262,7 @@ class ReplicaProxy:
         else:
             waiters = [(envelope, req.id)]
         for env, rid in waiters:
-            self._reply(env, P.Reply(rid, reply.status, result=reply.result, error=reply.error, arrays=reply.arrays))
-
-    def _reply(self, envelope, reply: P.Reply) -> None:
-        try:
-            self._front.send_multipart(envelope + P.encode_reply(reply), flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as e:
-            logger.warning("reply id=%s not delivered: %s", reply.id, e)
+            self._send(env, P.Reply(rid, reply.status, result=reply.result, error=reply.error, arrays=reply.arrays), req.op)
 
     def snapshot(self) -> dict:
         return {"replicas": len(self.replicas), "replica_pids": [r.pid for r in self.replicas],
@@ -331,18 +293,14 @@ def replica_args(argv: Sequence[str]) -> list[str]:
 
 def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
     """`serve --replicas N`: spawn N supervised replicas on private ipc endpoints, then run the proxy."""
-    import signal
     import sys
 
-    from .endpoint import WorkerStartError
     from .spawn import spawn_worker
 
     extra = replica_args(args.argv)
-    replicas = []
+    replicas, error = [], None
     try:
         lock = claim_endpoint(args.endpoint, args.curve_dir, args.insecure)  # fail fast, before N slow starts
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(args.replicas) as pool:  # start them side by side
             starts = [pool.submit(spawn_worker, preset=args.preset, device=args.device, extra_args=extra)
                       for _ in range(args.replicas)]
@@ -351,30 +309,20 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
                     replicas.append(start.result())
                 except Exception as e:
                     error = e
-        if len(replicas) < args.replicas:
+        if error is not None:
             raise error
         proxy = ReplicaProxy(args.endpoint, replicas, limits=limits, cache_bytes=int(args.cache_mb * 2**20),
                              owner_token=owner_token, curve_dir=args.curve_dir, insecure=args.insecure,
-                             parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file)
-    except (WorkerStartError, Exception) as e:
+                             parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file,
+                             metrics_port=args.metrics_port)
+    except Exception as e:  # WorkerStartError (endpoint, metrics port) or a replica that did not start
         for r in replicas:
             r.stop(timeout=5)
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.insecure and args.endpoint.startswith("tcp://"):
         logger.warning("INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
-    if args.metrics_port is not None:
-        try:
-            logger.info("metrics at %s", proxy.serve_metrics(args.metrics_port))
-        except OSError as e:
-            print(f"error: --metrics-port {args.metrics_port}: {e}; pick a free port (0: any)", file=sys.stderr)
-            for r in replicas:
-                r.stop(timeout=5)
-            return 2
-    signal.signal(signal.SIGTERM, proxy.request_stop)
-    signal.signal(signal.SIGINT, proxy.request_stop)
-    print(f"safety-worker ready endpoint={args.endpoint} pid={os.getpid()} replicas={len(replicas)} "
-          f"replica_pids={','.join(str(r.pid) for r in replicas)}"
-          + (f" metrics={proxy.metrics_url}" if proxy.metrics_url else ""), flush=True)
+    install_signal_handlers(proxy)
+    proxy.announce_ready(replicas=len(replicas), replica_pids=",".join(str(r.pid) for r in replicas))
     proxy.serve()
     return 0

@@ -1,11 +1,12 @@
-"""The safety worker process: a ZeroMQ ROUTER in front of the real `cosmos_guardrail` checker.
+"""The safety worker process: the real `cosmos_guardrail` checker behind the worker front.
 
-Threads: the main thread owns the ROUTER socket (decodes, validates, answers cheap ops at once,
-queues checks); one checker thread runs the guardrail models on queued checks and hands replies
-back through an inproc socket (ZeroMQ sockets are not thread-safe, so only the main thread touches
-the ROUTER). This keeps `hello`/`ping`/`stats` answered while a long video is being checked, lets
-the queue be bounded (`busy` when full) and lets the main thread answer *blocked* for a check that
-overruns `check_timeout` (fail closed) even though the stuck computation cannot be interrupted.
+Threads: the main thread runs the front (`front.WorkerFront`: owns the ROUTER socket, decodes,
+validates, answers cheap ops at once) and queues checks; one checker thread runs the guardrail
+models on queued checks and hands replies back through a queue and a wake-up (ZeroMQ sockets are
+not thread-safe, so only the main thread touches the ROUTER). This keeps `hello`/`ping`/`stats`
+answered while a long video is being checked, lets the queue be bounded (`busy` when full) and lets
+the main thread answer *blocked* for a check that overruns `check_timeout` (fail closed) even though
+the stuck computation cannot be interrupted.
 
 Importing this module is light; `SafetyWorker` imports torch and cosmos_guardrail when it loads the
 checker (which switches autograd off in this process: that is why it is a separate process).
@@ -13,27 +14,23 @@ checker (which switches autograd off in this process: that is why it is a separa
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
-import os
 import queue
 import re
-import signal
 import sys
 import threading
 import time
 import unicodedata
-import uuid
 from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import zmq
 
 from . import protocol as P
-from .endpoint import LINGER_MS, WorkerStartError, bind_router, claim_endpoint, release_endpoint
+from .endpoint import claim_endpoint
+from .front import WorkerFront
 from .metrics import WorkerMetrics
-from .protocol import Limits, ProtocolError, Reply, Request, Verdict
+from .protocol import Limits, Reply, Request, Verdict
 
 logger = logging.getLogger("safety_worker")
 
@@ -41,7 +38,6 @@ logger = logging.getLogger("safety_worker")
 # when verdicts change. 0.2.0: the blocklist no longer blocks every text that contains a `*`.
 WORKER_VERSION = "0.2.0"
 _QWEN_LABEL = re.compile(r"Safety: (Safe|Unsafe|Controversial)")
-_POLL_MS = 100  # how often the main loop looks at signals, drains and checker timeouts
 
 
 # ---------------------------------------------------------------- fail-closed checker
@@ -461,8 +457,8 @@ class _Job:
             return True
 
 
-class SafetyWorker:
-    """Serves the protocol in docs/PROTOCOL.md on one endpoint until SIGTERM or owner `shutdown`."""
+class SafetyWorker(WorkerFront):
+    """A worker that checks in this process: a checker thread behind the front (`front.WorkerFront`)."""
 
     def __init__(
         self,
@@ -481,142 +477,52 @@ class SafetyWorker:
         batching: Batching = Batching(),
         metrics_port: int | None = None,
     ):
-        self.endpoint = endpoint
         # Claim the endpoint before the slow checker load, so a bad or taken one fails fast.
-        self._lock_file = claim_endpoint(endpoint, curve_dir, insecure)
+        lock_file = claim_endpoint(endpoint, curve_dir, insecure)
         checker = load_checker()
+        super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
+                         curve_dir=curve_dir, lock_file=lock_file)
         self.batching = batching
         self.guard = GuardedChecker(checker, controversial=controversial,
                                     frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1,
                                     pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
         self.models = models
-        self.limits = limits
         self.check_timeout = check_timeout
-        self._owner_token = owner_token
         self.device = device
-        self.instance_id = uuid.uuid4().hex
-        self.started_at = time.time()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.queue_size)
         self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
         self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
         self._gatherer = BatchGatherer(self._jobs, batching)
-        # Jobs queued, running, or finished but not yet handed back: main thread only. Draining
+        # Jobs queued, running, or finished but not yet handed back: serving thread only. Draining
         # waits for this to reach 0 (queue and _running alone miss a job between the two).
         self._outstanding = 0
-        self._stopping = False
-        self._parent_pid = parent_pid
         self.metrics = WorkerMetrics()
-        self._ctx = zmq.Context()
-        self._wake_addr = f"inproc://safety-worker-done-{self.instance_id}"
-        self._wake_rx = self._ctx.socket(zmq.PULL)
-        self._wake_rx.bind(self._wake_addr)
-        self._router, self._auth = bind_router(self._ctx, endpoint, limits.max_message_bytes, curve_dir)
         self._grad_enabled = _grad_enabled()
-        self._metrics_server, self.metrics_url = None, None
+        self._checker_thread = threading.Thread(target=self._checker_loop, name="checker", daemon=True)
         if metrics_port is not None:
-            from .metrics import serve_metrics
+            self.serve_metrics(metrics_port, lambda: [({}, self.snapshot_stats())])
 
-            try:
-                self._metrics_server, self.metrics_url = serve_metrics(metrics_port, lambda: [({}, self.snapshot_stats())])
-            except OSError as e:
-                raise WorkerStartError(f"--metrics-port {metrics_port}: {e}; pick a free port (0: any)") from None
-
-    # -- lifecycle
-
-    def request_stop(self, *_):
-        """Stop accepting work; finish queued and running checks, then return from serve()."""
-        self._stopping = True
+    # -- the front's hooks
 
     def serve(self) -> None:
-        thread = threading.Thread(target=self._checker_loop, name="checker", daemon=True)
-        thread.start()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
-        try:
-            while True:
-                events = dict(poller.poll(_POLL_MS))
-                if self._wake_rx in events:
-                    while self._wake_rx.poll(0):
-                        self._wake_rx.recv()
-                self._send_done()
-                if self._router in events:
-                    for _ in range(256):  # bounded so finished checks are not starved
-                        try:
-                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_message(frames)
-                self._expire_running()
-                if self._parent_pid is not None and os.getppid() != self._parent_pid:
-                    # Our parent died (even by SIGKILL) and we were re-parented: do not linger as an orphan.
-                    logger.warning("parent process %d is gone; stopping", self._parent_pid)
-                    self._parent_pid = None
-                    self.request_stop()
-                if self._stopping and (self._outstanding == 0 or self._only_abandoned_job_left()):
-                    break
-        finally:
-            try:
-                self._jobs.put_nowait(None)  # stops the checker thread once it is idle
-            except queue.Full:
-                pass  # leaving after an error with a full queue: the daemon thread dies with us
-            thread.join(timeout=1.0)
-            self._wake_rx.close(linger=0)
-            self._router.close(linger=LINGER_MS)
-            if self._auth is not None:
-                self._auth.stop()
-            self._ctx.term()
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-            release_endpoint(self.endpoint, self._lock_file)
-            logger.info("safety worker stopped")
+        self._checker_thread.start()
+        super().serve()
 
-    # -- main thread
-
-    def _on_message(self, frames: list) -> None:
-        # DEALER peers send [identity, tag, header, ...]; REQ peers add an empty delimiter frame.
-        split = 2 if len(frames) >= 2 and len(frames[1]) == 0 else 1
-        envelope, body = frames[:split], frames[split:]
-        try:
-            req = P.decode_request(body, self.limits)
-        except ProtocolError as e:
-            self._send(envelope, P.error_reply(e.request_id, e.code, e.message))
-            return
-        self.metrics.request(req.op)
-        if self._stopping:
-            self._error(envelope, req, P.SHUTTING_DOWN, "the worker is shutting down; use another worker")
-        elif req.op in P.CHECK_OPS:
+    def _handle(self, envelope: list, req: Request) -> None:
+        if req.op in P.CHECK_OPS:
             try:
                 self._jobs.put_nowait(_Job(envelope, req, time.monotonic()))
                 self._outstanding += 1
             except queue.Full:
                 self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
+        elif req.op == "stats":
+            self._send(envelope, Reply(req.id, P.STATUS_OK, result=self.snapshot_stats()), req.op)
+        elif req.op == "echo":  # transport only: the received buffers go straight back
+            self._send(envelope, Reply(req.id, P.STATUS_OK, result={}, arrays=req.arrays), req.op)
         else:
-            try:
-                self._send(envelope, self._answer_now(req), req.op)
-            except Exception as e:  # a bug must not kill the worker
-                logger.exception("op %s failed", req.op)
-                self._error(envelope, req, P.INTERNAL, f"{type(e).__name__}: {e}")
+            raise AssertionError(f"op {req.op} has no handler")
 
-    def _answer_now(self, req: Request) -> Reply:
-        if req.op == "hello":
-            return Reply(req.id, P.STATUS_OK, result=self.hello())
-        if req.op == "ping":
-            return Reply(req.id, P.STATUS_OK, result={"instance_id": self.instance_id, "time": time.time()})
-        if req.op == "stats":
-            return Reply(req.id, P.STATUS_OK, result=self.snapshot_stats())
-        if req.op == "echo":  # transport only: the received buffers go straight back
-            return Reply(req.id, P.STATUS_OK, result={}, arrays=req.arrays)
-        if req.op == "shutdown":
-            if not self._owner_token:
-                return P.error_reply(req.id, P.FORBIDDEN, "this worker has no owner token; stop it with SIGTERM")
-            if not hmac.compare_digest(req.args.get("token", "").encode(), self._owner_token.encode()):
-                return P.error_reply(req.id, P.FORBIDDEN, "only the worker's owner may shut it down")
-            self.request_stop()
-            return Reply(req.id, P.STATUS_OK, result={"stopping": True})
-        raise AssertionError(f"op {req.op} is not a main-thread op")
-
-    def hello(self) -> dict[str, Any]:
+    def _checker_hello(self) -> dict[str, Any]:
         import importlib.metadata as md
 
         versions = {"python": sys.version.split()[0], "worker": WORKER_VERSION}
@@ -626,21 +532,40 @@ class SafetyWorker:
             except md.PackageNotFoundError:
                 versions[dist] = None
         return {
-            "protocol": [P.PROTOCOL_MAJOR, P.PROTOCOL_MINOR],
             "versions": versions,
-            "instance_id": self.instance_id,
-            "pid": os.getpid(),
-            "endpoint": self.endpoint,
             "device": self.device,
             "models": self.models,
             "policy": {"controversial": self.guard.controversial, "fail_closed": True},
             "limits": {**self.limits.to_dict(), "check_timeout_s": self.check_timeout},
             "batching": self.batching.to_dict(),
-            "metrics_url": self.metrics_url,
             "grad_enabled": self._grad_enabled,
             "modules_loaded": {m: m in sys.modules for m in ("cosmos_guardrail", "retinaface")},
-            "ops": sorted(P.OPS),
         }
+
+    def _tick(self) -> None:
+        self._expire_running()
+
+    def _drained(self) -> bool:
+        return self._outstanding == 0 or self._only_abandoned_job_left()
+
+    def _close_back_end(self) -> None:
+        try:
+            self._jobs.put_nowait(None)  # stops the checker thread once it is idle
+        except queue.Full:
+            pass  # leaving after an error with a full queue: the daemon thread dies with us
+        if self._checker_thread.is_alive():
+            self._checker_thread.join(timeout=1.0)
+
+    def _count_request(self, op: str) -> None:
+        self.metrics.request(op)
+
+    def _count_reply(self, op: str | None, reply: Reply) -> None:
+        self.metrics.replied(op, None if reply.status == P.STATUS_OK else reply.error["code"])
+
+    def _count_unroutable(self) -> None:
+        self.metrics.unroutable()
+
+    # -- serving thread
 
     def snapshot_stats(self) -> dict[str, Any]:
         s = self.metrics.snapshot()
@@ -681,35 +606,20 @@ class SafetyWorker:
     def _error(self, envelope, req: Request, code: str, message: str) -> None:
         self._send(envelope, P.error_reply(req.id, code, message), req.op)
 
-    def _send(self, envelope: list, reply: Reply, op: str | None = None) -> None:
-        """Send one reply and count it (`op` None: the request could not be read)."""
-        self.metrics.replied(op, None if reply.status == P.STATUS_OK else reply.error["code"])
-        try:
-            # NOBLOCK: a client that stopped reading must not stall every other client.
-            self._router.send_multipart(envelope + P.encode_reply(reply), flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer's queue full)
-            self.metrics.unroutable()
-            logger.warning("reply id=%s not delivered: %s", reply.id, e)
-
     # -- checker thread
 
     def _checker_loop(self) -> None:
         import torch
 
         torch.set_grad_enabled(False)  # grad mode is per thread; this thread only runs inference
-        wake = self._ctx.socket(zmq.PUSH)
-        wake.connect(self._wake_addr)
-        try:
-            while True:
-                jobs = self._gatherer.next_batch()
-                if jobs is None:
-                    return
-                # Every job comes back through _done (reply None if it was answered already).
-                for job, reply in zip(jobs, self._run_batch(jobs)):
-                    self._done.put((job, reply))
-                wake.send(b"")
-        finally:
-            wake.close(linger=0)
+        while True:
+            jobs = self._gatherer.next_batch()
+            if jobs is None:
+                return
+            # Every job comes back through _done (reply None if it was answered already).
+            for job, reply in zip(jobs, self._run_batch(jobs)):
+                self._done.put((job, reply))
+            self.wake()
 
     def _run_batch(self, jobs: list[_Job]) -> list[Reply | None]:
         """Replies for `jobs` (None for a job answered already): skip expired ones, check the rest
@@ -824,7 +734,3 @@ def _grad_enabled() -> bool:
         return True
     return bool(sys.modules["torch"].is_grad_enabled())
 
-
-def install_signal_handlers(worker: SafetyWorker) -> None:
-    signal.signal(signal.SIGTERM, worker.request_stop)
-    signal.signal(signal.SIGINT, worker.request_stop)

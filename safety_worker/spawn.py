@@ -16,7 +16,7 @@ from typing import Sequence
 
 from . import protocol as P
 from .client import SafetyClient
-from .liveness import Supervisor
+from .liveness import HANG_TIMEOUT_S, Supervisor
 
 READY_PREFIX = "safety-worker ready"
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -108,7 +108,7 @@ def spawn_worker(
     startup_timeout: float = 180.0,
     env: dict[str, str] | None = None,
     restarts: int = 3,
-    hang_timeout: float = 30.0,
+    hang_timeout: float = HANG_TIMEOUT_S,
 ) -> WorkerProcess:
     """Start a safety worker subprocess and return once it has answered `hello`.
 

@@ -38,6 +38,21 @@ def tiny_safety_worker(tiny_guardrail_root):
 
 
 @pytest.fixture(scope="session")
+def tiny_replica_front(tiny_guardrail_root):
+    """`serve --replicas 2` shared by the session, the same checker as `tiny_safety_worker` behind
+    the replica front; Prometheus metrics on a free port."""
+    with _spawn_tiny(tiny_guardrail_root, "none", "--replicas", "2", "--metrics-port", "0") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session", params=["single", "replicas"])
+def worker_front(request):
+    """Each worker front in turn, for tests of what docs/PROTOCOL.md promises at any endpoint: the
+    single worker (`serve`) and the replica front (`serve --replicas 2`). Both are session workers."""
+    return request.getfixturevalue({"single": "tiny_safety_worker", "replicas": "tiny_replica_front"}[request.param])
+
+
+@pytest.fixture(scope="session")
 def tiny_safety_worker_faces(tiny_guardrail_root):
     """A tiny worker whose face filter pixelates every frame."""
     with _spawn_tiny(tiny_guardrail_root, "all") as worker:

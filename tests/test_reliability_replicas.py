@@ -119,3 +119,20 @@ def test_verdict_cache_persists_for_the_same_checker_only_and_refuses_a_shared_f
     path.chmod(0o644)  # anyone could have planted a forged "safe" here
     with pytest.raises(PermissionError, match="chmod 600"):
         VerdictCache(1 << 20).load(path, "checker-A")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_owner_shuts_the_replica_front_down_and_its_replicas_with_it(replicated):
+    """Last in this module: it stops the module's front (the owner rule and drain of every front)."""
+    with SafetyClient(replicated.endpoint, timeout=60) as c:
+        replica_pids = c.stats()["proxy"]["replica_pids"]
+        assert c.shutdown(replicated.owner_token) == {"stopping": True}
+    assert replicated.proc.wait(60) == 0
+    assert [pid for pid in replica_pids if _running(pid)] == []

@@ -25,8 +25,9 @@ def _frames(seed=0, shape=(3, 64, 64, 3)):
 
 
 @pytest.fixture(scope="module")
-def client(tiny_safety_worker):
-    with SafetyClient(tiny_safety_worker.endpoint, timeout=60) as c:
+def client(worker_front):
+    """A client of each worker front in turn (single worker, `serve --replicas 2`): same answers."""
+    with SafetyClient(worker_front.endpoint, timeout=60) as c:
         yield c
 
 
@@ -72,9 +73,9 @@ def test_importing_the_client_side_imports_no_torch():
     assert out.strip() == "[]"
 
 
-def test_hello_reports_identity_versions_models_and_limits(tiny_safety_worker, client):
+def test_hello_reports_identity_versions_models_and_limits(worker_front, client):
     hello = client.hello()
-    assert hello["pid"] == tiny_safety_worker.pid
+    assert hello["pid"] == worker_front.pid
     assert hello["protocol"][0] == 1 and len(hello["instance_id"]) == 32
     assert hello["versions"]["cosmos-guardrail"] == "0.3.2" and hello["versions"]["torch"]
     assert hello["models"]["preset"] == "tiny" and hello["models"]["text_guard_repo"] == "Qwen/Qwen3Guard-Gen-0.6B"
@@ -246,10 +247,11 @@ def test_local_checkpoint_directories_serve_the_same_checker(tiny_guardrail_root
         np.testing.assert_array_equal(c.check_video(frames).frames, faces_client.check_video(frames).frames)
 
 
-def test_prompts_are_not_written_to_the_worker_log(tiny_safety_worker, client):
+def test_prompts_are_not_written_to_the_worker_log(tiny_safety_worker):
     secret = f"my-unique-secret-7f3a {BLOCKED_PHRASE}"
-    assert not client.check_text(secret).safe
-    assert client.check_text("another-unique-secret-91b2").safe
+    with SafetyClient(tiny_safety_worker.endpoint, timeout=60) as client:
+        assert not client.check_text(secret).safe
+        assert client.check_text("another-unique-secret-91b2").safe
     log = open(tiny_safety_worker.log_path).read()
     assert log  # the worker did write its log (model loading)
     assert "unique-secret" not in log and BLOCKED_PHRASE not in log

@@ -87,27 +87,16 @@ def test_stats_agrees_with_the_metrics(tiny_safety_worker, metrics_url):
     assert stats["safe"] + stats["blocked"] == sum(stats["verdicts_by_stage"].values())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_replicas_front_alone_serves_metrics_with_a_replica_label(tiny_guardrail_root):
-    from safety_worker import spawn_worker
-
-    port = _free_port()
-    with spawn_worker(extra_args=["--tiny-dir", str(tiny_guardrail_root), "--replicas", "2",
-                                  "--metrics-port", str(port)]) as front, SafetyClient(front.endpoint, timeout=60) as c:
-        url = f"http://127.0.0.1:{port}/metrics"
+def test_replicas_front_alone_serves_metrics_with_a_replica_label(tiny_replica_front):
+    front = tiny_replica_front
+    url = front.hello["metrics_url"]  # the front's own port, named in its hello like a single worker's
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+    with SafetyClient(front.endpoint, timeout=60) as c:
         before = _scrape(url)
-        texts = [f"{SAFE_EXAMPLE} {i}" for i in range(6)]
+        texts = [f"{SAFE_EXAMPLE} (metrics of the replica front) {i}" for i in range(6)]
         for t in texts + texts[:2]:  # the repeats are answered from the front's cache
             assert c.check_text(t).safe
         after = _scrape(url)
-        assert front.hello["metrics_url"] is None  # a replica answered hello: it serves no port of its own
     replicas = {dict(labels).get("replica") for name, labels in after if name == "safety_worker_checks_total"}
     assert replicas == {"0", "1"}
     checked = sum(after[k] - before.get(k, 0) for k in after if k[0] == "safety_worker_checks_total")

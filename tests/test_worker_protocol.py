@@ -1,5 +1,10 @@
 """Wire-level behaviour: every malformed or hostile message gets one clear error reply, and the
-worker keeps serving. Messages are built by hand here (not through SafetyClient)."""
+worker keeps serving. Messages are built by hand here (not through SafetyClient), as a client
+written from docs/PROTOCOL.md alone would, against both worker fronts (`worker_front`: a single
+worker and `serve --replicas 2`), which must not answer differently."""
+import urllib.request
+from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
@@ -9,12 +14,12 @@ from safety_worker import protocol as P
 
 
 @pytest.fixture(scope="module")
-def raw(tiny_safety_worker):
+def raw(worker_front):
     """A bare DEALER on the shared worker: send frames, get the decoded reply."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(tiny_safety_worker.endpoint)
+    sock.connect(worker_front.endpoint)
 
     def roundtrip(frames):
         sock.send_multipart(frames)
@@ -90,6 +95,49 @@ def test_echo_returns_buffers_unchanged(raw):
     for got, sent in zip(reply.arrays, arrays):
         assert got.dtype == sent.dtype and got.shape == sent.shape  # a 0-d array stays 0-d
         np.testing.assert_array_equal(got, sent)
+
+
+def test_a_req_socket_gets_its_reply_with_the_delimiter_echoed(worker_front):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(worker_front.endpoint)
+    try:
+        # Answered by the front itself, and by the checker (queued, answered later): a REQ socket
+        # wedges after a reply it cannot match, so each must come back.
+        for rid, op, args in ((1, "ping", {}), (2, "hello", {}), (3, "check_text", {"texts": ["a calm lake via REQ"]})):
+            sock.send_multipart([P.TAG, _header(id=rid, op=op, args=args)])
+            assert sock.poll(30_000), f"no reply to a REQ socket's {op}"
+            reply = P.decode_reply(sock.recv_multipart(copy=False))
+            assert (reply.id, reply.status) == (rid, "ok"), reply.error
+    finally:
+        sock.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize("timeout_ms", [2**64 - 1, 60_000])
+def test_any_uint64_timeout_ms_is_a_deadline_not_an_error(raw, timeout_ms):
+    text = f"a calm lake, timeout {timeout_ms}"
+    reply = raw([P.TAG, _header(op="check_text", args={"texts": [text]}, timeout_ms=timeout_ms)])
+    assert reply.status == "ok", reply.error
+    assert [v["safe"] for v in reply.result["verdicts"]] == [True]
+
+
+def test_a_check_not_started_within_timeout_ms_is_skipped(raw):
+    reply = raw([P.TAG, _header(op="check_text", args={"texts": ["a calm lake, never started"]}, timeout_ms=0)])
+    assert reply.status == "error" and reply.error["code"] == "deadline_exceeded", reply.error
+    assert reply.error["message"].startswith("not started within timeout_ms=0")
+
+
+def test_hello_describes_the_process_that_owns_the_endpoint(worker_front, raw):
+    hello = raw([P.TAG, _header(op="hello")]).result
+    assert hello["protocol"] == [P.PROTOCOL_MAJOR, P.PROTOCOL_MINOR] == [1, 1]
+    lock = Path(worker_front.endpoint.removeprefix("ipc://") + ".lock")
+    assert hello["pid"] == int(lock.read_text()) == worker_front.pid
+    assert hello["endpoint"] == worker_front.endpoint
+    assert raw([P.TAG, _header(op="ping")]).result["instance_id"] == hello["instance_id"]
+    with urllib.request.urlopen(hello["metrics_url"], timeout=10) as r:  # both serve --metrics-port 0
+        assert "safety_worker_checks_total" in r.read().decode()
 
 
 def test_request_roundtrip_through_the_codec():

@@ -19,7 +19,6 @@ from safety_worker import ClientClosed, SafetyClient, Verdict, WorkerDead, Worke
 from theworld.serving.schema import ApiError
 
 _RECONNECT_PAUSE = 0.2  # seconds between a dead client and the next try with a fresh one
-_DEAD_AFTER = 15.0  # seconds of worker silence before a client gives up on it (a restart takes less)
 
 
 class Guard:
@@ -27,7 +26,9 @@ class Guard:
 
     def __init__(self, endpoint: str, **client_kwargs):
         self.endpoint = endpoint
-        self._client_kwargs = {"dead_after": _DEAD_AFTER, **client_kwargs}
+        # The client's liveness defaults (safety_worker.liveness): a supervised worker that hangs is
+        # restarted before its clients give up on it, so a request waits for the restart, not a new client.
+        self._client_kwargs = client_kwargs
         self._lock = threading.Lock()
         self._client = SafetyClient(endpoint, **self._client_kwargs)
         self.reconnects = 0
