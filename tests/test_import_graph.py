@@ -1,0 +1,189 @@
+"""The import graph: every module imports on its own, and no module imports a layer above it.
+
+Why one fresh interpreter that forks a child per module: a module that only imports because something
+else was imported first (a cycle `processing -> modeling -> processing` that works when `TheWorld` was
+imported before, as it always was in the tests) is caught only by importing that module *first*, in an
+interpreter where no project module is loaded yet. A new interpreter per module costs the third-party
+imports (torch, transformers, diffusers: seconds) each time, ~55 times. Instead one fresh interpreter
+(this file run as a script) imports only those third-party packages, then forks one child per project
+module and the child imports that module alone: every child starts with no project module loaded, so a
+cycle or a missing import among project modules still fails, and a child costs milliseconds plus the
+module's own work. What this cannot see is a project module that depends on a third-party import having
+happened first; the preloaded set is the third-party packages every module here imports anyway.
+
+The layer rules are read from the source (every `import`, at any depth, also inside functions), so an
+upward import fails here even when it sits in a function that no test calls.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("theworld", "safety_worker")
+
+# Third-party packages the parent imports before forking (never a project module, never the guardrail:
+# `import theworld` refuses to start in a process that has it). Attribute access loads transformers'
+# and diffusers' lazy submodules, where most of their import time goes.
+PRELOAD = """
+import numpy, PIL.Image, torch, safetensors.torch, msgpack, zmq, tqdm, accelerate
+import transformers, diffusers, diffusers.video_processor
+transformers.Gemma3ForConditionalGeneration, transformers.Gemma3Processor, transformers.AutoProcessor
+diffusers.AutoencoderKLWan, diffusers.CosmosTransformer3DModel, diffusers.FlowMatchEulerDiscreteScheduler
+"""
+
+# theworld's layers, lowest first: a module may import its own layer and the layers below it, never one
+# above. Processing and modeling share a layer and never import each other (the rules below).
+THEWORLD_LAYERS = (
+    ("theworld", "theworld._import_guard", "theworld.configuration_theworld", "theworld.real_configs"),
+    ("theworld.video_processing_theworld",),
+    ("theworld.processing_theworld", "theworld.modeling"),
+    ("theworld.data",),
+    ("theworld.evaluation", "theworld.tiny"),
+    ("theworld.training", "theworld.generate", "theworld.serving"),
+    ("theworld.train", "theworld.serve"),
+)
+# What the model may import of theworld: its configuration (transformers' layout: LLaVA, Gemma 3).
+MODELING_MAY_IMPORT = ("theworld", "theworld._import_guard", "theworld.configuration_theworld", "theworld.modeling")
+PROCESSING = ("theworld.processing_theworld", "theworld.video_processing_theworld")
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of both packages, by dotted name."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def import_edges() -> set[tuple[str, str]]:
+    """`(importer, imported)` for every import of a project module by a project module, at any depth."""
+    modules = project_modules()
+    edges = set()
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                # `from pkg import sub` imports the submodule; `from pkg import name` imports pkg.
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            edges |= {(name, target) for target in targets if target in modules and target != name}
+    return edges
+
+
+def layer_of(module: str) -> int | None:
+    for rank, prefixes in enumerate(THEWORLD_LAYERS):
+        if any(_within(module, prefix) for prefix in prefixes):
+            return rank
+    return None
+
+
+def import_each_module_in_a_fork() -> dict[str, dict]:
+    """Run in a fresh interpreter: preload third-party packages, then import each project module in a
+    forked child. Returns per module its exit code, error and the project modules the import loaded."""
+    exec(PRELOAD, {})
+    loaded_before = [m for m in sys.modules if m.split(".")[0] in PACKAGES]
+    assert not loaded_before, f"the preload imported project modules: {loaded_before}"
+    results = {}
+    for module in project_modules():
+        if module.endswith("__main__"):
+            continue  # importing it runs the program; its imports are its package's cli, imported below
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: import one module, report, exit without running atexit/pytest teardown
+            os.close(read)
+            code, report = 0, {}
+            try:
+                import importlib
+
+                importlib.import_module(module)
+            except BaseException as e:  # noqa: BLE001  (SystemExit too: an import must not exit)
+                code, report["error"] = 1, f"{type(e).__name__}: {e}"
+            report["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in PACKAGES)
+            os.write(write, json.dumps(report).encode())
+            os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        report = json.loads(data) if data else {"error": "the child died without a report"}
+        results[module] = {"exit_code": os.waitstatus_to_exitcode(status), **report}
+    return results
+
+
+def _fork_results() -> dict[str, dict]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
+    results = _fork_results()
+    assert set(results) == {m for m in project_modules() if not m.endswith("__main__")}
+    failed = {m: r.get("error") for m, r in results.items() if r["exit_code"] != 0}
+    assert not failed, f"modules that fail to import first in a fresh interpreter: {failed}"
+    # The model, loaded alone, brings no processor with it (checked on what the import really loaded).
+    for module in ("theworld.modeling", "theworld.modeling.modeling_theworld"):
+        assert not [m for m in results[module]["loaded"] if m in PROCESSING], results[module]["loaded"]
+    for module in PROCESSING:
+        assert not [m for m in results[module]["loaded"] if _within(m, "theworld.modeling")], results[module]["loaded"]
+
+
+def test_the_model_imports_only_its_configuration():
+    upward = sorted((a, b) for a, b in import_edges()
+                    if _within(a, "theworld.modeling") and not any(_within(b, p) for p in MODELING_MAY_IMPORT))
+    assert upward == [], "theworld.modeling may import only theworld's configuration and its own modules"
+
+
+def test_processing_never_imports_the_model():
+    edges = sorted((a, b) for a, b in import_edges() if a in PROCESSING and _within(b, "theworld.modeling"))
+    assert edges == []
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = []
+    for importer, imported in import_edges():
+        if not importer.startswith("theworld") or not imported.startswith("theworld"):
+            continue
+        src, dst = layer_of(importer), layer_of(imported)
+        assert src is not None and dst is not None, f"put {importer if src is None else imported} in THEWORLD_LAYERS"
+        if dst > src:
+            upward.append((importer, imported))
+    assert sorted(upward) == []
+
+
+def test_the_safety_worker_never_imports_theworld():
+    # The worker is the other process: nothing of the trainer's side may load into it.
+    assert sorted((a, b) for a, b in import_edges() if a.startswith("safety_worker") and b.startswith("theworld")) == []
+
+
+def test_the_edge_reader_sees_imports_inside_functions():
+    # A guard on the checker itself: the rules above are only as good as the edges it finds.
+    edges = import_edges()
+    assert ("theworld.data.sources", "theworld.configuration_theworld") in edges  # a function-level import
+    assert ("safety_worker.client", "safety_worker.protocol") in edges  # `from . import protocol as P`
+    assert ("safety_worker.client", "safety_worker") not in edges
+
+
+if __name__ == "__main__":
+    print(json.dumps(import_each_module_in_a_fork()))
