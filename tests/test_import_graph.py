@@ -30,7 +30,9 @@ PACKAGES = ("theworld", "safety_worker")
 # `import theworld` refuses to start in a process that has it). Attribute access loads transformers'
 # and diffusers' lazy submodules, where most of their import time goes.
 PRELOAD = """
-import numpy, PIL.Image, torch, safetensors.torch, msgpack, zmq, tqdm, accelerate
+import os
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # as theworld.serving.demo sets it
+import numpy, PIL.Image, torch, safetensors.torch, msgpack, zmq, tqdm, accelerate, pydantic, fastapi, gradio
 import transformers, diffusers, diffusers.video_processor
 transformers.Gemma3ForConditionalGeneration, transformers.Gemma3Processor, transformers.AutoProcessor
 diffusers.AutoencoderKLWan, diffusers.CosmosTransformer3DModel, diffusers.FlowMatchEulerDiscreteScheduler
@@ -99,35 +101,44 @@ def layer_of(module: str) -> int | None:
 
 def import_each_module_in_a_fork() -> dict[str, dict]:
     """Run in a fresh interpreter: preload third-party packages, then import each project module in a
-    forked child. Returns per module its exit code, error and the project modules the import loaded."""
+    forked child (as many at once as there are cores). Returns per module its exit code, error and the
+    project modules the import loaded."""
     exec(PRELOAD, {})
     loaded_before = [m for m in sys.modules if m.split(".")[0] in PACKAGES]
     assert not loaded_before, f"the preload imported project modules: {loaded_before}"
-    results = {}
-    for module in project_modules():
-        if module.endswith("__main__"):
-            continue  # importing it runs the program; its imports are its package's cli, imported below
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: import one module, report, exit without running atexit/pytest teardown
-            os.close(read)
-            code, report = 0, {}
-            try:
-                import importlib
-
-                importlib.import_module(module)
-            except BaseException as e:  # noqa: BLE001  (SystemExit too: an import must not exit)
-                code, report["error"] = 1, f"{type(e).__name__}: {e}"
-            report["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in PACKAGES)
-            os.write(write, json.dumps(report).encode())
-            os._exit(code)
-        os.close(write)
-        with os.fdopen(read, "rb") as pipe:
+    # `__main__` modules are left out: importing one runs the program; what it imports is imported below.
+    waiting = [m for m in project_modules() if not m.endswith("__main__")]
+    running, results = {}, {}
+    while waiting or running:
+        while waiting and len(running) < max(2, os.cpu_count() or 2):
+            module = waiting.pop(0)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: import one module, report, exit without running atexit or teardown
+                os.close(read)
+                _import_and_report(module, write)
+            os.close(write)
+            running[pid] = (module, read)
+        pid, status = os.wait()
+        module, read = running.pop(pid)
+        with os.fdopen(read, "rb") as pipe:  # the report is small: the child never blocks on a full pipe
             data = pipe.read()
-        _, status = os.waitpid(pid, 0)
         report = json.loads(data) if data else {"error": "the child died without a report"}
         results[module] = {"exit_code": os.waitstatus_to_exitcode(status), **report}
     return results
+
+
+def _import_and_report(module: str, pipe: int) -> None:
+    code, report = 0, {}
+    try:
+        import importlib
+
+        importlib.import_module(module)
+    except BaseException as e:  # noqa: BLE001  (SystemExit too: an import must not exit)
+        code, report["error"] = 1, f"{type(e).__name__}: {e}"
+    report["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in PACKAGES)
+    os.write(pipe, json.dumps(report).encode())
+    os._exit(code)
 
 
 def _fork_results() -> dict[str, dict]:
@@ -147,6 +158,22 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
         assert not [m for m in results[module]["loaded"] if m in PROCESSING], results[module]["loaded"]
     for module in PROCESSING:
         assert not [m for m in results[module]["loaded"] if _within(m, "theworld.modeling")], results[module]["loaded"]
+
+
+def test_the_model_finds_its_processor_in_the_registry_or_says_what_to_import():
+    code = (
+        "import theworld.modeling.modeling_theworld as m\n"
+        "try:\n    m._processor_class()\nexcept RuntimeError as e:\n    print(e)\n"
+        "import theworld.processing_theworld\n"
+        "print(m._processor_class().__name__)\n"
+        "import theworld\n"
+        "print(theworld.TheWorldProcessor is m._processor_class())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         timeout=120).stdout.splitlines()
+    assert "from theworld import TheWorld" in out[0] and "import theworld.processing_theworld" in out[0]
+    assert out[1:] == ["TheWorldProcessor", "True"]
 
 
 def test_the_model_imports_only_its_configuration():
