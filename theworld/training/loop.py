@@ -50,6 +50,12 @@ class RunContext:
     checkpoints: list[Path]
     worker_threads: int | None
 
+    def start_trackers(self, *arguments) -> None:
+        """Start the `--report-to` trackers (none: nothing), their run config the flags that are set."""
+        if self.report_to:
+            self.accelerator.init_trackers("theworld", config={k: v for a in arguments
+                                                               for k, v in dataclasses.asdict(a).items() if v is not None})
+
 
 def open_run(train_args: TrainArguments) -> RunContext:
     """Create the output directory and the accelerator, split the CPU threads, and check that `--resume`
@@ -182,9 +188,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             samples = make_sample_filter(worker.client, reader, output_dir, state.filter_state)
         stack.callback(samples.close)
 
-        if report_to:
-            accelerator.init_trackers("theworld", config={k: v for a in (model_args, data_args, train_args)
-                                                          for k, v in dataclasses.asdict(a).items() if v is not None})
+        run.start_trackers(model_args, data_args, train_args)
 
         def next_batch() -> dict:
             return collator([next(samples)[1] for _ in range(train_args.batch_size)])
