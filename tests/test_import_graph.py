@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("theworld", "safety_worker")
 
@@ -170,15 +172,52 @@ def _import_and_report(module: str, pipe: int) -> None:
     os._exit(code)
 
 
-def _fork_results() -> dict[str, dict]:
+def registry_probe_in_a_fork() -> list[str]:
+    """In a fork of the preloaded interpreter: what `TheWorld.from_pretrained`'s processor lookup says before
+    and after the processor module is imported, and whether `theworld.TheWorldProcessor` is what it finds."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        lines = []
+        try:
+            import theworld.modeling.modeling_theworld as modeling
+
+            try:
+                modeling._processor_class()
+                lines.append("found before the processor module was imported")
+            except RuntimeError as e:
+                lines.append(str(e))
+            import theworld
+            import theworld.processing_theworld  # noqa: F401
+
+            lines += [modeling._processor_class().__name__, str(theworld.TheWorldProcessor is modeling._processor_class())]
+        except BaseException as e:  # noqa: BLE001
+            lines.append(f"{type(e).__name__}: {e}")
+        os.write(write, json.dumps(lines).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _fork_results() -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
-    results = _fork_results()
+@pytest.fixture(scope="module")
+def fork_results() -> dict:
+    """One fresh interpreter for the tests below: `{"modules": ..., "registry": ...}`."""
+    return _fork_results()
+
+
+def test_every_module_imports_on_its_own_in_a_fresh_interpreter(fork_results):
+    results = fork_results["modules"]
     assert set(results) == {m for m in project_modules() if not m.endswith("__main__")}
     failed = {m: r.get("error") for m, r in results.items() if r["exit_code"] != 0}
     assert not failed, f"modules that fail to import first in a fresh interpreter: {failed}"
@@ -189,20 +228,10 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
         assert not [m for m in results[module]["loaded"] if _within(m, "theworld.modeling")], results[module]["loaded"]
 
 
-def test_the_model_finds_its_processor_in_the_registry_or_says_what_to_import():
-    code = (
-        "import theworld.modeling.modeling_theworld as m\n"
-        "try:\n    m._processor_class()\nexcept RuntimeError as e:\n    print(e)\n"
-        "import theworld.processing_theworld\n"
-        "print(m._processor_class().__name__)\n"
-        "import theworld\n"
-        "print(theworld.TheWorldProcessor is m._processor_class())\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         timeout=120).stdout.splitlines()
-    assert "from theworld import TheWorld" in out[0] and "import theworld.processing_theworld" in out[0]
-    assert out[1:] == ["TheWorldProcessor", "True"]
+def test_the_model_finds_its_processor_in_the_registry_or_says_what_to_import(fork_results):
+    said_before, *after = fork_results["registry"]
+    assert "from theworld import TheWorld" in said_before and "import theworld.processing_theworld" in said_before
+    assert after == ["TheWorldProcessor", "True"]
 
 
 def test_the_model_imports_only_its_configuration():
@@ -249,4 +278,5 @@ def test_the_edge_reader_sees_imports_inside_functions():
 
 
 if __name__ == "__main__":
-    print(json.dumps(import_each_module_in_a_fork()))
+    modules = import_each_module_in_a_fork()
+    print(json.dumps({"modules": modules, "registry": registry_probe_in_a_fork()}))
