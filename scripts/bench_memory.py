@@ -157,7 +157,7 @@ def measure_activations(real_dir: Path, layers: int, world_image_size, tokens_pe
     from theworld import TheWorld
     from theworld.data.collator import TheWorldCollator
     from theworld.data.synthetic import SyntheticMotionTask
-    from theworld.modeling.world_encoder import latent_frames
+    from theworld.configuration_theworld import latent_frames
     from theworld.tiny import build_real_shape_models
     from theworld.train import ModelArguments, lora_config
 

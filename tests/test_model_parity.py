@@ -11,7 +11,8 @@ import PIL.Image
 import torch
 from safetensors.torch import load_file
 
-from theworld.modeling import CosmosWorldEncoder, preprocess_world_images
+from theworld.modeling import CosmosWorldEncoder
+from theworld.video_processing_theworld import preprocess_world_images
 
 HEIGHT, WIDTH = 32, 48  # non-square, and the images below need real resizing
 SEED = 7

@@ -26,7 +26,8 @@ from theworld.modeling.rollout import (
     encode_prompt,
     rollout_world_latents,
 )
-from theworld.modeling.world_encoder import CosmosWorldEncoder, preprocess_world_images
+from theworld.modeling.world_encoder import CosmosWorldEncoder
+from theworld.video_processing_theworld import preprocess_world_images
 
 HEIGHT = WIDTH = 32
 NUM_FRAMES = 9

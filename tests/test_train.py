@@ -137,26 +137,26 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_saf
 
 def test_a_crashed_run_keeps_its_metrics_and_resume_cuts_them_back(tmp_path, tiny_models, tiny_safety_worker,
                                                                     monkeypatch):
-    import theworld.training.loop as loop
+    import theworld.training.state as train_state  # TrainState.save writes the checkpoints
 
     flags = ["--max-steps", "6", "--save-every", "2", "--eval-every", "2"]
     endpoint = tiny_safety_worker.endpoint
     run_in_process(tmp_path / "whole", tiny_models, endpoint, *flags)
-    save = loop.save_checkpoint
+    save = train_state.save_checkpoint
 
     def crash_at_step_4(accelerator, model, optimizer, scheduler, step, *args):
         if step == 4:
             raise RuntimeError("simulated crash")
         return save(accelerator, model, optimizer, scheduler, step, *args)
 
-    monkeypatch.setattr(loop, "save_checkpoint", crash_at_step_4)
+    monkeypatch.setattr(train_state, "save_checkpoint", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_in_process(tmp_path / "parts", tiny_models, endpoint, *flags)
     # Written as the run went: steps 1-4 and the evaluations at 0, 2 and 4, although it never finished.
     crashed = read_jsonl(tmp_path / "parts" / "metrics.jsonl")
     assert [(r["step"], "loss" in r) for r in crashed] == [(0, False), (1, True), (2, True), (2, False), (3, True),
                                                            (4, True), (4, False)]
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(train_state, "save_checkpoint", save)
     run_in_process(tmp_path / "parts", tiny_models, endpoint, *flags, "--resume")  # from step 2
     assert read_jsonl(tmp_path / "parts" / "metrics.jsonl") == read_jsonl(tmp_path / "whole" / "metrics.jsonl")
 

@@ -17,10 +17,14 @@ from theworld._import_guard import (  # noqa: E402  (the guard must be in place 
 _LAZY = {
     "TheWorld": "theworld.modeling.modeling_theworld",
     "TheWorldConfig": "theworld.configuration_theworld",
+    "TheWorldProcessor": "theworld.processing_theworld",
     "TheWorldCollator": "theworld.data.collator",
 }
+# Imported with the model: `TheWorld.from_pretrained` finds the processor through transformers'
+# `AutoProcessor` registry (the model never imports it), and this module is what registers it.
+_ALSO_IMPORT = {"TheWorld": "theworld.processing_theworld"}
 
-__all__ = ["TheWorld", "TheWorldConfig", "TheWorldCollator", "assert_grad_enabled", "AutogradDisabledError",
+__all__ = ["TheWorld", "TheWorldConfig", "TheWorldProcessor", "TheWorldCollator", "assert_grad_enabled", "AutogradDisabledError",
            "GuardrailImportError"]
 
 
@@ -28,6 +32,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
+        if name in _ALSO_IMPORT:
+            importlib.import_module(_ALSO_IMPORT[name])
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

@@ -5,6 +5,30 @@ from transformers import AutoConfig, Gemma3Config
 
 WORLD_PROJECTIONS = ("spatial", "channel", "frame")
 WORLD_PROJECTOR_TYPES = ("mlp", "linear")
+# The Wan VAE of Cosmos-Predict2 compresses time by 4, causally: 1 + 4k frames -> 1 + k latent frames.
+VAE_TEMPORAL_FACTOR = 4
+
+
+# The frame-count rules live with the configuration (whose `world_max_frames` counts latent frames) because
+# both sides need them: the processor sizes each world block with them, the model checks its input with
+# them, and neither may import the other.
+def latent_frames(num_frames: int) -> int:
+    """Latent frames the Cosmos VAE makes of a clip of `num_frames` frames (which must be 1 + 4k)."""
+    check_clip_length(num_frames)
+    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+def check_clip_length(num_frames: int) -> None:
+    """Raise unless the Cosmos VAE can take a clip of this many frames whole (1 + 4k: 1, 5, 9, 13, ...).
+
+    The Wan VAE silently drops frames beyond the last 1 + 4k, so any other count would lose frames.
+    """
+    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR:
+        below = max(1, (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1)
+        raise ValueError(
+            f"a world clip must have 1 + 4k frames (1, 5, 9, 13, 17, ...: the Cosmos VAE compresses time by 4), "
+            f"got {num_frames}; use {below} or {below + VAE_TEMPORAL_FACTOR} frames"
+        )
 
 
 class TheWorldConfig(Gemma3Config):
@@ -125,7 +149,6 @@ class TheWorldConfig(Gemma3Config):
         return side, side
 
 
-
 AutoConfig.register("theworld", TheWorldConfig)
 
-__all__ = ["TheWorldConfig"]
+__all__ = ["TheWorldConfig", "latent_frames", "check_clip_length", "VAE_TEMPORAL_FACTOR"]

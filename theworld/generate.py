@@ -64,7 +64,7 @@ def read_frames(path: str | Path, video: bool) -> np.ndarray:
         raise FileNotFoundError(f"no such {'video' if video else 'image'} file: {path}")
     if not video:
         return as_rgb_array(path)[None]
-    from theworld.modeling.world_encoder import check_clip_length
+    from theworld.configuration_theworld import check_clip_length
 
     frames = np.asarray(iio.imread(path, plugin=None if path.suffix.lower() == ".gif" else "FFMPEG"))
     try:

@@ -7,18 +7,25 @@ block into world tokens: after the clip's `<start_of_image>` it writes `<start_o
 clip's last frame (the current observation, all Gemma sees), while the whole clip is preprocessed for
 the Cosmos VAE (`world_pixel_values`, `world_num_frames`). The model never expands tokens itself.
 
-Saved and loaded with the model (`processor_config.json` next to the weights); build one with
-`TheWorldProcessor.from_gemma_processor` or get it as `model.processor`.
+Saved and loaded with the model (`processor_config.json` next to the weights); get it as
+`model.processor`, or build one with `TheWorldProcessor.from_theworld_config`.
+
+This module sits beside the model, not below or above it: it imports the configuration and the video
+processing only, and the model (which never imports it) finds it through transformers' `AutoProcessor`
+registry, where this module registers it, as a custom transformers processor is registered.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
-import torch
-from transformers import Gemma3Processor
+from transformers import AddedToken, AutoProcessor, Gemma3Processor
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import PROCESSOR_NAME
 
-from theworld.modeling.world_encoder import latent_frames, preprocess_world_clips
+from theworld.configuration_theworld import TheWorldConfig, latent_frames
+from theworld.video_processing_theworld import preprocess_world_clips
 
 
 class TheWorldProcessor(Gemma3Processor):
@@ -49,6 +56,21 @@ class TheWorldProcessor(Gemma3Processor):
         self.sow_token, self.eow_token, self.world_token = sow_token, eow_token, world_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_seq_length=image_seq_length,
                          **kwargs)
+
+    @classmethod
+    def from_theworld_config(cls, config: TheWorldConfig, world_tokens_per_frame: int,
+                             saved_directory: str | os.PathLike | None = None, **hub_kwargs) -> "TheWorldProcessor":
+        """The processor of a TheWorld with `config`: the one saved in `saved_directory` (a directory written by
+        `TheWorld.save_pretrained`) if it holds one, else the base Gemma 3's (`gemma_model_name_or_path`), with
+        the world tokens added to its tokenizer either way (`hub_kwargs`: `revision`, `cache_dir`, ...)."""
+        if saved_directory is not None and (Path(saved_directory) / PROCESSOR_NAME).is_file():
+            base = cls.from_pretrained(saved_directory)
+        else:
+            base = AutoProcessor.from_pretrained(config.gemma_model_name_or_path, **hub_kwargs)
+        tokens = [config.sow_token, config.eow_token, config.world_token]
+        # Adding a token the tokenizer already holds (a saved processor's) keeps its id.
+        base.tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+        return cls.from_gemma_processor(base, config, world_tokens_per_frame)
 
     @classmethod
     def from_gemma_processor(cls, processor: Gemma3Processor, config, world_tokens_per_frame: int) -> "TheWorldProcessor":
@@ -151,5 +173,8 @@ def _check_one_size(clip: list) -> None:
     if len(sizes) > 1:
         raise ValueError(f"the frames of one clip must share one size, got {sorted(sizes)}")
 
+
+# How `TheWorld.from_pretrained` finds this class without importing this module (see the module docstring).
+AutoProcessor.register(TheWorldConfig, TheWorldProcessor)
 
 __all__ = ["TheWorldProcessor"]

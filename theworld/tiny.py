@@ -384,7 +384,7 @@ def _calibrate_latent_statistics(vae) -> None:
     """
     import torch
 
-    from theworld.modeling.world_encoder import preprocess_world_clips
+    from theworld.video_processing_theworld import preprocess_world_clips
 
     clips = _calibration_clips()
     size = clips[0][0].shape[0]

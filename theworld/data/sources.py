@@ -121,7 +121,7 @@ def messages_problem(messages) -> str | None:
 def check_sample(sample: dict) -> dict:
     """``sample`` if the trainer can use it, else ``BadSample``: chat messages with one image slot and a
     final answer, and a clip of ``1 + 4k`` frames of one size."""
-    from theworld.modeling.world_encoder import check_clip_length
+    from theworld.configuration_theworld import check_clip_length
 
     problem = messages_problem(sample["messages"])
     if problem:

@@ -22,17 +22,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AddedToken, AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-from transformers import Gemma3ForConditionalGeneration
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Gemma3ForConditionalGeneration
 from transformers import initialization as init
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from theworld._import_guard import assert_grad_enabled
-from theworld.configuration_theworld import TheWorldConfig
+from theworld.configuration_theworld import TheWorldConfig, latent_frames
 from theworld.modeling.fusion import IGNORE_INDEX
 from theworld.modeling.projector import LatentStandardizer, LatentWhitener, WorldProjector
 from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
-from theworld.modeling.world_encoder import CosmosWorldEncoder, latent_frames
-from theworld.processing_theworld import TheWorldProcessor
+from theworld.modeling.world_encoder import CosmosWorldEncoder
 
 TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
 # peft's file name for a LoRA configuration: the language model's adapter, when it has one.
@@ -188,13 +187,11 @@ class TheWorld(Gemma3ForConditionalGeneration):
         assert_grad_enabled("loading TheWorld")
 
         model = super().from_pretrained(config.gemma_model_name_or_path, *model_args, config=config, **kwargs)
-        if saved_dir is not None and (saved_dir / "processor_config.json").is_file():
-            base_processor = TheWorldProcessor.from_pretrained(saved_dir)  # saved with the model
-        else:
-            base_processor = AutoProcessor.from_pretrained(config.gemma_model_name_or_path, **_hub_kwargs(kwargs))
-        model._add_world_tokens(base_processor.tokenizer, expected_ids=saved_dir is not None)
         tokens_per_frame = model.world_projector.tokens_per_frame if model.world_projector is not None else 0
-        model.processor = TheWorldProcessor.from_gemma_processor(base_processor, config, tokens_per_frame)
+        processor = _processor_class().from_theworld_config(config, tokens_per_frame, saved_directory=saved_dir,
+                                                            **_hub_kwargs(kwargs))
+        model._adopt_world_tokens(processor.tokenizer, expected_ids=saved_dir is not None)
+        model.processor = processor
         if config.enable_world:
             vae_kwargs = {"torch_dtype": kwargs["dtype"]} if isinstance(kwargs.get("dtype"), torch.dtype) else {}
             model._attach_world_encoder(CosmosWorldEncoder.from_pretrained(config.cosmos_model_name_or_path,
@@ -222,10 +219,10 @@ class TheWorld(Gemma3ForConditionalGeneration):
         with torch.no_grad():
             self.world_projector.output_gain.fill_(text_embedding_rms(self.get_input_embeddings()))
 
-    def _add_world_tokens(self, tokenizer, expected_ids: bool) -> None:
-        """Add the world tokens to the tokenizer; grow (never shrink) the embedding table if needed."""
+    def _adopt_world_tokens(self, tokenizer, expected_ids: bool) -> None:
+        """Take the world tokens' ids from the processor's tokenizer (which holds them); grow (never shrink)
+        the embedding table if needed."""
         tokens = [self.config.sow_token, self.config.eow_token, self.config.world_token]
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
         ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
         names = ("sow_token_index", "eow_token_index", "world_token_index")
         if expected_ids and [getattr(self.config, n) for n in names] != ids:
@@ -501,6 +498,19 @@ def text_embedding_rms(embeddings: torch.nn.Module) -> float:
     """RMS of Gemma's (scaled) text embeddings over the first 4,096 ids: the scale other tokens start at."""
     ids = torch.arange(min(embeddings.num_embeddings, 4096), device=embeddings.weight.device)
     return embeddings(ids).float().pow(2).mean().sqrt().item()
+
+
+def _processor_class():
+    """`TheWorldProcessor`, found in transformers' `AutoProcessor` registry where `theworld.processing_theworld`
+    registers it: the model never imports the processor (transformers' layout: the model imports only its
+    configuration), as no transformers model imports its processor."""
+    try:
+        return PROCESSOR_MAPPING[TheWorldConfig]
+    except KeyError:
+        raise RuntimeError(
+            "TheWorldProcessor is not registered: use `from theworld import TheWorld` (which registers it), or "
+            "`import theworld.processing_theworld` before TheWorld.from_pretrained"
+        ) from None
 
 
 def _base_id(name_or_path) -> str | None:

@@ -2,93 +2,24 @@
 
 Only the VAE submodule is used (`AutoencoderKLWan` from the repository's `vae` subfolder); the
 diffusers pipeline is never imported here (it imports the guardrail, which switches autograd off).
-Preprocessing is the pipeline's own `VideoProcessor` (resize with PIL lanczos to exactly `(H, W)`,
-scale to `[-1, 1]`), and latents are normalised exactly as the pipeline's `prepare_latents` does:
-`(z - latents_mean) / latents_std * sigma_data`. tests/test_model_parity.py checks both against the
-pipeline on the same weights.
+Latents are normalised exactly as the pipeline's `prepare_latents` does:
+`(z - latents_mean) / latents_std * sigma_data`. The pixels come from
+`theworld.video_processing_theworld` (the pipeline's own preprocessing). tests/test_model_parity.py
+checks both against the pipeline on the same weights.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.video_processor import VideoProcessor
 from torch import nn
+
+from theworld.configuration_theworld import check_clip_length
 
 # The Video2World pipeline's scheduler `sigma_data`: latents are scaled by it after normalisation.
 SIGMA_DATA = 1.0
-# The Wan VAE of Cosmos-Predict2 compresses time by 4, causally: 1 + 4k frames -> 1 + k latent frames.
-VAE_TEMPORAL_FACTOR = 4
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames the Cosmos VAE makes of a clip of `num_frames` frames (which must be 1 + 4k)."""
-    check_clip_length(num_frames)
-    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
-
-
-def check_clip_length(num_frames: int) -> None:
-    """Raise unless the Cosmos VAE can take a clip of this many frames whole (1 + 4k: 1, 5, 9, 13, ...).
-
-    The Wan VAE silently drops frames beyond the last 1 + 4k, so any other count would lose frames.
-    """
-    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR:
-        below = max(1, (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1)
-        raise ValueError(
-            f"a world clip must have 1 + 4k frames (1, 5, 9, 13, 17, ...: the Cosmos VAE compresses time by 4), "
-            f"got {num_frames}; use {below} or {below + VAE_TEMPORAL_FACTOR} frames"
-        )
-
-
-def _to_pil(image) -> PIL.Image.Image:
-    if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(
-            f"world images must be PIL images or uint8 arrays of shape [H, W, 3], got dtype {array.dtype} and "
-            f"shape {array.shape}"
-        )
-    return PIL.Image.fromarray(array)
-
-
-def preprocess_world_images(images: Sequence, height: int, width: int) -> torch.Tensor:
-    """Images (PIL or uint8 `[H, W, 3]`) -> `[B, 3, 1, height, width]` float32 in `[-1, 1]`.
-
-    The pipeline's preprocessing: its `VideoProcessor` resizes PIL images with lanczos and scales to
-    `[-1, 1]`; the frame axis is added as in `Cosmos2VideoToWorldPipeline.__call__` for an image input.
-    uint8 arrays go through PIL first, so they are treated exactly like the same picture as a PIL image.
-    """
-    if height % 16 or width % 16:
-        raise ValueError(f"world image size must be divisible by 16, got {height}x{width}")
-    processor = VideoProcessor(vae_scale_factor=8)
-    pil_images = [_to_pil(image) for image in images]
-    return processor.preprocess(pil_images, height, width).unsqueeze(2).to(torch.float32)
-
-
-def preprocess_world_clips(clips: Sequence[Sequence], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips (each a list of frames, oldest first; an image is a one-frame clip) -> Cosmos VAE input.
-
-    Returns `(pixels, num_frames)`: `pixels` `[B, 3, F_max, height, width]` float32 in `[-1, 1]`, every
-    frame preprocessed as `preprocess_world_images` does; a clip shorter than `F_max` is padded with
-    zero frames after its last frame. `num_frames` `[B]` says how many frames of each row are real; each
-    must be `1 + 4k`.
-    """
-    counts = [len(clip) for clip in clips]
-    for count in counts:
-        check_clip_length(count)
-    frames = preprocess_world_images([frame for clip in clips for frame in clip], height, width)[:, :, 0]
-    pixels = frames.new_zeros(len(clips), 3, max(counts), height, width)
-    start = 0
-    for row, count in enumerate(counts):
-        pixels[row, :, :count] = frames[start : start + count].transpose(0, 1)
-        start += count
-    return pixels, torch.tensor(counts)
 
 
 class LatentCache:
@@ -184,7 +115,7 @@ class CosmosWorldEncoder(nn.Module):
         return latents / SIGMA_DATA * std + mean
 
     def encode_clips(self, world_pixel_values: torch.Tensor, num_frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded clips of mixed lengths (`preprocess_world_clips`) -> padded latents.
+        """Padded clips of mixed lengths (`theworld.video_processing_theworld.preprocess_world_clips`) -> padded latents.
 
         Rows are grouped by length and each group is encoded on its own real frames only (padding frames
         never reach the VAE). Returns `(latents, num_latent_frames)`: latents `[B, 16, T_max, h, w]` with
@@ -242,7 +173,7 @@ class CosmosWorldEncoder(nn.Module):
         """
         if world_pixel_values.ndim != 5 or world_pixel_values.shape[1] != 3:
             raise ValueError(
-                f"world_pixel_values must be [B, 3, frames, H, W] in [-1, 1] (see preprocess_world_images), got "
+                f"world_pixel_values must be [B, 3, frames, H, W] in [-1, 1] (see theworld.video_processing_theworld), got "
                 f"shape {tuple(world_pixel_values.shape)}"
             )
         check_clip_length(world_pixel_values.shape[2])

@@ -190,7 +190,7 @@ class BatchingEngine:
     def _rollout(self, job: Job, world_latents: torch.Tensor, row: int) -> np.ndarray:
         """The observed clip plus `job.rollout` predicted latent frames, decoded (raw: not yet checked)."""
         from theworld.modeling.rollout import RolloutConfig, decode_world_latents
-        from theworld.modeling.world_encoder import latent_frames
+        from theworld.configuration_theworld import latent_frames
 
         model = self.model
         latents = world_latents[row:row + 1]

@@ -1,23 +1,32 @@
-"""The training loop, read top to bottom: build, check, step, evaluate, checkpoint."""
+"""The training loop, read top to bottom: build, check, step, evaluate, checkpoint.
+
+`train()` keeps the loop in plain sight (as nanoGPT's train.py does); what it is built from has a name of its
+own and a unit test: the run context (`open_run`), the train state (`theworld.training.state`), the safety
+worker session (`theworld.training.worker_session`), the held-out set (`theworld.training.heldout`), one
+optimizer step (`train_step`) and the summary (`theworld.training.reporting.build_summary`)."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from theworld import assert_grad_enabled  # importing theworld installs the import guard first
 from theworld.training.arguments import DataArguments, ModelArguments, TrainArguments, parse_report_to
-from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs, load_checkpoint, save_checkpoint
-from theworld.training.data import TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
-from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, evaluate_world_and_no_world, to_device
+from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs
+from theworld.training.data import TASK_FILE, open_datasets, task_record, training_stream
+from theworld.training.heldout import EVAL_BATCH_SIZE, check_heldout_samples, prepare_heldout, to_device
 from theworld.training.model import build_model, world_projector_parameters
-from theworld.training.sharding import full_tensor, is_sharded, shard_model
-from theworld.training.reporting import MetricsLog, log_heldout_examples, peak_memory_mb, write_json_atomic, write_loss_curve
-from theworld.training.worker_session import local_processes, safety_window_share, safety_worker
+from theworld.training.reporting import (MetricsLog, build_summary, log_heldout_examples, peak_memory_mb,
+                                         reduce_sample_counts, write_json_atomic, write_loss_curve)
+from theworld.training.sharding import full_tensor, is_sharded
+from theworld.training.state import TrainState, build_train_state
+from theworld.training.worker_session import local_processes, open_worker_session
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -26,27 +35,34 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, *,
-          make_sample_filter=None) -> dict:
-    """Run training and return the summary (also written to ``output_dir/summary.json``).
+@dataclass
+class RunContext:
+    """Where and how this process runs: its `accelerator` (and so its rank among `world_size` processes,
+    `local` of them on this node), the `output_dir`, the trackers (`report_to`), the checkpoints already there,
+    and the CPU threads a spawned safety worker gets (`worker_threads`, None: its default)."""
 
-    ``make_sample_filter(client, stream, output_dir, state)`` replaces the live ``SafetyFilter`` (the
-    benchmark uses it to compare against pre-checked data); by default every sample is checked live.
-    """
+    accelerator: object
+    output_dir: Path
+    report_to: list[str]
+    rank: int
+    world_size: int
+    local: int
+    checkpoints: list[Path]
+    worker_threads: int | None
+
+    def start_trackers(self, *arguments) -> None:
+        """Start the `--report-to` trackers (none: nothing), their run config the flags that are set."""
+        if self.report_to:
+            self.accelerator.init_trackers("theworld", config={k: v for a in arguments
+                                                               for k, v in dataclasses.asdict(a).items() if v is not None})
+
+
+def open_run(train_args: TrainArguments) -> RunContext:
+    """Create the output directory and the accelerator, split the CPU threads, and check that `--resume`
+    matches what the output directory holds (before anything slow is built)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from accelerate.utils import ProjectConfiguration
 
-    from safety_worker import SafetyClient
-    from theworld.data.collator import TheWorldCollator
-    from theworld.data.prefetch import Prefetcher
-    from theworld.data.safety_filter import BadSampleLimit, SafetyFilter
-    from theworld.data.sources import DataError
-    from theworld.evaluation import evaluate_by_question
-    from theworld.modeling.world_encoder import LatentCache
-
-    assert_grad_enabled("training (at start)")
     report_to = parse_report_to(train_args.report_to)
     output_dir = Path(train_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +72,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
-    rank, world_size = accelerator.process_index, accelerator.num_processes
     local = local_processes(accelerator)  # this node's processes: they share its cores and its safety worker
     worker_threads = None
     if train_args.num_threads:
@@ -70,13 +85,64 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINT_DIR}; start without --resume")
     if not train_args.resume and checkpoints:
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue or pick another --output-dir")
+    return RunContext(accelerator, output_dir, report_to, accelerator.process_index, accelerator.num_processes, local,
+                      checkpoints, worker_threads)
+
+
+def train_step(state: TrainState, next_batch: Callable[[], dict], accelerator, accumulation_steps: int,
+               max_grad_norm: float) -> float:
+    """One optimizer step over `accumulation_steps` micro-batches from `next_batch`; the mean micro-batch loss.
+
+    Checks on every micro-batch that autograd is on and reaches the loss: a guardrail import anywhere in the
+    process, or a model with nothing trainable, would otherwise train nothing without a word."""
+    micro_losses = []
+    for _ in range(accumulation_steps):
+        batch = to_device(next_batch(), accelerator.device)
+        with accelerator.accumulate(state.model):
+            with accelerator.autocast():
+                loss = state.model(**batch).loss
+            assert_grad_enabled("the training step")
+            if not loss.requires_grad:
+                raise RuntimeError("the training loss does not require grad although autograd is on: no "
+                                   "trainable parameter reaches the loss (is enable_world off with every "
+                                   "Gemma part frozen? see --freeze-gemma-language)")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                accelerator.clip_grad_norm_(state.params, max_grad_norm)
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad()
+        micro_losses.append(loss.detach().float().item())
+    return sum(micro_losses) / len(micro_losses)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, *,
+          make_sample_filter=None) -> dict:
+    """Run training and return the summary (also written to ``output_dir/summary.json``).
+
+    ``make_sample_filter(client, stream, output_dir, state)`` replaces the live ``SafetyFilter`` (the
+    benchmark uses it to compare against pre-checked data); by default every sample is checked live.
+    """
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+
+    from theworld.data.collator import TheWorldCollator
+    from theworld.data.prefetch import Prefetcher
+    from theworld.data.safety_filter import BadSampleLimit, SafetyFilter
+    from theworld.data.sources import DataError
+    from theworld.evaluation import evaluate_by_question
+    from theworld.modeling.world_encoder import LatentCache
+
+    assert_grad_enabled("training (at start)")
+    run = open_run(train_args)
+    accelerator, output_dir, report_to = run.accelerator, run.output_dir, run.report_to
     # ---- data: opened (and its start-up errors raised) before anything slow is built
     try:
         max_bad_samples = BadSampleLimit.parse(data_args.max_bad_samples)
     except ValueError as e:
         raise DataError(str(e)) from None
     train_data, heldout_data = open_datasets(data_args, train_args.seed)
-    stream = training_stream(train_data, train_args.seed, rank, world_size)
+    stream = training_stream(train_data, train_args.seed, run.rank, run.world_size)
 
     # ---- model, optimizer, schedule
     model = build_model(model_args, train_args.seed)
@@ -89,205 +155,123 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     collator = TheWorldCollator(model)
     # `--fsdp`, or an accelerate config with FSDP (GPUs: accelerate runs a CPU launch as DDP): one sharding.
     fsdp = train_args.fsdp or accelerator.distributed_type == DistributedType.FSDP
-    if fsdp:
-        shard_model(model)  # before the optimizer is built: sharding replaces the parameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
-    # accelerate steps a prepared scheduler once per process per optimizer step.
-    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps * world_size,
-                              num_training_steps=train_args.max_steps * world_size)
-    if fsdp:  # distributed by its shards already: no DDP wrapper, no second wrapping by accelerate
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = build_train_state(model, train_args, accelerator, fsdp)
+    model, unwrapped = state.model, accelerator.unwrap_model(state.model)
     sharded = is_sharded(model)
-    projector_before = {n: full_tensor(p.detach()).clone()
-                        for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
-
-    ledger_suffix = "" if rank == 0 else f".rank{rank}"
-
-    step, history, evals, filter_state = 0, [], [], None
+    projector_before = {n: full_tensor(p.detach()).clone() for n, p in world_projector_parameters(unwrapped).items()}
+    ledger_suffix = "" if run.rank == 0 else f".rank{run.rank}"
     if train_args.resume:
-        state = load_checkpoint(accelerator, model, optimizer, scheduler, checkpoints[-1])
-        step, history, evals, filter_state = state["step"], state["history"], state["evals"], state["filter"]
-        stream.load_state_dict(state.get("data"))
-        accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
-    metrics = MetricsLog(output_dir / "metrics.jsonl", history + evals, enabled=accelerator.is_main_process)
+        state.restore(accelerator, run.checkpoints[-1])
+        stream.load_state_dict(state.data_state)
+        accelerator.print(f"resumed from {run.checkpoints[-1]} at step {state.step}")
+    metrics = MetricsLog(output_dir / "metrics.jsonl", state.history + state.evals, enabled=accelerator.is_main_process)
 
     with ExitStack() as stack:
-        endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator, worker_threads))
-        # A worker shared by several processes (or runs) can be briefly full: resend a `busy` check
-        # until its deadline rather than count it as a failed check after a few seconds.
-        client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout, busy_retries=None))
-        worker_hello = client.hello()
-        safety_window = safety_window_share(train_args.safety_window, worker_hello, local)
-        if safety_window < train_args.safety_window:
-            accelerator.print(f"safety window: {safety_window} checks in flight per process ({local} processes "
-                              f"share the worker's queue of {worker_hello['limits']['queue_size']})")
+        worker = open_worker_session(stack, train_args, accelerator, run.worker_threads, run.local)
         assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
-        heldout = Prefetcher(heldout_loads(heldout_data, data_args.eval_size), data_args.data_workers,
-                             data_args.data_prefetch)
-        eval_filter = SafetyFilter(client, heldout, window=safety_window, output_dir=output_dir,
-                                   ledger_suffix=f".eval{ledger_suffix}", max_errors=train_args.safety_max_errors,
-                                   result_timeout=train_args.safety_timeout, fresh_ledgers=True)
-        eval_samples = [sample for _, sample in eval_filter]
-        eval_filter.close()
-        heldout.close()
-        if not eval_samples:
-            raise ValueError("no held-out sample passed the safety check; see eval blocked/errors ledgers in --output-dir")
-        # Each rank scores its share of the held-out set; `evaluate` sums the scores over the ranks.
-        eval_share = eval_samples[rank::world_size]
-        eval_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_share, EVAL_BATCH_SIZE, world=None)
-        no_world_batches = None
-        if accelerator.unwrap_model(model).config.enable_world:
-            no_world_batches = collate_eval_batches(accelerator.unwrap_model(model), eval_share, EVAL_BATCH_SIZE,
-                                                    world=False)
-        # A sharded model's forward is a collective: a rank with fewer held-out batches runs this one, uncounted.
-        lockstep = collate_eval_batches(accelerator.unwrap_model(model), eval_samples[:1], 1, world=None)[0] if sharded else None
+        eval_samples = check_heldout_samples(heldout_data, worker, data_args, train_args, ledger_suffix)
+        heldout = prepare_heldout(unwrapped, eval_samples, run.rank, run.world_size, sharded)
 
-        # Read and decoded ahead in threads, from where the samples taken so far end.
-        reader = Prefetcher(stream.iter_loads_from(filter_state["next_position"] if filter_state else 0),
+        # ---- training samples: read and decoded ahead in threads, from where the samples taken so far end
+        reader = Prefetcher(stream.iter_loads_from(state.filter_state["next_position"] if state.filter_state else 0),
                             data_args.data_workers, data_args.data_prefetch)
         stack.callback(reader.close)
         if make_sample_filter is None:
-            samples = SafetyFilter(client, reader, window=safety_window, output_dir=output_dir,
+            samples = SafetyFilter(worker.client, reader, window=worker.window, output_dir=output_dir,
                                    ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
-                                   result_timeout=train_args.safety_timeout, state=filter_state,
+                                   result_timeout=train_args.safety_timeout, state=state.filter_state,
                                    max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
-                                   worker_hello=worker_hello)
+                                   worker_hello=worker.hello)
         else:
-            samples = make_sample_filter(client, reader, output_dir, filter_state)
+            samples = make_sample_filter(worker.client, reader, output_dir, state.filter_state)
         stack.callback(samples.close)
 
-        if report_to:
-            accelerator.init_trackers("theworld", config={k: v for a in (model_args, data_args, train_args)
-                                                          for k, v in dataclasses.asdict(a).items() if v is not None})
+        run.start_trackers(model_args, data_args, train_args)
 
-        def show_examples(at_step: int) -> None:
+        def next_batch() -> dict:
+            return collator([next(samples)[1] for _ in range(train_args.batch_size)])
+
+        def evaluate(at_step: int) -> None:
+            state.evals.append(heldout.evaluate(model, accelerator, at_step))
+            metrics.append(state.evals[-1])
             if {"tensorboard", "all"} & set(report_to) and train_args.heldout_examples > 0:
-                log_heldout_examples(accelerator, model, eval_samples[: train_args.heldout_examples], at_step)
+                log_heldout_examples(accelerator, model, heldout.samples[: train_args.heldout_examples], at_step)
 
+        # ---- the loop
         if not train_args.resume:
-            evals.append({"step": 0, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator, lockstep)})
-            metrics.append(evals[-1])
-            show_examples(0)
+            evaluate(0)
         stop_at = train_args.max_steps
         if train_args.stop_after_steps is not None:
-            stop_at = min(stop_at, step + train_args.stop_after_steps)
-        progress = tqdm(total=train_args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-        loop_seconds = other_seconds = 0.0
+            stop_at = min(stop_at, state.step + train_args.stop_after_steps)
+        progress = tqdm(total=train_args.max_steps, initial=state.step, desc="train",
+                        disable=not accelerator.is_local_main_process)
+        other_seconds = 0.0
         wait_at_start, data_wait_at_start = samples.counts.wait_seconds, reader.wait_seconds
         model.train()
         started = time.perf_counter()
-        checked_grad = False
-        while step < stop_at:
-            micro_losses = []
-            for _ in range(train_args.gradient_accumulation_steps):
-                batch = to_device(collator([next(samples)[1] for _ in range(train_args.batch_size)]), accelerator.device)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss = model(**batch).loss
-                    if not checked_grad:
-                        assert_grad_enabled("the training step")
-                        if not loss.requires_grad:
-                            raise RuntimeError("the training loss does not require grad although autograd is on: no "
-                                               "trainable parameter reaches the loss (is enable_world off with every "
-                                               "Gemma part frozen? see --freeze-gemma-language)")
-                        checked_grad = True
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, train_args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                micro_losses.append(loss.detach().float().item())
-            step += 1
-            record = {"step": step, "loss": sum(micro_losses) / len(micro_losses), "lr": scheduler.get_last_lr()[0]}
-            history.append(record)
+        while state.step < stop_at:
+            loss = train_step(state, next_batch, accelerator, train_args.gradient_accumulation_steps,
+                              train_args.max_grad_norm)
+            state.step += 1
+            step = state.step
+            record = {"step": step, "loss": loss, "lr": state.scheduler.get_last_lr()[0]}
+            state.history.append(record)
             metrics.append(record)
             progress.update(1)
             if step % train_args.log_every == 0 or step == stop_at:
-                progress.set_postfix(loss=f"{record['loss']:.4f}", blocked=samples.counts.blocked)
+                progress.set_postfix(loss=f"{loss:.4f}", blocked=samples.counts.blocked)
                 if report_to:
-                    accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=step)
+                    accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=step)
 
             pause = time.perf_counter()
             if step % train_args.eval_every == 0 or step == train_args.max_steps:
-                evals.append({"step": step, **evaluate_world_and_no_world(model, eval_batches, no_world_batches, accelerator, lockstep)})
-                metrics.append(evals[-1])
-                show_examples(step)
+                evaluate(step)
                 if report_to:
-                    accelerator.log({k.replace("eval_", "eval/"): v for k, v in evals[-1].items() if k != "step"}, step=step)
+                    accelerator.log({k.replace("eval_", "eval/"): v for k, v in state.evals[-1].items() if k != "step"},
+                                    step=step)
             if step % train_args.save_every == 0 or step == stop_at:
-                save_checkpoint(accelerator, model, optimizer, scheduler, step,
-                                {"step": step, "history": history, "evals": evals, "filter": samples.state_dict(),
-                                 "data": stream.state_dict()},
-                                output_dir, train_args.save_total_limit)
+                state.save(accelerator, output_dir, train_args.save_total_limit, samples.state_dict(),
+                           stream.state_dict())
             other_seconds += time.perf_counter() - pause
         progress.close()
         loop_seconds = time.perf_counter() - started - other_seconds
         # The final held-out table: per question type, against the majority baseline, with ablations.
-        eval_by_question = evaluate_by_question(accelerator.unwrap_model(model), eval_samples,
-                                                batch_size=EVAL_BATCH_SIZE, seed=train_args.seed,
-                                                autocast=accelerator.autocast)
+        eval_by_question = evaluate_by_question(unwrapped, heldout.samples, batch_size=EVAL_BATCH_SIZE,
+                                                seed=train_args.seed, autocast=accelerator.autocast)
         counts = samples.counts
         data_wait = reader.wait_seconds - data_wait_at_start
-        stats = client.stats()
+        stats = worker.client.stats()
 
-    # ---- summary (counters summed over ranks)
-    totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors,
-                                              counts.data_errors], dtype=torch.float64, device=accelerator.device),
-                                "sum").tolist()
-    seen, trained, blocked, errors, bad_samples = (int(x) for x in totals)
-    projector_after = {n: full_tensor(p.detach()) for n, p in world_projector_parameters(accelerator.unwrap_model(model)).items()}
-    wait = counts.wait_seconds - wait_at_start
-    steps_run = step - (state["step"] if train_args.resume else 0)
-    summary = {
-        "steps": step,
-        "max_steps": train_args.max_steps,
-        "seen": seen,
-        "trained": trained,
-        "blocked": blocked,
-        "errors": errors,
-        "bad_samples": bad_samples,
-        "accounting_holds": seen == trained + blocked + errors,
-        "initial_eval_loss": evals[0]["eval_loss"],
-        "final_eval_loss": evals[-1]["eval_loss"],
-        "initial_eval_accuracy": evals[0]["eval_accuracy"],
-        "final_eval_accuracy": evals[-1]["eval_accuracy"],
-        "final_eval_loss_no_world": evals[-1].get("eval_loss_no_world"),
-        "final_eval_accuracy_no_world": evals[-1].get("eval_accuracy_no_world"),
-        "enable_world": accelerator.unwrap_model(model).config.enable_world,
-        "eval_samples": len(eval_samples),
-        "eval_by_question": eval_by_question,
-        "train_seconds": loop_seconds,
-        "steps_per_second": steps_run / loop_seconds if loop_seconds > 0 else None,
-        "safety_wait_seconds": wait,
-        "safety_wait_fraction": wait / loop_seconds if loop_seconds > 0 else None,
-        "data_wait_seconds": data_wait,
-        "data_wait_fraction": data_wait / loop_seconds if loop_seconds > 0 else None,
-        "trainer_grad_enabled": torch.is_grad_enabled(),
-        "projector_max_abs_change": max(((projector_after[n] - projector_before[n]).abs().max().item()
-                                         for n in projector_before), default=None),
-        "trainable_parameters": sum(p.numel() for p in params),
-        "safety_endpoint": endpoint,
-        "safety_worker_spawned": spawned is not None,
-        "worker": worker_hello,
-        "worker_stats": stats,
-        "mixed_precision": accelerator.mixed_precision,
-        "num_processes": world_size,
-        "lora_r": model_args.lora_r,
-        "gradient_checkpointing": train_args.gradient_checkpointing,
-        "fsdp": sharded,
-        **peak_memory_mb(accelerator.device),
-    }
-    weights = accelerator.unwrap_model(model).trainable_state_dict()  # collective when sharded
+    # ---- summary (counters summed over ranks) and the saved model
+    projector_after = {n: full_tensor(p.detach()) for n, p in world_projector_parameters(unwrapped).items()}
+    summary = build_summary(
+        steps=state.step, max_steps=train_args.max_steps, steps_run=state.step - state.resumed_from,
+        samples=reduce_sample_counts(accelerator, counts), evals=state.evals, eval_samples=len(heldout.samples),
+        eval_by_question=eval_by_question, enable_world=unwrapped.config.enable_world, loop_seconds=loop_seconds,
+        safety_wait_seconds=counts.wait_seconds - wait_at_start, data_wait_seconds=data_wait,
+        projector_max_abs_change=max(((projector_after[n] - projector_before[n]).abs().max().item()
+                                      for n in projector_before), default=None),
+        trainable_parameters=sum(p.numel() for p in state.params),
+        run={
+            "safety_endpoint": worker.endpoint,
+            "safety_worker_spawned": worker.spawned is not None,
+            "worker": worker.hello,
+            "worker_stats": stats,
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": run.world_size,
+            "lora_r": model_args.lora_r,
+            "gradient_checkpointing": train_args.gradient_checkpointing,
+            "fsdp": sharded,
+            **peak_memory_mb(accelerator.device),
+        },
+    )
+    weights = unwrapped.trainable_state_dict()  # collective when sharded
     if accelerator.is_main_process:
-        write_loss_curve(history, evals, output_dir / "loss_curve.png")
+        write_loss_curve(state.history, state.evals, output_dir / "loss_curve.png")
         # Reloadable with TheWorld.from_pretrained(output_dir / "model"): config + trainable weights.
-        accelerator.unwrap_model(model).save_pretrained(output_dir / "model", state_dict=weights)
+        unwrapped.save_pretrained(output_dir / "model", state_dict=weights)
         write_json_atomic(output_dir / "model" / TASK_FILE, task_record(data_args, train_args.seed))
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()

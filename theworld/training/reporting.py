@@ -93,6 +93,58 @@ def peak_memory_mb(device) -> dict:
     return {"peak_rss_mb": peak_rss_kb / 1024, "peak_cuda_mb": cuda}
 
 
+def reduce_sample_counts(accelerator, counts) -> dict:
+    """The safety filter's counters summed over the ranks: `seen`, `trained`, `blocked`, `errors`, `bad_samples`."""
+    totals = accelerator.reduce(torch.tensor([counts.seen, counts.passed, counts.blocked, counts.errors,
+                                              counts.data_errors], dtype=torch.float64, device=accelerator.device),
+                                "sum").tolist()
+    return dict(zip(("seen", "trained", "blocked", "errors", "bad_samples"), (int(x) for x in totals)))
+
+
+def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, evals: list[dict], eval_samples: int,
+                  eval_by_question: dict, enable_world: bool, loop_seconds: float, safety_wait_seconds: float,
+                  data_wait_seconds: float, projector_max_abs_change: float | None, trainable_parameters: int,
+                  run: dict) -> dict:
+    """`summary.json`: the sample accounting (`samples` from `reduce_sample_counts`; `accounting_holds` says
+    whether `seen == trained + blocked + errors`), the first and last evaluation, rates and wait fractions
+    of the loop time (`steps_run`: the steps this process ran, not counting a resumed run's earlier ones;
+    None when no loop time was measured), and `run`: the keys that describe the run (worker, precision,
+    processes, memory...), appended as given."""
+    def per_loop_second(value):
+        return value / loop_seconds if loop_seconds > 0 else None
+
+    first, last = evals[0], evals[-1]
+    return {
+        "steps": steps,
+        "max_steps": max_steps,
+        "seen": samples["seen"],
+        "trained": samples["trained"],
+        "blocked": samples["blocked"],
+        "errors": samples["errors"],
+        "bad_samples": samples["bad_samples"],
+        "accounting_holds": samples["seen"] == samples["trained"] + samples["blocked"] + samples["errors"],
+        "initial_eval_loss": first["eval_loss"],
+        "final_eval_loss": last["eval_loss"],
+        "initial_eval_accuracy": first["eval_accuracy"],
+        "final_eval_accuracy": last["eval_accuracy"],
+        "final_eval_loss_no_world": last.get("eval_loss_no_world"),
+        "final_eval_accuracy_no_world": last.get("eval_accuracy_no_world"),
+        "enable_world": enable_world,
+        "eval_samples": eval_samples,
+        "eval_by_question": eval_by_question,
+        "train_seconds": loop_seconds,
+        "steps_per_second": per_loop_second(steps_run),
+        "safety_wait_seconds": safety_wait_seconds,
+        "safety_wait_fraction": per_loop_second(safety_wait_seconds),
+        "data_wait_seconds": data_wait_seconds,
+        "data_wait_fraction": per_loop_second(data_wait_seconds),
+        "trainer_grad_enabled": torch.is_grad_enabled(),
+        "projector_max_abs_change": projector_max_abs_change,
+        "trainable_parameters": trainable_parameters,
+        **run,
+    }
+
+
 def write_json_atomic(path: Path, value):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from theworld.training.arguments import TrainArguments
@@ -59,3 +60,32 @@ def safety_window_share(window: int, worker_hello: dict, processes: int) -> int:
         return window
     return max(1, min(window, queue_size // max(1, processes)))
 
+
+
+@dataclass
+class WorkerSession:
+    """The run's connection to its safety worker: `endpoint`, the `spawned` worker (None when attached),
+    the open `client`, the worker's `hello`, and the checks this process keeps in flight (`window`)."""
+
+    endpoint: str
+    spawned: object
+    client: object
+    hello: dict
+    window: int
+
+
+def open_worker_session(stack: ExitStack, train_args: TrainArguments, accelerator, worker_threads: int | None,
+                        local: int) -> WorkerSession:
+    """Spawn or attach to the safety worker and connect a client, both closed when `stack` closes."""
+    from safety_worker import SafetyClient
+
+    endpoint, spawned = stack.enter_context(safety_worker(train_args, accelerator, worker_threads))
+    # A worker shared by several processes (or runs) can be briefly full: resend a `busy` check
+    # until its deadline rather than count it as a failed check after a few seconds.
+    client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout, busy_retries=None))
+    hello = client.hello()
+    window = safety_window_share(train_args.safety_window, hello, local)
+    if window < train_args.safety_window:
+        accelerator.print(f"safety window: {window} checks in flight per process ({local} processes "
+                          f"share the worker's queue of {hello['limits']['queue_size']})")
+    return WorkerSession(endpoint, spawned, client, hello, window)
