@@ -9,6 +9,7 @@
 - ``heldout``: evaluation during training. ``checkpoints``: checkpoints and exact resume.
   ``reporting``: loss curve, summary, peak memory. ``sharding``: FSDP (``--fsdp``) and gathering shards.
 """
+from theworld.inference.loading import is_saved_theworld
 from theworld.training.arguments import (
     ARGUMENT_CLASSES, DataArguments, ModelArguments, TrainArguments, load_config_file, parse_args, parse_report_to,
 )
@@ -22,7 +23,7 @@ from theworld.training.heldout import (
     EVAL_BATCH_SIZE, collate_eval_batches, evaluate, evaluate_world_and_no_world, to_device,
 )
 from theworld.training.loop import resolve_mixed_precision, train
-from theworld.training.model import build_model, is_saved_theworld, lora_config, world_projector_parameters
+from theworld.training.model import build_model, lora_config, world_projector_parameters
 from theworld.training.reporting import peak_memory_mb, print_summary, write_json_atomic, write_loss_curve
 from theworld.training.sharding import SHARDED_LAYER_CLASSES, full_tensor, is_sharded, shard_model
 from theworld.training.worker_session import ENDPOINT_FILE, safety_worker
