@@ -353,8 +353,10 @@ def click_ask_and_read(driver) -> tuple[str, str]:
     old_status = driver.find_element(By.CSS_SELECTOR, "#status").text
     driver.find_element(By.CSS_SELECTOR, "#ask").click()
     # Wait for this event's final status (while it runs, Gradio shows its progress text in the same element).
+    # While the event runs, Gradio overlays its progress ("processing | 0.4s") on the old status.
     final = ("passed the safety checker", "Refused by the safety checker", "Not answered")
-    WebDriverWait(driver, 60).until(lambda d: (lambda text: text != old_status and any(f in text for f in final))(
+    WebDriverWait(driver, 60).until(lambda d: (lambda text: text != old_status and any(f in text for f in final)
+                                               and "processing" not in text)(
         d.find_element(By.CSS_SELECTOR, "#status").text))
     status = driver.find_element(By.CSS_SELECTOR, "#status").text
     # The answer box may render a moment after the status: wait until it shows this event's answer.

@@ -24,14 +24,16 @@ EXAMPLE_SEED_OFFSET = 1000
 PREVIEW_SCALE = 8  # the task's 32x32 frames, shown 256x256 (nearest neighbour: pixels stay pixels)
 
 
-def motion_examples(directory: str | Path, model_dir: str | None = None, count: int = 6) -> list[tuple[str, str, str]]:
-    """`(clip.gif, question, reference answer)` for `count` held-out motion clips, written to `directory`.
+def motion_examples(directory: str | Path, model_dir: str | None = None, colour_questions: int = 2,
+                    ) -> list[tuple[str, str, str]]:
+    """`(clip.gif, question, reference answer)` of held-out motion clips, written to `directory`: the first
+    direction question of each direction, then `colour_questions` colour questions.
 
     The task (frames, image size, seed) is the one `model_dir/theworld_task.json` records, when the model
     was trained on the motion task; else the default motion task. GIF keeps the frames exactly."""
     import imageio.v3 as iio
 
-    from theworld.data.synthetic import SyntheticMotionTask
+    from theworld.data.synthetic import DIRECTIONS, SyntheticMotionTask
 
     record = {}
     task_file = Path(model_dir) / "theworld_task.json" if model_dir else None
@@ -39,11 +41,18 @@ def motion_examples(directory: str | Path, model_dir: str | None = None, count: 
         record = json.loads(task_file.read_text())
     if record.get("data", "synthetic") != "synthetic":
         record = {}
-    task = SyntheticMotionTask(split="heldout", size=count, seed=record.get("seed", 0) + EXAMPLE_SEED_OFFSET,
+    task = SyntheticMotionTask(split="heldout", size=64, seed=record.get("seed", 0) + EXAMPLE_SEED_OFFSET,
                                num_frames=record.get("num_frames", 9), image_size=record.get("image_size", 32))
+    wanted = {direction: 1 for direction in DIRECTIONS}
+    picked, colours = [], 0
+    for sample in task:
+        if sample["question_type"] == "direction" and wanted.pop(sample["answer"], 0):
+            picked.append(sample)
+        elif sample["question_type"] == "colour" and colours < colour_questions:
+            picked.append(sample)
+            colours += 1
     examples = []
-    for index in range(count):
-        sample = task[index]
+    for index, sample in enumerate(picked):
         path = Path(directory) / f"heldout-clip-{index + 1}.gif"
         iio.imwrite(path, np.stack(sample["images"]), duration=120, loop=0)
         question = next(part["text"] for part in sample["messages"][0]["content"] if part["type"] == "text")
@@ -77,7 +86,9 @@ def build_demo(server) -> gr.Blocks:
             if e.code == "content_blocked":
                 return "", f"**Refused by the safety checker** ({e.extra['stage']}): {e.message}", None, None
             return "", f"**Not answered** (`{e.code}`): {e.message}", None, None
-        status = f"Answered in a batch of {completion.batch_size}; the answer passed the safety checker."
+        # The completion's id makes every answer's status distinct (and findable in the server's logs).
+        status = (f"Answered (`{completion.id}`) in a batch of {completion.batch_size}; the answer passed the "
+                  "safety checker.")
         if completion.finish_reason == "content_filter":
             status = "**Refused by the safety checker** (answer): the generated answer was blocked and withheld."
         video = None
