@@ -37,3 +37,12 @@ def test_a_base_gemma_without_cosmos_is_refused_with_what_to_pass(tiny_models):
     gemma_dir, _ = tiny_models
     with pytest.raises(ValueError, match="not a saved TheWorld .* pass --cosmos"):
         load_model(gemma_dir)
+
+
+def test_the_trainer_continues_a_saved_theworld_through_the_same_loader(saved_model):
+    from theworld.training import build_model
+    from theworld.training.arguments import ModelArguments
+
+    model = build_model(ModelArguments(gemma_model=str(saved_model), freeze_gemma_language=True), seed=0)
+    assert model.config.num_world_steps == 1  # the saved model's own settings, not the trainer's defaults
+    assert not any(p.requires_grad for p in model.model.language_model.parameters())

@@ -2,6 +2,7 @@
 answering one request after another. `python -m theworld.generate` parses its arguments and calls this."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,8 @@ class Generator:
 
         Raises ValueError for what the model cannot do (a rollout other than its trained one; a video from a
         model without a rollout)."""
-        request.rollout = None if save_video is not None else 0  # a video shows the model's own rollout
+        # A video shows the model's own rollout (None: its num_world_steps); without one, no rollout is made.
+        request = dataclasses.replace(request, rollout=None if save_video is not None else 0)
         request_id = request.id or "request"
         try:
             completion = self.pipeline.run(request)
