@@ -504,6 +504,7 @@ def test_a_worker_that_is_gone_fails_requests_with_503_in_time(in_process, tmp_p
         started = time.monotonic()
         response = client.post("/v1/chat/completions", json=chat())
         assert response.status_code == 503 and response.json()["error"]["code"] == "safety_unavailable"
+        assert response.json()["error"]["type"] == "server_error"
         assert time.monotonic() - started < 10
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"

@@ -48,10 +48,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "a bug; the request is refused (fail closed) and the server keeps serving"),
 }
 
-# OpenAI's error `type` for each status (its clients read `code` and `type`).
+# OpenAI's error `type` for each status (its clients read `code` and `type`); OpenAI answers an overloaded
+# or failing service with "server_error" too.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-               503: "service_unavailable_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
