@@ -159,7 +159,7 @@ class BatchingEngine:
     def submit(self, job: Job) -> Future:
         if self._queue.qsize() >= self.max_queue:
             raise InferenceError("overloaded", f"{self._queue.qsize()} requests are waiting for the model "
-                                         f"(--max-queue {self.max_queue}); try again shortly")
+                                               f"(--max-queue {self.max_queue}); try again shortly")
         job.future = Future()
         job.future.set_running_or_notify_cancel()
         self._queue.put(job)
