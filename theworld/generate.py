@@ -12,7 +12,7 @@ Examples (tiny models, offline; they are built on first use):
     python -m theworld.generate --jsonl requests.jsonl    # {"image": ..., "prompt": ...} per line
 
 Exit status: 0 when every request was answered, 1 when any was refused (prompt, image, answer or
-video blocked), 2 for a usage error.
+video blocked), 2 for a usage error or a request that could not be checked (the worker never answered).
 
 This module parses the arguments; the pipeline (loading, media, the safety checks, the rollout video) is
 `theworld.inference`, which `python -m theworld.serve` runs too.
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from theworld.inference.guard import safety_endpoint
+    from theworld.inference.messages import InferenceError
     from theworld.inference.loading import load_model
     from theworld.inference.offline import Generator
 
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = generator(request, save_video=video)
             except ValueError as e:  # a model that cannot do what was asked (e.g. --rollout vs checkpoint)
                 print(f"error: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            except InferenceError as e:  # the worker never answered (safety_unavailable) or the model ran out of time
+                print(f"error: {e.message}", file=sys.stderr)
                 return EXIT_USAGE
             refused |= result.refused is not None
             if args.jsonl is not None:
