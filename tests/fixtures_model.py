@@ -45,3 +45,21 @@ def make_sample(index: int, question: str = "What is here?", answer: str = "A ca
         ],
         "images": [rng.integers(0, 256, (*size, 3), dtype=np.uint8)],
     }
+
+
+@pytest.fixture(scope="session")
+def trained_default_model(tmp_path_factory):
+    """The `model/` directory of `python -m theworld.train --output-dir <tmp>`: the README's default training
+    run as written (tiny models, the motion task, a spawned tiny worker; minutes on 2 CPU cores), run once per
+    session. For `long` tests only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    output_dir = tmp_path_factory.mktemp("trained_default") / "run"
+    done = subprocess.run([sys.executable, "-m", "theworld.train", "--output-dir", str(output_dir)], cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return output_dir / "model"

@@ -16,11 +16,14 @@ from PIL import Image
 from safety_worker.tiny import BLOCKED_PHRASE, SAFE_EXAMPLE
 from theworld import TheWorld
 from theworld.data.collator import TheWorldCollator
-from theworld.generate import Request, SafeGenerator, main, read_frames
-from theworld.modeling.rollout import RolloutConfig, decode_world_latents
+from theworld.generate import main
+from theworld.inference.media import read_frames
+from theworld.inference.messages import Request
+from theworld.inference.offline import Generator
+from theworld.modeling.rollout import decode_world_latents
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FAST_ROLLOUT = RolloutConfig(num_inference_steps=2)
+FAST_ROLLOUT_STEPS = 2
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +66,23 @@ def test_blocked_prompt_is_refused_with_exit_code_1_and_nothing_generated(tiny_m
 
 
 def test_refused_request_never_loads_the_model(tiny_safety_worker, frames):
-    from safety_worker import SafetyClient
-
     def must_not_load():
         raise AssertionError("the model was loaded for a refused request")
 
-    with SafetyClient(tiny_safety_worker.endpoint) as client:
-        result = SafeGenerator(must_not_load, client)(Request("r", BLOCKED_PHRASE, frames))
+    with Generator(must_not_load, tiny_safety_worker.endpoint) as generator:
+        result = generator(Request.question(BLOCKED_PHRASE, frames, id="r"))
     assert result.answer is None and "blocked" in result.refused
 
 
 def test_safe_request_is_answered_and_the_answer_is_checked(rollout_model, tiny_safety_worker, frames):
     from safety_worker import SafetyClient
 
-    with SafetyClient(tiny_safety_worker.endpoint) as client:
+    with SafetyClient(tiny_safety_worker.endpoint) as client, \
+            Generator(rollout_model, tiny_safety_worker.endpoint, rollout_steps=FAST_ROLLOUT_STEPS) as generator:
         before = client.stats()["requests"]
-        result = SafeGenerator(rollout_model, client, max_new_tokens=4, rollout_config=FAST_ROLLOUT)(
-            Request("ok", SAFE_EXAMPLE, frames))
+        result = generator(Request.question(SAFE_EXAMPLE, frames, id="ok", max_tokens=4))
         after = client.stats()["requests"]
-    assert result.refused is None and isinstance(result.answer, str)
+    assert result.refused is None and result.answer is not None
     # One combined check of the prompt and frames, then one check of the answer text.
     for op in ("check_sample", "check_text"):
         assert after.get(op, 0) - before.get(op, 0) == 1, (op, before, after)
@@ -100,13 +101,10 @@ def _force_text(tokenizer, text: str):
 
 
 def test_blocked_answer_is_withheld(rollout_model, tiny_safety_worker, frames):
-    from safety_worker import SafetyClient
-
     tokenizer = rollout_model.processor.tokenizer
-    with SafetyClient(tiny_safety_worker.endpoint) as client:
-        generator = SafeGenerator(rollout_model, client, max_new_tokens=64, rollout_config=FAST_ROLLOUT,
-                                  prefix_allowed_tokens_fn=_force_text(tokenizer, f"I will {BLOCKED_PHRASE}"))
-        result = generator(Request("bad-answer", SAFE_EXAMPLE, frames))
+    with Generator(rollout_model, tiny_safety_worker.endpoint, rollout_steps=FAST_ROLLOUT_STEPS,
+                   prefix_allowed_tokens_fn=_force_text(tokenizer, f"I will {BLOCKED_PHRASE}")) as generator:
+        result = generator(Request.question(SAFE_EXAMPLE, frames, id="bad-answer", max_tokens=64))
     assert result.answer is None
     assert "generated answer was blocked" in result.refused
 
@@ -116,9 +114,9 @@ def test_rollout_video_is_the_sanitised_decoded_rollout(rollout_model, tiny_safe
     from safety_worker import SafetyClient
 
     video = tmp_path / "rollout.mp4"
-    with SafetyClient(tiny_safety_worker_faces.endpoint) as client:
-        generator = SafeGenerator(rollout_model, client, max_new_tokens=2, rollout_config=FAST_ROLLOUT)
-        result = generator(Request("vid", SAFE_EXAMPLE, frames), save_video=video)
+    with SafetyClient(tiny_safety_worker_faces.endpoint) as client, \
+            Generator(rollout_model, tiny_safety_worker_faces.endpoint, rollout_steps=FAST_ROLLOUT_STEPS) as generator:
+        result = generator(Request.question(SAFE_EXAMPLE, frames, id="vid", max_tokens=2), save_video=video)
         assert result.refused is None and result.video == str(video)
         # The same latents the answer saw, decoded and sanitised by the same worker.
         batch = TheWorldCollator(rollout_model, for_generation=True)([{"id": "vid", "messages": [{"role": "user", "content": [
@@ -177,10 +175,6 @@ def test_help_describes_the_safety_contract():
 
 
 def test_a_video_must_be_a_clip_of_1_plus_4k_frames(tmp_path):
-    import imageio.v3 as iio
-
-    from theworld.generate import read_frames
-
     def distinct_frames(count):  # a GIF writer may merge identical frames
         return (np.zeros((count, 32, 32, 3)) + 20 * np.arange(count)[:, None, None, None]).astype(np.uint8)
 

@@ -54,8 +54,9 @@ THEWORLD_LAYERS = (
     ("theworld.processing_theworld", "theworld.modeling"),
     ("theworld.data",),
     ("theworld.evaluation", "theworld.tiny"),
-    ("theworld.training", "theworld.generate", "theworld.serving"),
-    ("theworld.train", "theworld.serve"),
+    ("theworld.inference",),
+    ("theworld.training", "theworld.serving"),
+    ("theworld.train", "theworld.serve", "theworld.generate"),
 )
 # What the model may import of theworld: its configuration (transformers' layout: LLaVA, Gemma 3).
 MODELING_MAY_IMPORT = ("theworld", "theworld._import_guard", "theworld.configuration_theworld", "theworld.modeling")

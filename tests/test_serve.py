@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +31,8 @@ from theworld.serving import ERROR_CODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SCREENSHOT_ENV = "THEWORLD_SERVE_SCREENSHOT"  # also save the demo's screenshot here (docs/images/serve-demo.png)
+# tests/test_demo_trained.py also saves its screenshot of the trained model here (docs/images/serve-demo.png).
+SCREENSHOT_ENV = "THEWORLD_SERVE_SCREENSHOT"
 SERVER_FLAGS = ["--served-model-name", "theworld-tiny", "--rollout-steps", "2", "--batch-wait-ms", "100", "--max-prompt-tokens", "64",
                 "--max-image-bytes", "60000", "--max-image-pixels", "40000", "--request-timeout", "120"]
 
@@ -64,13 +65,12 @@ def metric(text: str, name: str, **labels) -> float:
 # ----------------------------------------------------------------------------------------- the server
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    """`python -m theworld.serve` on a free port, with a worker it spawned itself; yields its base URL."""
-    gemma_dir, cosmos_dir = tiny_models
+@contextlib.contextmanager
+def serving(*flags: str):
+    """`python -m theworld.serve --port 0 FLAGS` until the block ends (SIGTERM, which must stop it cleanly);
+    yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "theworld.serve", "--model", str(gemma_dir), "--cosmos", str(cosmos_dir),
-         "--port", "0", *SERVER_FLAGS],
+        [sys.executable, "-m", "theworld.serve", "--port", "0", *flags],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
@@ -91,6 +91,14 @@ def server(tiny_models):
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    """`python -m theworld.serve` on a free port, with a worker it spawned itself; yields its base URL."""
+    gemma_dir, cosmos_dir = tiny_models
+    with serving("--model", str(gemma_dir), "--cosmos", str(cosmos_dir), *SERVER_FLAGS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +162,8 @@ BAD_REQUESTS = {
     "n_above_one": (chat(n=2), 400, "unsupported"),
     "last_turn_not_user": ({"messages": [*chat()["messages"], {"role": "assistant", "content": "hi"}]}, 400,
                            "invalid_message"),
-    "text_only": ({"messages": [{"role": "user", "content": "hello"}]}, 400, "image_required"),
+    "rollout_of_text_only": ({"messages": [{"role": "user", "content": "hello"}], "rollout": 1}, 400,
+                             "rollout_unavailable"),
     "remote_url": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, "invalid_image_url"),
     "not_an_image": ({"messages": [{"role": "user", "content": [
@@ -180,11 +189,13 @@ def test_bad_input_gets_a_specific_4xx_and_the_server_keeps_serving(api, name):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and ERROR_CODES[code][0] == status and error["message"]
+    assert error["type"] == "invalid_request_error"  # OpenAI's type of every 400 and 413
     assert api.get("/health").status_code == 200
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_format(api):
-    assert api.get("/v1/embeddings").json()["error"]["code"] == "not_found"
+    missing = api.get("/v1/embeddings").json()["error"]
+    assert missing["code"] == "not_found" and missing["type"] == "not_found_error"
     response = api.get("/v1/chat/completions")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
 
@@ -218,6 +229,49 @@ def test_stream_true_sends_the_checked_answer_as_server_sent_events(api):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == plain
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    """The real `openai` client, as a new user would point it at the server (no retries: every answer counts)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_asks_text_alone(openai_client, api, tiny_world_model):
+    """Gemma 3 answers text alone: no image part, no world tokens (the prompt is the chat template only)."""
+    answer = openai_client.chat.completions.create(
+        model="theworld-tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=6, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    with_image = api.post("/v1/chat/completions", json=chat("Say hello.", max_tokens=6)).json()
+    world_tokens = tiny_world_model.processor.num_world_tokens(1)
+    assert answer.usage.prompt_tokens + world_tokens < with_image["usage"]["prompt_tokens"]
+    blocked = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BLOCKED_PHRASE}]})
+    assert blocked.status_code == 400 and blocked.json()["error"]["stage"] == "prompt"  # checked like any prompt
+
+
+def test_openai_client_asks_about_a_clip_and_streams(openai_client, api):
+    clip = [scene(seed) for seed in range(5)]
+    content = [{"type": "image_url", "image_url": {"url": png_uri(frame)}} for frame in clip]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": "Which way does it move?"}]}]
+    answer = openai_client.chat.completions.create(model="theworld-tiny", messages=messages, max_tokens=8,
+                                                   temperature=0)
+    expected = api.post("/v1/chat/completions", json=chat("Which way does it move?", clip)).json()
+    assert answer.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    stream = openai_client.chat.completions.create(model="theworld-tiny", messages=messages, max_tokens=8,
+                                                   temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == answer.choices[0].message.content
+
+
+def test_openai_client_reads_our_errors(openai_client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.chat.completions.create(model="theworld-tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert refused.value.code == "invalid_image_url" and refused.value.type == "invalid_request_error"
 
 
 def test_health_ready_models_and_metrics(api):
@@ -288,11 +342,21 @@ def _ask_in_page(driver, image_path: Path, question: str) -> tuple[str, str]:
     box = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
     box.clear()
     box.send_keys(question)
+    return click_ask_and_read(driver)
+
+
+def click_ask_and_read(driver) -> tuple[str, str]:
+    """Click Ask; `(answer, status)` once the page shows this question's final status."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     old_status = driver.find_element(By.CSS_SELECTOR, "#status").text
     driver.find_element(By.CSS_SELECTOR, "#ask").click()
     # Wait for this event's final status (while it runs, Gradio shows its progress text in the same element).
+    # While the event runs, Gradio overlays its progress ("processing | 0.4s") on the old status.
     final = ("passed the safety checker", "Refused by the safety checker", "Not answered")
-    WebDriverWait(driver, 60).until(lambda d: (lambda text: text != old_status and any(f in text for f in final))(
+    WebDriverWait(driver, 60).until(lambda d: (lambda text: text != old_status and any(f in text for f in final)
+                                               and "processing" not in text)(
         d.find_element(By.CSS_SELECTOR, "#status").text))
     status = driver.find_element(By.CSS_SELECTOR, "#status").text
     # The answer box may render a moment after the status: wait until it shows this event's answer.
@@ -317,9 +381,6 @@ def test_demo_page_answers_an_uploaded_image_offline(browser, server, api, tmp_p
     assert answer == api_answer["choices"][0]["message"]["content"]  # the same greedy answer as the API's
     assert "passed the safety checker" in status
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#seen img"))
-    browser.save_screenshot(str(tmp_path / "serve-demo.png"))
-    if os.environ.get(SCREENSHOT_ENV):
-        shutil.copy(tmp_path / "serve-demo.png", os.environ[SCREENSHOT_ENV])
     origin = server.rstrip("/")
     loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(url.startswith(origin) for url in loaded), [u for u in loaded if not u.startswith(origin)]
@@ -353,11 +414,12 @@ class ForcePhrase:
 def in_process(tiny_world_model):
     """`make(endpoint, **options)` -> a `ServeApp` on the session's tiny model (no demo); closed after the test.
     The model is shared with other test modules: no rollouts here (they would attach its Cosmos transformer)."""
+    from theworld.inference.engine import BatchingEngine
+    from theworld.inference.guard import Guard
+    from theworld.inference.pipeline import GuardedPipeline
     from theworld.serving.app import ServeApp
-    from theworld.serving.engine import BatchingEngine
-    from theworld.serving.guard import Guard
+    from theworld.serving.metrics import ServeMetrics
     from theworld.serving.schema import Limits
-    from theworld.serving.service import ChatService, ServeMetrics
 
     made = []
 
@@ -366,8 +428,8 @@ def in_process(tiny_world_model):
         engine = BatchingEngine(tiny_world_model, on_batch=metrics.batch_size.observe, **generation_kwargs)
         guard = Guard(endpoint)
         made.append((engine, guard))
-        service = ChatService(engine, guard, metrics, request_timeout=request_timeout)
-        return ServeApp(service, model_name="tiny", limits=Limits(), api_key=api_key, demo=False)
+        pipeline = GuardedPipeline(engine, guard, request_timeout=request_timeout)
+        return ServeApp(pipeline, metrics, model_name="tiny", limits=Limits(), api_key=api_key, demo=False)
 
     yield make
     for engine, guard in made:
@@ -390,20 +452,20 @@ def test_blocked_answer_comes_back_empty_with_finish_reason_content_filter(in_pr
     choice = response.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] == ""
     assert force.start is not None  # the model did write the phrase
-    assert metric(app.service.metrics.exposition().decode(), "theworld_serve_refusals_total", stage="answer") == 1
+    assert metric(app.metrics.exposition().decode(), "theworld_serve_refusals_total", stage="answer") == 1
 
 
 def test_the_model_sees_only_the_workers_sanitised_frames(in_process, tiny_safety_worker_faces, tiny_world_model):
     from safety_worker import SafetyClient
     from theworld.data.collator import TheWorldCollator
-    from theworld.generate import generate_batch
+    from theworld.inference.engine import generate_batch
     from theworld.serving.schema import ChatRequest
 
     frames = np.stack([scene(3, (40, 40))])
     app = in_process(tiny_safety_worker_faces.endpoint)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is here?"}]}]
     request = app.validate(ChatRequest(messages=messages, frames=frames, max_tokens=8))
-    completion = asyncio.run(app.service.complete(request))
+    completion = asyncio.run(app.complete(request))
     with SafetyClient(tiny_safety_worker_faces.endpoint) as client:
         pixelated = client.check_video(frames).frames
     assert not np.array_equal(pixelated, frames)  # this worker pixelates every frame
@@ -442,6 +504,7 @@ def test_a_worker_that_is_gone_fails_requests_with_503_in_time(in_process, tmp_p
         started = time.monotonic()
         response = client.post("/v1/chat/completions", json=chat())
         assert response.status_code == 503 and response.json()["error"]["code"] == "safety_unavailable"
+        assert response.json()["error"]["type"] == "server_error"
         assert time.monotonic() - started < 10
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"

@@ -1,6 +1,9 @@
 """Configuration of TheWorld: a Gemma 3 configuration plus the world-model settings."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import AutoConfig, Gemma3Config
 
 WORLD_PROJECTIONS = ("spatial", "channel", "frame")
@@ -149,6 +152,18 @@ class TheWorldConfig(Gemma3Config):
         return side, side
 
 
+def saved_theworld_config(path) -> TheWorldConfig | None:
+    """The TheWorldConfig of a directory written by `TheWorld.save_pretrained`, else None (a hub id, a base
+    Gemma 3, anything else). The one rule for "is this a saved TheWorld": the loader, `from_pretrained`
+    and the trainer all ask it."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    if json.loads(config_file.read_text()).get("model_type") != TheWorldConfig.model_type:
+        return None
+    return TheWorldConfig.from_pretrained(path)
+
+
 AutoConfig.register("theworld", TheWorldConfig)
 
-__all__ = ["TheWorldConfig", "latent_frames", "check_clip_length", "VAE_TEMPORAL_FACTOR"]
+__all__ = ["TheWorldConfig", "saved_theworld_config", "latent_frames", "check_clip_length", "VAE_TEMPORAL_FACTOR"]

@@ -9,21 +9,18 @@ and the answer and any rollout before they are returned (see docs/serve.md).
     python -m theworld.serve --model runs/theworld/model --port 8080
 
 Prints `theworld-serve ready http://HOST:PORT` once it accepts requests (with `--port 0` the port is
-chosen by the system).
+chosen by the system). This module parses the arguments; `theworld.serving.server.run_server` serves, over
+the inference pipeline of `theworld.inference` (the one `python -m theworld.generate` runs).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import os
-import signal
-import socket
 import sys
 
-from theworld.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_VIDEO_FPS
+from theworld.inference import DEFAULT_MAX_NEW_TOKENS, DEFAULT_VIDEO_FPS
 
-READY_PREFIX = "theworld-serve ready"
 API_KEY_ENV = "THEWORLD_API_KEY"
 
 
@@ -36,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve TheWorld: an OpenAI-compatible /v1/chat/completions and a web demo at /, with the safety "
         "worker checking every prompt, frame, answer and rollout. Prints 'theworld-serve ready URL' when serving.",
     )
-    parser.add_argument("--model", help="a directory written by TheWorld.save_pretrained, or a base Gemma 3 id/dir with "
-                        "--cosmos (default: the tiny models, built offline on first use)")
+    parser.add_argument("--model", help="a directory written by TheWorld.save_pretrained (e.g. runs/theworld/model, the "
+                        "model/ of a `python -m theworld.train` run; the demo then offers held-out clips of its task), "
+                        "or a base Gemma 3 id/dir with --cosmos (default: the tiny models, built offline on first use)")
     parser.add_argument("--cosmos", help="Cosmos-Predict2 Video2World id or dir (for a base Gemma 3 --model)")
     parser.add_argument("--served-model-name", help="the model's name in /v1/models, answers and the demo (default: "
                         "--model as given, or theworld-tiny)")
@@ -106,80 +104,13 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--batch-wait-ms and --max-rollout must be >= 0, --request-timeout > 0")
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _serve(app, sock: socket.socket, ready_line: str) -> None:
-    """Run uvicorn on the bound socket; print `ready_line` once it serves (the socket already listens, so a
-    client that connects earlier waits instead of failing)."""
-    import uvicorn
-
-    class AnnouncingServer(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            print(ready_line, flush=True)
-
-    AnnouncingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
-
-
-def _exit_cleanly(signum, frame):
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
-    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill this
-    # process before the ExitStack below stops the engine and the spawned worker. Exit normally instead.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    try:
-        sock = _bind(args.host, args.port)  # first: a port in use fails before anything is loaded
-    except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
+    from theworld.serving.server import run_server
 
-    from theworld.generate import load_model, safety_endpoint
-    from theworld.serving.app import ServeApp
-    from theworld.serving.engine import BatchingEngine
-    from theworld.serving.guard import Guard
-    from theworld.serving.schema import Limits
-    from theworld.serving.service import ChatService, ServeMetrics
-
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, max_frames=args.max_frames,
-                    max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-                    default_max_tokens=min(DEFAULT_MAX_NEW_TOKENS, args.max_tokens_limit), max_rollout=args.max_rollout)
-    with contextlib.ExitStack() as stack:
-        stack.callback(sock.close)
-        endpoint = stack.enter_context(safety_endpoint(args.safety_endpoint, args.safety_preset, args.safety_device))
-        try:
-            model = load_model(args.model, args.cosmos, None, args.device)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        metrics = ServeMetrics()
-        engine = BatchingEngine(model, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000,
-                                max_queue=args.max_queue, rollout_steps=args.rollout_steps, fps=args.fps,
-                                on_batch=metrics.batch_size.observe)
-        stack.callback(engine.close)
-        guard = Guard(endpoint)
-        stack.callback(guard.close)
-        service = ChatService(engine, guard, metrics, request_timeout=args.request_timeout, fps=args.fps)
-        server_app = ServeApp(service, model_name=args.served_model_name or args.model or "theworld-tiny", limits=limits, api_key=args.api_key,
-                              demo=not args.no_demo)
-        host, port = sock.getsockname()[:2]
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-
-        _serve(server_app.app, sock, f"{READY_PREFIX} {url} (safety worker {endpoint})")
-    return 0
+    return run_server(args)
 
 
 if __name__ == "__main__":

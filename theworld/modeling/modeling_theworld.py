@@ -16,7 +16,6 @@ Without world inputs, or with `enable_world=False`, it is exactly `Gemma3ForCond
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from transformers import initialization as init
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from theworld._import_guard import assert_grad_enabled
-from theworld.configuration_theworld import TheWorldConfig, latent_frames
+from theworld.configuration_theworld import TheWorldConfig, latent_frames, saved_theworld_config
 from theworld.modeling.fusion import IGNORE_INDEX
 from theworld.modeling.projector import LatentStandardizer, LatentWhitener, WorldProjector
 from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
@@ -48,16 +47,6 @@ WORLD_OPTIONS = (
 )
 # Options that may differ between saving and reloading (they do not change the saved weights' shapes).
 RELOAD_OVERRIDABLE = ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae", "num_world_steps")
-
-
-def _saved_theworld_config(path) -> TheWorldConfig | None:
-    """The TheWorldConfig of a directory written by `TheWorld.save_pretrained`, else None."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return None
-    if json.loads(config_file.read_text()).get("model_type") != TheWorldConfig.model_type:
-        return None
-    return TheWorldConfig.from_pretrained(path)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,7 +139,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
         options = {key: kwargs.pop(key) for key in WORLD_OPTIONS if key in kwargs}
         saved_dir = None
         if config is None:
-            config = _saved_theworld_config(pretrained_model_name_or_path)
+            config = saved_theworld_config(pretrained_model_name_or_path)
             if config is not None:
                 saved_dir = Path(pretrained_model_name_or_path)
         if config is not None:

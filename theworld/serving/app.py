@@ -1,8 +1,9 @@
-"""The HTTP surface: FastAPI routes over `ChatService`, OpenAI's response shapes, errors as documented.
+"""The HTTP surface: FastAPI routes over the guarded pipeline (`theworld.inference.pipeline`), OpenAI's
+response shapes, errors as documented.
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /ready`, `GET /metrics`, and
 the Gradio demo at `/` (mounted last, so the routes above take precedence). Every error body is
-`{"error": {"code", "message", ...}}` (`theworld.serving.schema.ERROR_CODES`).
+`{"error": {"code", "type", "message", ...}}` (`theworld.serving.schema.ERROR_CODES`, `ERROR_TYPES`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from theworld.inference.media import encode_mp4
+from theworld.inference.messages import Completion, InferenceError
+from theworld.inference.pipeline import GuardedPipeline
+from theworld.serving.metrics import ServeMetrics
 from theworld.serving.schema import ApiError, ChatRequest, Limits, parse_chat_request, parse_json_body, validate
-from theworld.serving.service import ChatService, Completion
 
 logger = logging.getLogger("theworld.serve")
 _READY_TIMEOUT = 3.0  # seconds /ready waits for the worker's hello
@@ -28,12 +32,17 @@ _PUBLIC = ("/health", "/ready")  # answered without the API key (load balancers 
 
 
 class ServeApp:
-    """Everything one server holds: the service, its limits and the model's name; `.app` is the ASGI app."""
+    """Everything one server holds: the pipeline, its metrics and limits, the model's name; `.app` is the
+    ASGI app. `demo_examples`: `(clip file, question)` pairs the demo page offers."""
 
-    def __init__(self, service: ChatService, *, model_name: str, limits: Limits, api_key: str | None = None,
-                 demo: bool = True):
-        self.service, self.model_name, self.limits, self.api_key = service, model_name, limits, api_key
-        processor = service.engine.model.processor
+    def __init__(self, pipeline: GuardedPipeline, metrics: ServeMetrics, *, model_name: str, limits: Limits,
+                 api_key: str | None = None, demo: bool = True, demo_examples: list[tuple[str, str]] = (),
+                 fps: int = 16):
+        self.pipeline, self.metrics = pipeline, metrics
+        self.model_name, self.limits, self.api_key, self.fps = model_name, limits, api_key, fps
+        self.demo_examples = list(demo_examples)
+        pipeline.on_refusal = lambda stage: metrics.refusals.labels(stage).inc()
+        processor = pipeline.engine.model.processor
         # The model thread uses the processor's tokenizer; requests are measured with a copy of their own.
         self._tokenizer = copy.deepcopy(processor.tokenizer)
         self._tokenizer_lock = threading.Lock()
@@ -53,15 +62,21 @@ class ServeApp:
     def validate(self, request: ChatRequest) -> ChatRequest:
         return validate(request, self.limits, self.count_tokens, self._check_clip)
 
+    async def complete(self, request: ChatRequest) -> Completion:
+        """The pipeline's checked answer (the API and the demo both ask here)."""
+        self.metrics.queue.set(self.pipeline.engine.waiting + 1)
+        return await self.pipeline.complete(request)
+
     # ------------------------------------------------------------ the app
 
     def _build(self, demo: bool) -> FastAPI:
         app = FastAPI(title="TheWorld", summary="TheWorld behind the safety worker (OpenAI-compatible subset)",
                       docs_url=None, redoc_url=None)
-        metrics = self.service.metrics
+        metrics = self.metrics
 
-        @app.exception_handler(ApiError)
-        async def api_error(request: Request, e: ApiError):
+        @app.exception_handler(InferenceError)
+        async def api_error(request: Request, e: InferenceError):
+            e = ApiError.of(e)
             metrics.errors.labels(e.code).inc()
             return JSONResponse(e.body(), status_code=e.status)
 
@@ -97,16 +112,16 @@ class ServeApp:
         @app.get("/ready")
         async def ready():
             try:
-                hello = await self.service.guard.hello(_READY_TIMEOUT)
-            except ApiError as e:
+                hello = await self.pipeline.guard.hello(_READY_TIMEOUT)
+            except InferenceError as e:
                 raise ApiError("not_ready", f"the safety worker does not answer: {e.message}") from None
             return {"status": "ready", "model": self.model_name,
-                    "safety_worker": {"endpoint": self.service.guard.endpoint, "pid": hello.get("pid"),
+                    "safety_worker": {"endpoint": self.pipeline.guard.endpoint, "pid": hello.get("pid"),
                                       "instance_id": hello.get("instance_id")}}
 
         @app.get("/metrics")
         async def prometheus():
-            metrics.queue.set(self.service.engine.waiting)
+            metrics.queue.set(self.pipeline.engine.waiting)
             return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
         @app.get("/v1/models")
@@ -118,8 +133,11 @@ class ServeApp:
         async def chat_completions(request: Request):
             raw = await _read_body(request, self.limits.max_request_bytes)
             chat = await asyncio.to_thread(self.parse, raw)  # image decoding stays off the event loop
-            completion = await self.service.complete(chat)
-            body = self._completion_body(completion, chat)
+            completion = await self.complete(chat)
+            video = None
+            if completion.rollout_frames is not None:
+                video = await asyncio.to_thread(encode_mp4, completion.rollout_frames, self.fps)
+            body = self._completion_body(completion, chat, video)
             if chat.stream:
                 return StreamingResponse(_sse_chunks(body), media_type="text/event-stream")
             return body
@@ -145,11 +163,11 @@ class ServeApp:
         given = request.headers.get("authorization", "")
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.api_key.encode())
 
-    def _completion_body(self, completion: Completion, chat: ChatRequest) -> dict:
+    def _completion_body(self, completion: Completion, chat: ChatRequest, video: bytes | None) -> dict:
         message = {"role": "assistant", "content": completion.content}
         if chat.rollout:
-            message["rollout_video"] = (None if completion.rollout_video is None else
-                                        "data:video/mp4;base64," + base64.b64encode(completion.rollout_video).decode())
+            message["rollout_video"] = (None if video is None else
+                                        "data:video/mp4;base64," + base64.b64encode(video).decode())
             message["rollout_blocked"] = completion.rollout_blocked
         return {
             "id": completion.id,

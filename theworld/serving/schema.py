@@ -1,7 +1,8 @@
 """The one place that validates chat requests: OpenAI-style JSON (or the demo's arrays) -> `ChatRequest`.
 
 Every refusal is an `ApiError` with an HTTP status and a specific `code` (the table in docs/serve.md,
-`ERROR_CODES` here); its body is `{"error": {"code", "message"}}`. Nothing here touches the model or
+`ERROR_CODES` here); its body is `{"error": {"code", "type", "message"}}` (`type`: OpenAI's error type of
+the status, `ERROR_TYPES`). Nothing here touches the model or
 the safety worker: a request is valid or refused before either sees it.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from theworld.inference.messages import InferenceError, Request
+
 # code -> (HTTP status, when). docs/serve.md has the same table; tests/test_serve.py checks they agree.
 ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "the body is not a JSON object"),
@@ -25,7 +28,6 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_value": (400, "a field's value is out of range or not one of the allowed values"),
     "unsupported": (400, "an OpenAI option this server does not offer (`n` > 1, tools, logprobs, ...)"),
     "invalid_message": (400, "the conversation's shape: roles, an assistant turn with images, not ending with a user turn"),
-    "image_required": (400, "no image part: TheWorld answers about an image or a clip"),
     "invalid_image_url": (400, "an `image_url` that is not a `data:` URI (remote URLs are never fetched)"),
     "invalid_image": (400, "a `data:` URI that is not a base64 PNG or JPEG image"),
     "too_many_frames": (400, "more image parts than `--max-frames`"),
@@ -46,22 +48,29 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "a bug; the request is refused (fail closed) and the server keeps serving"),
 }
 
+# OpenAI's error `type` for each status (its clients read `code` and `type`); OpenAI answers an overloaded
+# or failing service with "server_error" too.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
 
-class ApiError(Exception):
+class ApiError(InferenceError):
     """A refused request: `status`, `code` (a key of ERROR_CODES), `message`, and extra body fields."""
 
     def __init__(self, code: str, message: str, **extra: Any):
-        super().__init__(message)
+        super().__init__(code, message, **extra)
         self.status = ERROR_CODES[code][0]
-        self.code = code
-        self.message = message
-        self.extra = extra
+
+    @classmethod
+    def of(cls, error: InferenceError) -> "ApiError":
+        """The HTTP form of the pipeline's `error` (the same code, message and fields)."""
+        return error if isinstance(error, ApiError) else cls(error.code, error.message, **error.extra)
 
     def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+        return {"error": {"code": self.code, "type": ERROR_TYPES[self.status], "message": self.message, **self.extra}}
 
 
 @dataclass(frozen=True)
@@ -120,27 +129,13 @@ class ChatCompletionBody(_Strict):
 
 
 @dataclass
-class ChatRequest:
-    """A validated request, in the training data's sample format: `messages` with one `{"type": "image"}`
-    for the clip, `frames` uint8 `[T, H, W, 3]` (oldest first; the last is the current observation)."""
+class ChatRequest(Request):
+    """A validated request (`theworld.inference.Request`) and what only the API has: `stream`, the asked
+    `model` name, and the prompt's length in tokens."""
 
-    messages: list[dict]
-    frames: np.ndarray
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    rollout: int = 0
     stream: bool = False
     model: str | None = None
     prompt_tokens: int = 0
-
-    @property
-    def text(self) -> str:
-        """All text of the conversation, as the safety worker checks it."""
-        from theworld.data.sources import sample_text
-
-        return sample_text({"messages": self.messages})
 
 
 # ------------------------------------------------------------------------------- parsing
@@ -246,16 +241,14 @@ def parse_chat_request(body: dict, limits: Limits, count_tokens: Callable[[str],
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
         raise ApiError("invalid_message", f"the last message must be the user's, got {messages[-1]['role']}")
-    if not urls:
-        raise ApiError("image_required", "add at least one image_url part (a data: URI): TheWorld answers about an "
-                                         "image, or a clip of several image parts, oldest first")
+    # No image part: a text-only question, which Gemma 3 answers alone (no world tokens).
     if len(urls) > limits.max_frames:
         raise ApiError("too_many_frames", f"{len(urls)} image parts; the limit is {limits.max_frames} frames "
                                           "(--max-frames)")
     _keep_one_image_placeholder(messages)
     frames = [decode_data_uri(url, limits, i) for i, url in enumerate(urls)]
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens or limits.default_max_tokens
-    return validate(ChatRequest(messages=messages, frames=_stack(frames), max_tokens=max_tokens,
+    return validate(ChatRequest(messages=messages, frames=_stack(frames) if frames else None, max_tokens=max_tokens,
                                 temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed,
                                 rollout=parsed.rollout, stream=parsed.stream, model=parsed.model),
                     limits, count_tokens, check_clip)
@@ -280,17 +273,8 @@ def validate(request: ChatRequest, limits: Limits, count_tokens: Callable[[str],
              check_clip: Callable[[int], None] = lambda n: None) -> ChatRequest:
     """Checks shared by the API and the demo: lengths, limits, the clip; fills `prompt_tokens`."""
     frames = request.frames
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ApiError("invalid_image", f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-    if len(frames) > limits.max_frames:
-        raise ApiError("too_many_frames", f"{len(frames)} frames; the limit is {limits.max_frames} (--max-frames)")
-    if frames.shape[1] * frames.shape[2] > limits.max_image_pixels:
-        raise ApiError("image_too_large", f"frames of {frames.shape[2]}x{frames.shape[1]} pixels; the limit is "
-                                          f"{limits.max_image_pixels} pixels (--max-image-pixels)")
-    try:
-        check_clip(len(frames))
-    except ValueError as e:
-        raise ApiError("invalid_clip", str(e)) from None
+    if frames is not None:  # None: a text-only question
+        _validate_frames(frames, limits, check_clip)
     if request.max_tokens > limits.max_tokens_limit:
         raise ApiError("max_tokens_too_large", f"max_tokens is {request.max_tokens}; the limit is "
                                                f"{limits.max_tokens_limit} (--max-tokens-limit)", field="max_tokens")
@@ -302,3 +286,17 @@ def validate(request: ChatRequest, limits: Limits, count_tokens: Callable[[str],
         raise ApiError("prompt_too_long", f"the text is {request.prompt_tokens} tokens; the limit is "
                                           f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
     return request
+
+
+def _validate_frames(frames: np.ndarray, limits: Limits, check_clip: Callable[[int], None]) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ApiError("invalid_image", f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    if len(frames) > limits.max_frames:
+        raise ApiError("too_many_frames", f"{len(frames)} frames; the limit is {limits.max_frames} (--max-frames)")
+    if frames.shape[1] * frames.shape[2] > limits.max_image_pixels:
+        raise ApiError("image_too_large", f"frames of {frames.shape[2]}x{frames.shape[1]} pixels; the limit is "
+                                          f"{limits.max_image_pixels} pixels (--max-image-pixels)")
+    try:
+        check_clip(len(frames))
+    except ValueError as e:
+        raise ApiError("invalid_clip", str(e)) from None

@@ -13,6 +13,7 @@
   checkpoint files and RNG.
   ``reporting``: loss curve, summary (``build_summary``), peak memory. ``sharding``: FSDP (``--fsdp``) and gathering shards.
 """
+from theworld.inference.loading import is_saved_theworld
 from theworld.training.arguments import (
     ARGUMENT_CLASSES, DataArguments, ModelArguments, TrainArguments, load_config_file, parse_args, parse_report_to,
 )
@@ -27,7 +28,7 @@ from theworld.training.heldout import (
     prepare_heldout, to_device,
 )
 from theworld.training.loop import RunContext, open_run, resolve_mixed_precision, train, train_step
-from theworld.training.model import build_model, is_saved_theworld, lora_config, world_projector_parameters
+from theworld.training.model import build_model, lora_config, world_projector_parameters
 from theworld.training.reporting import (
     build_summary, peak_memory_mb, print_summary, reduce_sample_counts, write_json_atomic, write_loss_curve,
 )

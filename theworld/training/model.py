@@ -1,9 +1,6 @@
 """The model a run trains: TheWorld with its frozen parts and optional LoRA adapters."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from theworld.modeling.modeling_theworld import DEFAULT_LORA_TARGET_MODULES
@@ -14,8 +11,7 @@ def build_model(model_args: ModelArguments, seed: int):
     """TheWorld with the requested parts frozen (the world projector always trains, Cosmos never does)."""
     from transformers import set_seed
 
-    from theworld import TheWorld
-
+    from theworld.inference.loading import is_saved_theworld, load_model
     from theworld.tiny import build_tiny_models, default_tiny_dir, is_tiny_gemma
 
     gemma, cosmos = model_args.gemma_model, model_args.cosmos_model
@@ -37,10 +33,10 @@ def build_model(model_args: ModelArguments, seed: int):
         options["world_image_size"] = [int(v) for v in model_args.world_image_size.split(",")]
     if is_saved_theworld(gemma):
         # A TheWorld saved by an earlier run (its model/ folder) fixes its world settings; only freezing may change.
-        model = TheWorld.from_pretrained(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
-                                         freeze_gemma_vision=model_args.freeze_gemma_vision)
+        model = load_model(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
+                           freeze_gemma_vision=model_args.freeze_gemma_vision)
     else:
-        model = TheWorld.from_pretrained(gemma, cosmos_model=cosmos, **options)
+        model = load_model(gemma, cosmos, **options)
     if model_args.lora_r > 0:
         if model.language_adapter_config is not None:
             if model.language_adapter_config.r != model_args.lora_r:
@@ -61,11 +57,6 @@ def lora_config(model_args: ModelArguments):
                          f"{','.join(DEFAULT_LORA_TARGET_MODULES)}")
     return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                       target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none")
-
-
-def is_saved_theworld(path: str) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "theworld"
 
 
 def world_projector_parameters(model) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
-"""BatchingEngine: one model thread that answers whatever requests arrived together as one batch.
+"""The model side of inference: `generate_batch` (samples -> one `model.generate`) and `BatchingEngine`,
+one model thread that answers whatever requests arrived together as one batch. `python -m
+theworld.generate` and `python -m theworld.serve` both run their requests through one engine.
 
 Triton's dynamic batcher, in small: the thread takes the first waiting job, waits at most
 `batch_wait` seconds for more (up to `max_batch`), groups what it has by generation settings, and runs
-each group as one `model.generate` (`theworld.generate.generate_batch`, the same code as the CLI).
+each group as one `model.generate` (`generate_batch`).
 Rows are left padded and clips of several lengths share a batch (`world_num_frames`); each row keeps
 its own `max_tokens` (the batch generates the longest, rows are cut to theirs). A group that fails is
 retried job by job, so one bad job cannot fail the others. The HTTP event loop never runs the model:
@@ -10,7 +12,8 @@ retried job by job, so one bad job cannot fail the others. The HTTP event loop n
 
 Groups (jobs that can share one `generate`): greedy jobs (`temperature` 0) together; sampled jobs with
 the same `temperature` and `top_p` together; a sampled job with a `seed` alone (so that it is
-reproducible); with a model that rolls out (`num_world_steps > 0`), only clips of one length.
+reproducible); text-only jobs apart from jobs with frames (Gemma 3's processor takes all or none);
+with a model that rolls out (`num_world_steps > 0`), only clips of one length.
 """
 from __future__ import annotations
 
@@ -24,16 +27,46 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from theworld.serving.schema import ApiError
+from theworld.inference.messages import InferenceError
 
 _STOP = object()
+
+
+@dataclass
+class GeneratedBatch:
+    """What `generate_batch` returns: each row's new tokens, its prompt length, and the world latents."""
+
+    new_tokens: torch.Tensor  # [B, N] token ids after each prompt (padding after an early end of turn)
+    prompt_tokens: list[int]  # real (unpadded) prompt tokens per row
+    world_latents: torch.Tensor | None  # [B, 16, T, h, w], rollout included; None without a world
+
+    def answer(self, model, row: int, max_new_tokens: int | None = None) -> str:
+        """Row `row`'s answer text, optionally cut to its first `max_new_tokens` tokens."""
+        tokens = self.new_tokens[row] if max_new_tokens is None else self.new_tokens[row, :max_new_tokens]
+        return model.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def generate_batch(model, collator, samples: list[dict], *, max_new_tokens: int, **generation_kwargs) -> GeneratedBatch:
+    """Answer samples (already checked, sanitised frames) in one `model.generate` call.
+
+    `collator` is a `TheWorldCollator(model, for_generation=True)`. The world is encoded (and rolled out)
+    once, so the same latents feed the answer and any rollout video."""
+    batch = {k: v.to(model.device) for k, v in collator(samples).items()}
+    world_latents = None
+    with torch.no_grad():
+        if "world_pixel_values" in batch:
+            world_latents = model.encode_world(batch.pop("world_pixel_values"), batch["world_num_frames"])
+            batch["world_latents"] = world_latents
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, **generation_kwargs)
+    return GeneratedBatch(output[:, batch["input_ids"].shape[1]:].cpu(), batch["attention_mask"].sum(dim=1).tolist(),
+                          world_latents)
 
 
 @dataclass
 class Job:
     """One request for the model: a sample with the worker's sanitised frames, and how to answer it."""
 
-    sample: dict  # {"id", "messages", "images"}
+    sample: dict  # {"id", "messages", "images"}; no images: a text-only question (no world tokens)
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -56,50 +89,77 @@ class BatchingEngine:
     """Runs `model` on a thread of its own. `submit(job)` returns a Future of a `Generation`.
 
     Args:
-        model: a `TheWorld` in eval mode (not shared with other threads while the engine runs).
+        model: a `TheWorld` in eval mode (not shared with other threads while the engine runs), or a
+            function returning one: it is then called on first use (`python -m theworld.generate` loads
+            nothing for a request the safety worker refused).
         max_batch: most jobs in one `generate` (1 turns batching off).
         batch_wait: seconds the thread waits for more jobs after the first one arrives.
         max_queue: jobs allowed to wait; more are refused with 503 `overloaded`.
-        rollout_steps, fps: denoising steps and frame rate of rollouts.
+        rollout_steps, fps, rollout_seed: denoising steps, frame rate and noise seed of rollouts.
         on_batch: called with each group's size (metrics).
         generation_kwargs: passed to every `generate` call.
     """
 
     def __init__(self, model, *, max_batch: int = 8, batch_wait: float = 0.01, max_queue: int = 64,
-                 rollout_steps: int = 35, fps: int = 16, on_batch=None, **generation_kwargs):
-        from theworld.data.collator import TheWorldCollator
-
-        self.model = model
-        self.collator = TheWorldCollator(model, for_generation=True)
+                 rollout_steps: int = 35, fps: int = 16, rollout_seed: int = 0, on_batch=None, **generation_kwargs):
+        self._model = model
+        self._model_lock = threading.Lock()
         self.max_batch, self.batch_wait, self.max_queue = max_batch, batch_wait, max_queue
-        self.rollout_steps, self.fps = rollout_steps, fps
+        self.rollout_steps, self.fps, self.rollout_seed = rollout_steps, fps, rollout_seed
         self.on_batch = on_batch or (lambda size: None)
         self.generation_kwargs = generation_kwargs
-        eos = model.generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self._eos.add(model.processor.tokenizer.convert_tokens_to_ids("<end_of_turn>"))
-        if model.config.num_world_steps:  # the answer's own rollout (the CLI sets it the same way)
-            from theworld.modeling.rollout import RolloutConfig
-
-            model.rollout_config = RolloutConfig(num_inference_steps=rollout_steps, fps=fps)
+        if isinstance(model, torch.nn.Module):
+            self._prepare(model)
         self._queue: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="BatchingEngine", daemon=True)
         self._thread.start()
 
-    def check_rollout(self, rollout: int) -> None:
-        """Raise `rollout_unavailable` for a rollout this model cannot make."""
+    @property
+    def model(self):
+        """The model (loaded now if the engine was given a function that loads it)."""
+        if not isinstance(self._model, torch.nn.Module):
+            with self._model_lock:
+                if not isinstance(self._model, torch.nn.Module):
+                    self._prepare(self._model())
+        return self._model
+
+    def _prepare(self, model) -> None:
+        from theworld.data.collator import TheWorldCollator
+
+        self.collator = TheWorldCollator(model, for_generation=True)
+        # Text-only questions: Gemma 3 alone, no world tokens (the processor takes images for all rows or none).
+        self.text_collator = TheWorldCollator(model, for_generation=True, world=False)
+        eos = model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self._eos.add(model.processor.tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+        if model.config.num_world_steps:  # the answer's own rollout
+            from theworld.modeling.rollout import RolloutConfig
+
+            model.rollout_config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
+                                                 seed=self.rollout_seed)
+        self._model = model
+
+    def resolve_rollout(self, rollout: int | None, has_frames: bool = True) -> int:
+        """The rollout a request gets (None: the model's own `num_world_steps`); `rollout_unavailable` for
+        one this model cannot make."""
         steps = self.model.config.num_world_steps
+        if rollout is None:
+            return steps if has_frames else 0
         if rollout and self.model.world_encoder is None:
-            raise ApiError("rollout_unavailable", "this model has no world path (enable_world=False): no rollout")
+            raise InferenceError("rollout_unavailable", "this model has no world path (enable_world=False): no rollout")
+        if rollout and not has_frames:
+            raise InferenceError("rollout_unavailable", "a rollout continues a clip: add at least one image part",
+                                 field="rollout")
         if steps and rollout not in (0, steps):
-            raise ApiError("rollout_unavailable", f"this model was trained with num_world_steps={steps}: ask rollout "
-                                                  f"{steps} (or 0 for no video)", field="rollout")
+            raise InferenceError("rollout_unavailable", f"this model was trained with num_world_steps={steps}: ask "
+                                                        f"rollout {steps} (or 0 for no video)", field="rollout")
+        return rollout
 
     def submit(self, job: Job) -> Future:
         if self._queue.qsize() >= self.max_queue:
-            raise ApiError("overloaded", f"{self._queue.qsize()} requests are waiting for the model "
-                                         f"(--max-queue {self.max_queue}); try again shortly")
+            raise InferenceError("overloaded", f"{self._queue.qsize()} requests are waiting for the model "
+                                               f"(--max-queue {self.max_queue}); try again shortly")
         job.future = Future()
         job.future.set_running_or_notify_cancel()
         self._queue.put(job)
@@ -142,7 +202,9 @@ class BatchingEngine:
         key = (sampled, job.temperature if sampled else None, job.top_p if sampled else None)
         if sampled and job.seed is not None:
             key += ("alone", next(self._ids))
-        if self.model.config.num_world_steps:
+        if not job.sample.get("images"):
+            key += ("text",)
+        elif self.model.config.num_world_steps:
             key += ("frames", len(job.sample["images"]))
         return key
 
@@ -161,8 +223,6 @@ class BatchingEngine:
             job.future.set_result(result)
 
     def _generate(self, group: list[Job]) -> list[Generation]:
-        from theworld.generate import generate_batch
-
         first = group[0]
         kwargs = dict(self.generation_kwargs)
         if first.temperature > 0:
@@ -171,7 +231,8 @@ class BatchingEngine:
                 torch.manual_seed(first.seed)
         else:
             kwargs.update(do_sample=False)
-        generated = generate_batch(self.model, self.collator, [job.sample for job in group],
+        collator = self.collator if first.sample.get("images") else self.text_collator
+        generated = generate_batch(self.model, collator, [job.sample for job in group],
                                    max_new_tokens=max(job.max_tokens for job in group), **kwargs)
         results = []
         for row, job in enumerate(group):
@@ -198,6 +259,6 @@ class BatchingEngine:
             if not model.config.num_world_steps:  # the answer had no rollout: make one for the video
                 latents = latents[:, :, :latent_frames(len(job.sample["images"]))]
                 config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
-                                       seed=0 if job.seed is None else job.seed)
+                                       seed=self.rollout_seed if job.seed is None else job.seed)
                 latents = model.roll_out(latents, job.rollout, config)
             return decode_world_latents(model.world_encoder, latents)[0]

@@ -1,13 +1,14 @@
-"""The server's link to the safety worker: checks bounded by each request's deadline, surviving restarts.
+"""The link to the safety worker for inference: checks bounded by each request's deadline, surviving restarts.
 
 A `SafetyClient` already resends what it was owed when its (supervised) worker comes back on the same
 endpoint. If the worker stays silent long enough for the client to declare it dead (`WorkerDead`), the
 guard opens a fresh client and tries again, until the request's deadline: then the request fails with
-503 `safety_unavailable`. Nothing is ever treated as safe because a check could not be made.
+`safety_unavailable` (HTTP 503 from the server). Nothing is ever treated as safe because a check could not be made.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -16,13 +17,13 @@ from concurrent.futures import Future
 import numpy as np
 
 from safety_worker import ClientClosed, SafetyClient, Verdict, WorkerDead, WorkerError, WorkerTimeout
-from theworld.serving.schema import ApiError
+from theworld.inference.messages import InferenceError
 
 _RECONNECT_PAUSE = 0.2  # seconds between a dead client and the next try with a fresh one
 
 
 class Guard:
-    """Async safety checks for the server (thread-safe; usable from any event loop)."""
+    """Async safety checks for the pipeline (thread-safe; usable from any event loop)."""
 
     def __init__(self, endpoint: str, **client_kwargs):
         self.endpoint = endpoint
@@ -38,6 +39,7 @@ class Guard:
         return await self._request(lambda client, left: client.submit_sample(text, frames, timeout=left), deadline)
 
     async def check_text(self, text: str, deadline: float) -> Verdict:
+        """One text (a text-only question, or an answer)."""
         return (await self._request(lambda client, left: client.submit_text([text], timeout=left), deadline))[0]
 
     async def check_video(self, frames: np.ndarray, deadline: float) -> Verdict:
@@ -58,8 +60,8 @@ class Guard:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ApiError("safety_unavailable", f"the safety worker at {self.endpoint} did not answer in time; "
-                                                     "nothing was returned unchecked, try again")
+                raise InferenceError("safety_unavailable", f"the safety worker at {self.endpoint} did not answer in "
+                                                           "time; nothing was returned unchecked, try again")
             client = self._client
             try:
                 return await asyncio.wrap_future(submit(client, left))
@@ -69,8 +71,8 @@ class Guard:
             except WorkerTimeout:
                 continue  # the loop's deadline check answers 503
             except WorkerError as e:
-                raise ApiError("safety_unavailable", f"the safety worker could not check this request ({e.code}): "
-                                                     f"{e.message}") from None
+                raise InferenceError("safety_unavailable", f"the safety worker could not check this request "
+                                                           f"({e.code}): {e.message}") from None
 
     def _replace(self, dead: SafetyClient) -> None:
         """Swap a client that declared its worker dead for a fresh one (once, whoever notices first)."""
@@ -80,3 +82,16 @@ class Guard:
             self._client = SafetyClient(self.endpoint, **self._client_kwargs)
             self.reconnects += 1
         threading.Thread(target=dead.close, daemon=True).start()  # close() joins its I/O thread
+
+
+@contextlib.contextmanager
+def safety_endpoint(endpoint: str | None, preset: str = "tiny", device: str = "cpu"):
+    """`endpoint` when given (a running, shared worker); else a spawned, supervised worker's endpoint,
+    stopped on exit."""
+    if endpoint is not None:
+        yield endpoint
+        return
+    from safety_worker import spawn_worker
+
+    with spawn_worker(preset=preset, device=device) as worker:
+        yield worker.endpoint
