@@ -190,8 +190,8 @@ def test_training_trains_on_texts_with_asterisks_and_ledgers_a_bold_blocklisted_
 
 
 def test_server_does_not_refuse_a_markdown_answer_and_refuses_a_blocklisted_one(tiny_safety_worker):
-    """`theworld.serving.guard.Guard.check_text` is how the server checks each model answer (service.py)."""
-    from theworld.serving.guard import Guard
+    """`theworld.inference.guard.Guard.check_text` is how the guarded pipeline checks each model answer (inference/pipeline.py)."""
+    from theworld.inference.guard import Guard
 
     markdown = "The square moves **left**.\n\n* It starts on the right.\n* It ends on the left.\n\n2*3 = 6"
     guard = Guard(tiny_safety_worker.endpoint)

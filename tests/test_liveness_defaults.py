@@ -18,7 +18,7 @@ def test_a_hung_supervised_worker_is_restarted_before_its_clients_give_up():
 
 
 def test_every_link_to_a_worker_uses_the_one_set(tmp_path):
-    from theworld.serving.guard import Guard
+    from theworld.inference.guard import Guard
 
     assert (_default(SafetyClient, "heartbeat"), _default(SafetyClient, "dead_after")) == (HEARTBEAT_S, DEAD_AFTER_S)
     assert (_default(Supervisor, "ping_every"), _default(Supervisor, "hang_timeout")) == (PING_EVERY_S, HANG_TIMEOUT_S)
