@@ -214,6 +214,15 @@ def _wait_for_a_commit(out: Path, proc: subprocess.Popen, timeout: float = 300) 
     raise AssertionError("no unit was committed in time")
 
 
+def _run_until_a_commit(clips_reference, root, address, tmp_path):
+    """A curate driver of the reference's clips into tmp_path/out, once it has committed a unit."""
+    path, reference = clips_reference
+    out = tmp_path / "out"
+    driver = _start(path, out, root, address)
+    _wait_for_a_commit(out, driver)
+    return path, reference, out, driver
+
+
 def _same_output(a: Path, b: Path) -> None:
     for name in ("blocked.jsonl", "errors.jsonl"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
@@ -242,10 +251,7 @@ def test_resume_after_kill_9_of_the_driver_equals_an_uninterrupted_run(clips_ref
                                                                        tmp_path):
     from safety_worker.verdict_store import VerdictStore
 
-    path, reference = clips_reference
-    out = tmp_path / "out"
-    driver = _start(path, out, tiny_guardrail_root, ray_session)
-    _wait_for_a_commit(out, driver)
+    path, reference, out, driver = _run_until_a_commit(clips_reference, tiny_guardrail_root, ray_session, tmp_path)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     units = len(json.loads((reference / "manifest.json").read_text())["shards"])
@@ -264,19 +270,94 @@ def test_resume_after_kill_9_of_the_driver_equals_an_uninterrupted_run(clips_ref
     assert run["checked"] == counts["read"] - counts["errors"] - stored
 
 
+def _guard_actor_pids() -> list[int]:
+    """Checker actors of this session's Ray (its raylet is this process's child; Ray titles an actor's
+    process `ray::MapWorker(MapBatches(GuardActor))...`). No state API: it needs Ray's dashboard."""
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            pid = int(entry)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"GuardActor" not in f.read():
+                    continue
+            ancestors, p = set(), pid
+            for _ in range(4):
+                p = parent(p)
+                ancestors.add(p)
+            if os.getpid() in ancestors:
+                found.append(pid)
+        except (ValueError, OSError):
+            continue
+    return found
+
+
 @pytest.mark.long
 def test_resume_after_kill_9_of_an_actor_equals_an_uninterrupted_run(clips_reference, tiny_guardrail_root, ray_session,
                                                                       tmp_path):
-    from ray.util.state import list_actors
-
-    path, reference = clips_reference
-    out = tmp_path / "out"
-    driver = _start(path, out, tiny_guardrail_root, ray_session)
-    _wait_for_a_commit(out, driver)
-    guards = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "GuardActor" in (a.class_name or "")]
+    path, reference, out, driver = _run_until_a_commit(clips_reference, tiny_guardrail_root, ray_session, tmp_path)
+    guards = _guard_actor_pids()
     assert guards, "no live checker actor to kill"
-    os.kill(guards[0].pid, signal.SIGKILL)
+    os.kill(guards[0], signal.SIGKILL)
     if driver.wait(timeout=600) != 0:  # Ray Data may retry on a restarted actor; if it gave up, run again
         again = _start(path, out, tiny_guardrail_root, ray_session)
         assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-3000:]
     _same_output(out, reference)
+
+
+# ---------------------------------------------------------------------------------- training on it
+
+def test_training_on_curated_data_checks_nothing_and_accounts_exactly(curated_jsonl, tiny_models,
+                                                                      tiny_safety_worker_faces, tmp_path):
+    from safety_worker import SafetyClient
+    from test_train import run_in_process
+
+    *_, out, manifest = curated_jsonl
+    with SafetyClient(tiny_safety_worker_faces.endpoint) as client:
+        before = client.stats()["requests"].get("check_sample", 0)
+        summary = run_in_process(tmp_path / "run", tiny_models, tiny_safety_worker_faces.endpoint, "--data", str(out),
+                                 "--eval-data", str(out), "--max-steps", "3", "--eval-size", "4")
+        assert client.stats()["requests"].get("check_sample", 0) == before  # the manifest covers every sample
+    assert summary["trainer_grad_enabled"] and summary["accounting_holds"]
+    assert summary["seen"] == summary["trained"] == 3 * 2 and summary["blocked"] == summary["errors"] == 0
+    assert summary["curated"] == manifest["counts"]
+    assert (tmp_path / "run" / "blocked.jsonl").read_text() == (tmp_path / "run" / "errors.jsonl").read_text() == ""
+
+
+def test_curated_data_of_another_checker_is_a_start_up_error_unless_accepted(curated_jsonl, tiny_models,
+                                                                              tiny_safety_worker, capsys, tmp_path):
+    from test_train import run_in_process, small_run_args
+    from theworld.train import main
+
+    *_, out, manifest = curated_jsonl  # curated with faces=all; this worker finds no face: another checker
+    code = main(small_run_args(tmp_path / "run", tiny_models, "--safety-endpoint", tiny_safety_worker.endpoint,
+                               "--data", str(out), "--eval-data", str(out), "--max-steps", "1"))
+    err = capsys.readouterr().err
+    # The check needs the worker's hello, so it comes after the model loaded (its progress bars above it).
+    errors = [line for line in err.splitlines() if line.startswith("theworld-train: error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert "--accept-curated-identity" in errors[0] and "models" in errors[0]
+    summary = run_in_process(tmp_path / "accepted", tiny_models, tiny_safety_worker.endpoint, "--data", str(out),
+                             "--eval-data", str(out), "--max-steps", "1", "--accept-curated-identity")
+    assert summary["trained"] == 2 and summary["accounting_holds"]
+
+
+def test_a_replica_front_on_the_same_store_answers_what_curate_checked(curated_jsonl, tiny_guardrail_root):
+    from safety_worker import SafetyClient, spawn_worker
+    from theworld.data.safety_filter import _frame_groups
+    from theworld.data.sources import JsonlDataset, sample_text
+
+    path, expected, out, manifest = curated_jsonl
+    sample = JsonlDataset(path)[0]
+    assert expected[sample["id"]] is None
+    kept = _shard_rows(out)[sample["id"]][1]
+    with spawn_worker(extra_args=["--tiny-dir", str(tiny_guardrail_root), "--tiny-faces", "all", "--replicas", "1",
+                                  "--verdict-store", manifest["verdict_store"]]) as worker, \
+            SafetyClient(worker.endpoint) as client:
+        verdict = client.check_sample(sample_text(sample), _frame_groups(sample["images"])[0])
+        proxy = client.stats()["proxy"]
+    assert proxy["answered_from_cache"] == 1 and proxy["cache"]["path"] == manifest["verdict_store"]
+    assert verdict.safe and [f.tobytes() for f in verdict.frames] == [f.tobytes() for f in kept]
