@@ -12,7 +12,8 @@ import torch
 from theworld import assert_grad_enabled  # importing theworld installs the import guard first
 from theworld.training.arguments import DataArguments, ModelArguments, TrainArguments, parse_report_to
 from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs, load_checkpoint, save_checkpoint
-from theworld.training.data import TASK_FILE, heldout_loads, open_datasets, task_record, training_stream
+from theworld.training.data import (TASK_FILE, check_curated_identity, heldout_loads, open_datasets, task_record,
+                                    training_stream)
 from theworld.training.heldout import EVAL_BATCH_SIZE, collate_eval_batches, evaluate_world_and_no_world, to_device
 from theworld.training.model import build_model, world_projector_parameters
 from theworld.training.sharding import full_tensor, is_sharded, shard_model
@@ -120,6 +121,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         # until its deadline rather than count it as a failed check after a few seconds.
         client = stack.enter_context(SafetyClient(endpoint, timeout=train_args.safety_timeout, busy_retries=None))
         worker_hello = client.hello()
+        for data in (train_data, heldout_data):  # curated data is trained on unchecked: same checker only
+            check_curated_identity(data, worker_hello, data_args.accept_curated_identity)
         safety_window = safety_window_share(train_args.safety_window, worker_hello, local)
         if safety_window < train_args.safety_window:
             accelerator.print(f"safety window: {safety_window} checks in flight per process ({local} processes "
@@ -131,7 +134,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                              data_args.data_prefetch)
         eval_filter = SafetyFilter(client, heldout, window=safety_window, output_dir=output_dir,
                                    ledger_suffix=f".eval{ledger_suffix}", max_errors=train_args.safety_max_errors,
-                                   result_timeout=train_args.safety_timeout, fresh_ledgers=True)
+                                   result_timeout=train_args.safety_timeout, fresh_ledgers=True,
+                                   curated=hasattr(heldout_data, "curated"))
         eval_samples = [sample for _, sample in eval_filter]
         eval_filter.close()
         heldout.close()
@@ -156,7 +160,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                    ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
                                    result_timeout=train_args.safety_timeout, state=filter_state,
                                    max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
-                                   worker_hello=worker_hello)
+                                   worker_hello=worker_hello, curated=hasattr(train_data, "curated"))
         else:
             samples = make_sample_filter(client, reader, output_dir, filter_state)
         stack.callback(samples.close)
@@ -253,6 +257,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "errors": errors,
         "bad_samples": bad_samples,
         "accounting_holds": seen == trained + blocked + errors,
+        # A curate output's own counts (its blocked and errors never reach this run): read = kept + blocked + errors.
+        "curated": getattr(train_data, "curated", {}).get("counts"),
         "initial_eval_loss": evals[0]["eval_loss"],
         "final_eval_loss": evals[-1]["eval_loss"],
         "initial_eval_accuracy": evals[0]["eval_accuracy"],
