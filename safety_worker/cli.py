@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-file", default=None,
                    help="with --replicas: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
                         "saved at shutdown, loaded at start if the checker is the same)")
+    s.add_argument("--verdict-store", default=None,
+                   help="with --replicas: keep verdicts in this shared on-disk store (SQLite, created 0600) instead of "
+                        "the in-memory cache: the store curate jobs and other workers use (docs/scale.md). Not yet "
+                        "consulted by a single worker (--replicas 0)")
+    s.add_argument("--verdict-store-mb", type=float, default=10 * 1024,
+                   help="with --verdict-store: its bound in MiB; least recently used verdicts go first (default 10240)")
     s.add_argument("--curve-dir", default=None,
                    help="CURVE keys for a tcp:// endpoint (from `keys DIR`): the worker's key pair and DIR/authorized/*.key, "
                         "the only clients it answers")
@@ -202,6 +208,10 @@ def serve(args) -> int:
         from .proxy import serve_replicas
 
         return serve_replicas(args, token, limits)
+    if args.verdict_store:
+        print("error: --verdict-store needs --replicas N for now (a single worker keeps no verdict cache); "
+              "use --replicas 1", file=sys.stderr)
+        return EXIT_ERROR
     from .server import Batching
 
     try:

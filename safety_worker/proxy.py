@@ -15,7 +15,9 @@ dtypes, shapes and bytes). A cached verdict (with its sanitized frames) is answe
 checker; identical requests in flight at once are computed once. Verdicts that came from a
 fault (`Verdict.fault`: checker timeout, guard error, an unlabeled guard answer) are not cached. LRU, bounded in bytes;
 with `--cache-file` it is saved at shutdown and loaded at start (only entries of the same checker
-identity; the file must be the worker user's own, mode 0600).
+identity; the file must be the worker user's own, mode 0600). With `--verdict-store PATH` the cache
+is the shared on-disk `verdict_store.VerdictStore` instead (same keys: what `curate` jobs and other
+workers stored is answered here, and what this front computes is there for them).
 """
 from __future__ import annotations
 
@@ -134,7 +136,8 @@ class ReplicaProxy:
 
     def __init__(self, endpoint: str, replicas: Sequence, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
                  owner_token: str | None = None, curve_dir: str | None = None, insecure: bool = False,
-                 parent_pid: int | None = None, lock_file=None, cache_file: str | None = None):
+                 parent_pid: int | None = None, lock_file=None, cache_file: str | None = None,
+                 verdict_store: str | None = None, verdict_store_bytes: int = 10 << 30):
         """`lock_file`: the endpoint's claim (`endpoint.claim_endpoint`), taken before the replicas were started."""
         self.endpoint = endpoint
         self.replicas = list(replicas)
@@ -144,7 +147,13 @@ class ReplicaProxy:
         self._lock_file = lock_file
         self.clients = [r.client(timeout=3600.0) for r in self.replicas]
         self.identity = checker_identity(self.replicas[0].hello)
-        self.cache = VerdictCache(cache_bytes)
+        if verdict_store:  # the verdict store shared with other workers, curate jobs and experiments
+            from .verdict_store import VerdictStore
+
+            self.cache = VerdictStore(verdict_store, verdict_store_bytes)
+            cache_file = None  # the store is on disk already
+        else:
+            self.cache = VerdictCache(cache_bytes)
         self.cache_file = cache_file
         if cache_file and os.path.exists(cache_file):
             logger.info("verdict cache: %d entries loaded from %s", self.cache.load(cache_file, self.identity), cache_file)
@@ -311,6 +320,7 @@ class ReplicaProxy:
 
 # Options of `serve` that belong to the front process, not to its replicas (value-taking ones first).
 _FRONT_OPTIONS = {"--endpoint": True, "--replicas": True, "--cache-mb": True, "--cache-file": True, "--curve-dir": True, "--parent-pid": True,
+                  "--verdict-store": True, "--verdict-store-mb": True,
                   "--preset": True, "--device": True, "--insecure": False, "--metrics-port": True}
 
 
@@ -355,7 +365,8 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
             raise error
         proxy = ReplicaProxy(args.endpoint, replicas, limits=limits, cache_bytes=int(args.cache_mb * 2**20),
                              owner_token=owner_token, curve_dir=args.curve_dir, insecure=args.insecure,
-                             parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file)
+                             parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file,
+                             verdict_store=args.verdict_store, verdict_store_bytes=int(args.verdict_store_mb * 2**20))
     except (WorkerStartError, Exception) as e:
         for r in replicas:
             r.stop(timeout=5)
