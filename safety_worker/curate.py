@@ -216,7 +216,7 @@ class GuardActor:
         # What the grad-isolation test reads: the guard is loaded here and autograd is off here.
         self.report = {"pid": os.getpid(), "grad_enabled": torch.is_grad_enabled(),
                        "guard_loaded": "cosmos_guardrail" in sys.modules, "theworld_loaded": "theworld" in sys.modules,
-                       "device": device}
+                       "device": device, "ready_at": time.time()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import torch
@@ -261,6 +261,7 @@ class GuardActor:
             if out["status"][r]:
                 continue
             self._decide(out, r, [verdicts[r, g] for g in range(n_groups[r])])
+        out["done_at"] = [time.time()] * n  # the bench's checking rate: from the actors' start-up to the last batch
         return out
 
     def _check(self, reqs: list) -> list:
@@ -500,7 +501,7 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
     for u in todo:
         if u.stop == u.start:  # an empty shard: committed at once
             committed[u.unit] = _UnitWriter(out, u).commit()
-    t0, first = time.monotonic(), None
+    t0, first, last_done = time.monotonic(), None, 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if first is None:  # actors started and warm from here on: what the bench's steady rate counts from
             first = time.monotonic() - t0
@@ -509,6 +510,7 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
             row = {k: batch[k][r] for k in batch}
             report = json.loads(row["actor"])
             actors_seen[report["pid"]] = report
+            last_done = max(last_done, float(row["done_at"]))
             u = int(row["unit"])
             writer = open_units.get(u) or open_units.setdefault(u, _UnitWriter(out, by_unit[u]))
             writer.add(row)
@@ -522,6 +524,8 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
         raise CurateError(f"units {sorted(open_units)} ended short of their rows; run curate again to redo them")
     run["actors"] = sorted(actors_seen.values(), key=lambda a: a["pid"])
     run["job_seconds"] = round(time.monotonic() - t0, 3)
+    if actors_seen:  # checking time: from the first actor ready (guard loaded) to the last batch checked
+        run["check_seconds"] = round(last_done - min(a["ready_at"] for a in actors_seen.values()), 3)
     return run
 
 
