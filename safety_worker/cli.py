@@ -1,4 +1,4 @@
-"""Command line: `python -m safety_worker {serve,check,status,keys}` (also the `safety-worker` script)."""
+"""Command line: `python -m safety_worker {serve,curate,check,status,keys}` (also the `safety-worker` script)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,43 @@ EXIT_SAFE, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
 _DEFAULT_GUARDRAIL_REPO = "nvidia/Cosmos-1.0-Guardrail"  # = presets.DEFAULT_GUARDRAIL_REPO (not imported: --help stays light)
 
 
+def _add_checker_options(p: argparse.ArgumentParser) -> None:
+    """The checker's options, the same for `serve` and `curate` (same models, policy and batching: same verdicts)."""
+    p.add_argument("--preset", choices=("tiny", "hub", "local"), default="tiny",  # resolved by safety_worker.presets
+                   help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
+                        "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, "
+                        "--guardrail-repo); 'local': real weights from two local directories (--guardrail-dir, --text-guard-dir)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op CPU threads (default 1: the worker shares cores with trainers)")
+    p.add_argument("--tiny-dir", default=None,
+                   help="cache root for the tiny checkpoint (default: $SAFETY_WORKER_TINY_DIR or ~/.cache/theworld/safety-tiny)")
+    p.add_argument("--tiny-faces", choices=("none", "all"), default="none",
+                   help="tiny face filter: 'none' finds no face (frames unchanged), 'all' pixelates every frame")
+    p.add_argument("--hf-home", default=None,
+                   help="with --preset hub: HF_HOME holding hub/models--nvidia--Cosmos-1.0-Guardrail and "
+                        "hub/models--Qwen--Qwen3Guard-Gen-0.6B (default: the environment's HF_HOME)")
+    p.add_argument("--guardrail-repo", default=_DEFAULT_GUARDRAIL_REPO,
+                   help=f"with --preset hub: hub id of the guardrail checkpoint (default {_DEFAULT_GUARDRAIL_REPO})")
+    p.add_argument("--guardrail-dir", default=None,
+                   help="with --preset local: a local copy of nvidia/Cosmos-1.0-Guardrail (blocklist/, face_blur_filter/)")
+    p.add_argument("--text-guard-dir", default=None,
+                   help="with --preset local: a local copy of Qwen/Qwen3Guard-Gen-0.6B (config, weights, tokenizer)")
+    p.add_argument("--controversial", choices=("block", "allow"), default="block",
+                   help="policy for a Qwen3Guard 'Controversial' verdict (default: block)")
+    from .server import Batching  # light: the checker is imported only when a worker loads it
+
+    batching = Batching()
+    p.add_argument("--max-batch", type=int, default=batching.max_batch,
+                   help="dynamic batching: the checker takes up to N queued checks' texts-or-samples at once (each text "
+                        "of a check_text counts one; a check_video or check_sample one): their texts go through the "
+                        "blocklist and ONE left-padded Qwen3Guard generate, their frames of the same size through "
+                        f"RetinaFace together; 1 checks one request at a time (no batching). Default {batching.max_batch}")
+    p.add_argument("--max-batch-frames", type=int, default=batching.max_batch_frames,
+                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size (on a CPU "
+                        "at most 2^17 pixels per pass: large frames gain nothing from batching on a CPU) "
+                        f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m safety_worker",
@@ -20,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     limits = P.Limits()
+    from .server import Batching  # light: the checker is imported only when a worker loads it
+
+    batching = Batching()
 
     s = sub.add_parser(
         # No abbreviations: replica_args strips the front's options by name, and an abbreviated
@@ -33,46 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", required=True,
                    help="ZeroMQ endpoint to bind: ipc:///private/dir/worker.sock (the directory is created 0700 "
                         "if missing and must not be group/world accessible) or tcp://HOST:PORT (needs --curve-dir or --insecure)")
-    s.add_argument("--preset", choices=("tiny", "hub", "local"), default="tiny",  # resolved by safety_worker.presets
-                   help="'tiny' (default): build once and use the offline tiny guardrail checkpoint "
-                        "(safety_worker.tiny); 'hub': real weights from the Hugging Face cache (see --hf-home, "
-                        "--guardrail-repo); 'local': real weights from two local directories (--guardrail-dir, --text-guard-dir)")
     s.add_argument("--device", default="cpu", help="torch device for the guard models: cpu (default) or cuda:N")
-    s.add_argument("--torch-threads", type=int, default=1,
-                   help="torch intra-op CPU threads (default 1: the worker shares cores with trainers)")
-    s.add_argument("--tiny-dir", default=None,
-                   help="cache root for the tiny checkpoint (default: $SAFETY_WORKER_TINY_DIR or ~/.cache/theworld/safety-tiny)")
-    s.add_argument("--tiny-faces", choices=("none", "all"), default="none",
-                   help="tiny face filter: 'none' finds no face (frames unchanged), 'all' pixelates every frame")
-    s.add_argument("--hf-home", default=None,
-                   help="with --preset hub: HF_HOME holding hub/models--nvidia--Cosmos-1.0-Guardrail and "
-                        "hub/models--Qwen--Qwen3Guard-Gen-0.6B (default: the environment's HF_HOME)")
-    s.add_argument("--guardrail-repo", default=_DEFAULT_GUARDRAIL_REPO,
-                   help=f"with --preset hub: hub id of the guardrail checkpoint (default {_DEFAULT_GUARDRAIL_REPO})")
-    s.add_argument("--guardrail-dir", default=None,
-                   help="with --preset local: a local copy of nvidia/Cosmos-1.0-Guardrail (blocklist/, face_blur_filter/)")
-    s.add_argument("--text-guard-dir", default=None,
-                   help="with --preset local: a local copy of Qwen/Qwen3Guard-Gen-0.6B (config, weights, tokenizer)")
-    s.add_argument("--controversial", choices=("block", "allow"), default="block",
-                   help="policy for a Qwen3Guard 'Controversial' verdict (default: block)")
+    _add_checker_options(s)
     s.add_argument("--check-timeout", type=float, default=60.0,
                    help="seconds one check may run before it is answered blocked (fail closed); default 60")
     s.add_argument("--queue-size", type=int, default=limits.queue_size,
                    help=f"checks waiting at most; more are answered 'busy' at once (default {limits.queue_size})")
     s.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help=f"largest accepted message frame; bigger ones disconnect the peer (default {limits.max_message_bytes})")
-    from .server import Batching  # light: the checker is imported only when a worker loads it
-
-    batching = Batching()
-    s.add_argument("--max-batch", type=int, default=batching.max_batch,
-                   help="dynamic batching: the checker takes up to N queued checks' texts-or-samples at once (each text "
-                        "of a check_text counts one; a check_video or check_sample one): their texts go through the "
-                        "blocklist and ONE left-padded Qwen3Guard generate, their frames of the same size through "
-                        f"RetinaFace together; 1 checks one request at a time (no batching). Default {batching.max_batch}")
-    s.add_argument("--max-batch-frames", type=int, default=batching.max_batch_frames,
-                   help="at most F frames in one batch, also RetinaFace's forward-pass batch size (with --device cpu "
-                        "at most 2^17 pixels per pass: large frames gain nothing from batching on a CPU) "
-                        f"(a single bigger clip still runs, in passes of F). Default {batching.max_batch_frames}")
     s.add_argument("--batch-wait-ms", type=float, default=batching.wait_ms,
                    help="while a batch has fewer checks than were queued when it began plus those the previous batch "
                         "answered (their clients are about to send again), wait at most M ms (after its first check) for "
@@ -91,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-file", default=None,
                    help="with --replicas: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
                         "saved at shutdown, loaded at start if the checker is the same)")
+    s.add_argument("--verdict-store", default=None,
+                   help="with --replicas: keep verdicts in this shared on-disk store (SQLite, created 0600) instead of "
+                        "the in-memory cache: the store curate jobs and other workers use (docs/scale.md). Not yet "
+                        "consulted by a single worker (--replicas 0)")
+    s.add_argument("--verdict-store-mb", type=float, default=10 * 1024,
+                   help="with --verdict-store: its bound in MiB; least recently used verdicts go first (default 10240)")
     s.add_argument("--curve-dir", default=None,
                    help="CURVE keys for a tcp:// endpoint (from `keys DIR`): the worker's key pair and DIR/authorized/*.key, "
                         "the only clients it answers")
@@ -99,6 +113,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--parent-pid", type=int, default=None,
                    help="stop (as on SIGTERM) when this process, the worker's parent, exits; spawn_worker sets it")
     s.add_argument("--log-level", default="INFO", help="logging level (prompts are never logged)")
+
+    cu = sub.add_parser(
+        "curate", allow_abbrev=False,
+        help="check a whole dataset once on Ray (a pool of checker actors) and write it sanitized, with ledgers and a manifest",
+        description="Curate INPUT (any data the trainer reads) through the real checker on a Ray Data job: a pool of "
+        "Ray actors, each a process holding one checker with the worker's policy and batching. Writes OUTPUT/shards/"
+        "part-NNNNN.parquet (kept samples: face-pixelated frames, original texts), blocked.jsonl, errors.jsonl and "
+        "manifest.json (checker identity, counts read = kept + blocked + errors, input fingerprints, shards); train on "
+        "it with `python -m theworld.train --data OUTPUT`. Killed, run it again with the same arguments: it resumes. "
+        "Exit 0 done, 2 error. See docs/scale.md.",
+    )
+    from .curate import add_arguments as add_curate_arguments  # light: Ray is imported when the job runs
+
+    add_curate_arguments(cu)
+    _add_checker_options(cu)
+    cu.add_argument("--log-level", default="INFO", help="logging level (prompts are never logged)")
 
     c = sub.add_parser(
         "check", help="check a text, image or video with a running worker; exit 0 safe, 1 blocked, 2 error",
@@ -134,7 +164,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     args.argv = argv  # `serve --replicas` passes the checker options on to its replicas
-    return {"serve": serve, "check": check, "status": status, "keys": keys}[args.command](args)
+    return {"serve": serve, "check": check, "status": status, "keys": keys, "curate": curate}[args.command](args)
+
+
+def curate(args) -> int:
+    from .curate import main as curate_main
+
+    return curate_main(args)
 
 
 def keys(args) -> int:
@@ -176,6 +212,10 @@ def serve(args) -> int:
         from .proxy import serve_replicas
 
         return serve_replicas(args, token, limits)
+    if args.verdict_store:
+        print("error: --verdict-store needs --replicas N for now (a single worker keeps no verdict cache); "
+              "use --replicas 1", file=sys.stderr)
+        return EXIT_ERROR
     from .server import Batching
 
     try:

@@ -19,7 +19,9 @@ dtypes, shapes and bytes). A cached verdict (with its sanitized frames) is answe
 checker; identical requests in flight at once are computed once. Verdicts that came from a
 fault (`Verdict.fault`: checker timeout, guard error, an unlabeled guard answer) are not cached. LRU, bounded in bytes;
 with `--cache-file` it is saved at shutdown and loaded at start (only entries of the same checker
-identity; the file must be the worker user's own, mode 0600).
+identity; the file must be the worker user's own, mode 0600). With `--verdict-store PATH` the cache
+is the shared on-disk `verdict_store.VerdictStore` instead (same keys: what `curate` jobs and other
+workers stored is answered here, and what this front computes is there for them).
 """
 from __future__ import annotations
 
@@ -141,7 +143,8 @@ class ReplicaProxy(WorkerFront):
     def __init__(self, endpoint: str, replicas: Sequence, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
                  owner_token: str | None = None, curve_dir: str | None = None, insecure: bool = False,
                  parent_pid: int | None = None, lock_file=None, cache_file: str | None = None,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, verdict_store: str | None = None,
+                 verdict_store_bytes: int = 10 << 30):
         """`lock_file`: the endpoint's claim (`endpoint.claim_endpoint`), taken before the replicas were started."""
         super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
                          curve_dir=curve_dir, lock_file=lock_file)
@@ -150,7 +153,13 @@ class ReplicaProxy(WorkerFront):
         self.identity = checker_identity(self.replicas[0].hello)
         # A check that started is answered within its check timeout (blocked if it overran).
         self._check_time_s = float(self.replicas[0].hello.get("limits", {}).get("check_timeout_s", 60.0))
-        self.cache = VerdictCache(cache_bytes)
+        if verdict_store:  # the verdict store shared with other workers, curate jobs and experiments
+            from .verdict_store import VerdictStore
+
+            self.cache = VerdictStore(verdict_store, verdict_store_bytes)
+            cache_file = None  # the store is on disk already
+        else:
+            self.cache = VerdictCache(cache_bytes)
         self.cache_file = cache_file
         if cache_file and os.path.exists(cache_file):
             logger.info("verdict cache: %d entries loaded from %s", self.cache.load(cache_file, self.identity), cache_file)
@@ -273,6 +282,7 @@ class ReplicaProxy(WorkerFront):
 
 # Options of `serve` that belong to the front process, not to its replicas (value-taking ones first).
 _FRONT_OPTIONS = {"--endpoint": True, "--replicas": True, "--cache-mb": True, "--cache-file": True, "--curve-dir": True, "--parent-pid": True,
+                  "--verdict-store": True, "--verdict-store-mb": True,
                   "--preset": True, "--device": True, "--insecure": False, "--metrics-port": True}
 
 
@@ -314,7 +324,8 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
         proxy = ReplicaProxy(args.endpoint, replicas, limits=limits, cache_bytes=int(args.cache_mb * 2**20),
                              owner_token=owner_token, curve_dir=args.curve_dir, insecure=args.insecure,
                              parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, verdict_store=args.verdict_store,
+                             verdict_store_bytes=int(args.verdict_store_mb * 2**20))
     except Exception as e:  # WorkerStartError (endpoint, metrics port) or a replica that did not start
         for r in replicas:
             r.stop(timeout=5)

@@ -350,6 +350,66 @@ def load_checker(device: str = "cpu", guardrail_repo: str = "nvidia/Cosmos-1.0-G
     return checker
 
 
+def check_request(guard: GuardedChecker, req: Request) -> Reply:
+    """The reply to one check request alone (text first; a blocked text skips the video)."""
+    if req.op == "check_text":
+        return _texts_reply(req, [guard.check_text(t) for t in req.args["texts"]])
+    text = req.args.get("text") if req.op == "check_sample" else None
+    if text is not None:
+        verdict = guard.check_text(text)
+        if not verdict.safe or not req.arrays:
+            return _verdict_reply(req, verdict)
+    return _verdict_reply(req, guard.check_video(req.arrays[0]))
+
+
+def check_requests(guard: GuardedChecker, reqs: Sequence[Request]) -> list[Reply]:
+    """Several requests at once: all their texts in one `check_texts`, then the frames of those still
+    safe in one `check_videos`. Same replies as `check_request` of each; raises if the batch itself
+    fails (the caller then checks each alone). The worker's checker thread and `curate`'s actors both
+    check through this, so their verdicts and frames are the same."""
+    texts, owners = [], []
+    for j, req in enumerate(reqs):
+        mine = req.args["texts"] if req.op == "check_text" else [req.args["text"]] if req.op == "check_sample" else []
+        texts += mine
+        owners += [j] * len(mine)
+    per_job: list[list] = [[] for _ in reqs]
+    for j, verdict in zip(owners, guard.check_texts(texts) if texts else []):
+        per_job[j].append(verdict)
+    replies: list[Reply | None] = [None] * len(reqs)
+    video = []
+    for j, req in enumerate(reqs):
+        if req.op == "check_text":
+            replies[j] = _texts_reply(req, per_job[j])
+        elif req.op == "check_sample" and (not per_job[j][0].safe or not req.arrays):
+            replies[j] = _verdict_reply(req, per_job[j][0])
+        else:
+            video.append(j)
+    for j, verdict in zip(video, guard.check_videos([reqs[j].arrays[0] for j in video]) if video else []):
+        replies[j] = _verdict_reply(reqs[j], verdict)
+    return replies
+
+
+def checker_versions() -> dict[str, Any]:
+    """The versions `hello` reports (part of the checker identity that keys stored verdicts)."""
+    import importlib.metadata as md
+
+    versions = {"python": sys.version.split()[0], "worker": WORKER_VERSION}
+    for dist in ("torch", "transformers", "cosmos-guardrail", "numpy", "pyzmq", "msgpack"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def checker_description(models: dict[str, Any], controversial: str) -> dict[str, Any]:
+    """What `hello` says about the checker itself (models, policy, versions, protocol): enough for
+    `proxy.checker_identity`, so a checker loaded outside a worker (a `curate` actor) has the same
+    identity as a worker serving the same models and policy."""
+    return {"protocol": [P.PROTOCOL_MAJOR, P.PROTOCOL_MINOR], "versions": checker_versions(), "models": models,
+            "policy": {"controversial": controversial, "fail_closed": True}}
+
+
 # ---------------------------------------------------------------- the server
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +438,20 @@ class Batching:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def split(self, reqs: Sequence[Request]) -> list[list[Request]]:
+        """`reqs` (all at hand, none to wait for) cut into batches by the same limits as the queue's
+        (`BatchGatherer`): a request that would overflow a batch starts the next one."""
+        batches: list[list[Request]] = []
+        units = frames = 0
+        for req in reqs:
+            u, f = _units(req), _frame_count(req)
+            if not batches or self.max_batch == 1 or units + u > self.max_batch or frames + f > self.max_batch_frames:
+                batches.append([])
+                units = frames = 0
+            batches[-1].append(req)
+            units, frames = units + u, frames + f
+        return batches
 
 
 def _units(req: Request) -> int:
@@ -523,19 +597,14 @@ class SafetyWorker(WorkerFront):
             raise AssertionError(f"op {req.op} has no handler")
 
     def _checker_hello(self) -> dict[str, Any]:
-        import importlib.metadata as md
-
-        versions = {"python": sys.version.split()[0], "worker": WORKER_VERSION}
-        for dist in ("torch", "transformers", "cosmos-guardrail", "numpy", "pyzmq", "msgpack"):
-            try:
-                versions[dist] = md.version(dist)
-            except md.PackageNotFoundError:
-                versions[dist] = None
+        # The checker's own description is shared with curate's actors (`checker_description`), so both
+        # have one identity (`proxy.checker_identity`).
+        described = checker_description(self.models, self.guard.controversial)
         return {
-            "versions": versions,
+            "versions": described["versions"],
             "device": self.device,
-            "models": self.models,
-            "policy": {"controversial": self.guard.controversial, "fail_closed": True},
+            "models": described["models"],
+            "policy": described["policy"],
             "limits": {**self.limits.to_dict(), "check_timeout_s": self.check_timeout},
             "batching": self.batching.to_dict(),
             "grad_enabled": self._grad_enabled,
@@ -670,38 +739,10 @@ class SafetyWorker(WorkerFront):
 
     def _check(self, req: Request) -> Reply:
         """One request alone (`--max-batch 1`, and the retry of a failed batch)."""
-        if req.op == "check_text":
-            return _texts_reply(req, [self.guard.check_text(t) for t in req.args["texts"]])
-        text = req.args.get("text") if req.op == "check_sample" else None
-        if text is not None:
-            verdict = self.guard.check_text(text)
-            if not verdict.safe or not req.arrays:
-                return _verdict_reply(req, verdict)
-        return _verdict_reply(req, self.guard.check_video(req.arrays[0]))
+        return check_request(self.guard, req)
 
     def _check_batch(self, reqs: list[Request]) -> list[Reply]:
-        """Several requests at once: all their texts in one `check_texts`, then the frames of those
-        still safe in one `check_videos`. Same replies as `_check` of each."""
-        texts, owners = [], []
-        for j, req in enumerate(reqs):
-            mine = req.args["texts"] if req.op == "check_text" else [req.args["text"]] if req.op == "check_sample" else []
-            texts += mine
-            owners += [j] * len(mine)
-        per_job: list[list] = [[] for _ in reqs]
-        for j, verdict in zip(owners, self.guard.check_texts(texts) if texts else []):
-            per_job[j].append(verdict)
-        replies: list[Reply | None] = [None] * len(reqs)
-        video = []
-        for j, req in enumerate(reqs):
-            if req.op == "check_text":
-                replies[j] = _texts_reply(req, per_job[j])
-            elif req.op == "check_sample" and (not per_job[j][0].safe or not req.arrays):
-                replies[j] = _verdict_reply(req, per_job[j][0])
-            else:
-                video.append(j)
-        for j, verdict in zip(video, self.guard.check_videos([reqs[j].arrays[0] for j in video]) if video else []):
-            replies[j] = _verdict_reply(reqs[j], verdict)
-        return replies
+        return check_requests(self.guard, reqs)
 
     def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
         latency = time.monotonic() - job.received

@@ -17,7 +17,7 @@ from theworld.training import (
 
 # summary.json's keys, a fixed interface (README "Outputs"), in the order the file holds them.
 SUMMARY_KEYS = [
-    "steps", "max_steps", "seen", "trained", "blocked", "errors", "bad_samples", "accounting_holds",
+    "steps", "max_steps", "seen", "trained", "blocked", "errors", "bad_samples", "accounting_holds", "curated",
     "initial_eval_loss", "final_eval_loss", "initial_eval_accuracy", "final_eval_accuracy",
     "final_eval_loss_no_world", "final_eval_accuracy_no_world", "enable_world", "eval_samples", "eval_by_question",
     "train_seconds", "steps_per_second", "safety_wait_seconds", "safety_wait_fraction", "data_wait_seconds",

@@ -16,6 +16,11 @@ identity and the content (``safety_worker.proxy.VerdictCache``, the cache the wo
 epoch over a fixed dataset after the first then costs the worker nothing; the checker is deterministic,
 and a verdict that came from a fault (timeout, guard error) is never reused.
 
+Data written by ``python -m safety_worker curate`` (``curated=True``) was checked once, by the same
+checker (the trainer verifies the manifest's checker identity against its worker): its frames are the
+sanitized ones already, so its samples are passed on without a check, and only a sample that cannot be
+loaded is ledgered. The counts and ledgers keep their meaning.
+
 Counters and the reading position describe samples the trainer has *taken*, not the ones in flight,
 so a checkpoint made between two takes can resume exactly (in-flight checks are simply redone).
 """
@@ -141,17 +146,20 @@ class SafetyFilter:
             again (0: every sample is sent).
         worker_hello: the worker's ``hello`` answer, naming the checker whose verdicts are reused (asked
             for when not given).
+        curated: the stream is a curate output whose manifest covers every sample: pass samples on
+            unchecked (see the module docstring).
     """
 
     def __init__(self, client, stream: Iterator[tuple[int, dict]], window: int = 16, output_dir=".",
                  ledger_suffix: str = "", max_errors: int = 50, result_timeout: float = 120.0, state: dict | None = None,
                  fresh_ledgers: bool = False, max_bad_samples: BadSampleLimit | None = None, reuse_mb: float = 0,
-                 worker_hello: dict | None = None):
+                 worker_hello: dict | None = None, curated: bool = False):
         if window < 1:
             raise ValueError(f"safety_window must be at least 1, got {window}")
         self.client, self.stream, self.window = client, stream, window
         self.max_errors, self.result_timeout = max_errors, result_timeout
         self.max_bad_samples = max_bad_samples
+        self.curated = curated
         self.blocked_path = Path(output_dir) / f"blocked{ledger_suffix}.jsonl"
         self.errors_path = Path(output_dir) / f"errors{ledger_suffix}.jsonl"
         self.counts = FilterCounts()
@@ -213,6 +221,8 @@ class SafetyFilter:
             groups = _frame_groups([np.ascontiguousarray(image, dtype=np.uint8) for image in sample["images"]])
             if not groups:
                 raise ValueError("the sample has no images")
+            if self.curated:  # checked and sanitized by curate, by this worker's checker: nothing to send
+                return _Pending(position, sample, [_done(Verdict.passed(frames)) for frames in groups])
             keys = [self._key(text, frames) for frames in groups]
             futures = [self._reused(key) or self._send(key, text, frames) for key, frames in zip(keys, groups)]
         except Exception as e:  # a malformed sample or a closed client: fail closed, keep going

@@ -97,7 +97,8 @@ class DataArguments:
                           "its direction or colour), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
                           "(image or clip frame paths, or a video path, + chat messages, see theworld.data.sources), "
                           "a glob of local parquet or webdataset .tar shards read as a stream (quote it; see "
-                          "theworld.data.shards) or a directory written by datasets' save_to_disk."},
+                          "theworld.data.shards), a directory written by datasets' save_to_disk, or a folder written "
+                          "by `python -m safety_worker curate` (its samples were checked there: not checked again)."},
     )
     eval_data: Optional[str] = field(
         default=None,
@@ -105,6 +106,12 @@ class DataArguments:
                           "data=synthetic, else the 'test' split of a save_to_disk DatasetDict."},
     )
     data_split: str = field(default="train", metadata={"help": "Split to train on when data is a DatasetDict."})
+    accept_curated_identity: bool = field(
+        default=False,
+        metadata={"help": "Train on a curate output (data or eval_data holding manifest.json) even though its "
+                          "manifest names another checker than the safety worker's (models, policy or versions "
+                          "differ); by default that is a start-up error. Its samples are not checked again."},
+    )
     data_columns: str = field(
         default="",
         metadata={"help": "Column mapping for save_to_disk and parquet data, e.g. "

@@ -27,6 +27,8 @@ def open_datasets(data_args: DataArguments, seed: int):
             return synthetic_task({**task_record(data_args, seed), "data": spec}, split, size, fraction)
         if spec.endswith(".jsonl"):
             return JsonlDataset(spec)
+        if is_curated(spec):
+            return open_curated(spec)
         if Path(spec).is_dir():
             return DiskDataset(spec, split=data_args.data_split if split == "train" else "test", columns=data_args.data_columns)
         if is_shard_spec(spec):
@@ -89,3 +91,59 @@ def task_record(data_args: DataArguments, seed: int) -> dict:
         record.update(image_size=data_args.synthetic_image_size, eval_size=data_args.synthetic_eval_size,
                       num_frames=data_args.synthetic_frames if data_args.data == "synthetic" else 1)
     return record
+
+
+def is_curated(spec: str) -> bool:
+    """Whether ``spec`` is a folder written by ``python -m safety_worker curate`` (finished or not)."""
+    from safety_worker.curate import MANIFEST, RUN_FILE
+
+    return Path(spec).is_dir() and ((Path(spec) / MANIFEST).is_file() or (Path(spec) / RUN_FILE).is_file())
+
+
+def open_curated(spec: str):
+    """A curate output as its parquet shards (``ShardSource``), with its manifest as ``.curated``."""
+    from safety_worker.curate import CurateError, read_manifest
+    from theworld.data.shards import ShardSource
+    from theworld.data.sources import DataError
+
+    try:
+        manifest = read_manifest(spec)
+    except (CurateError, ValueError) as e:
+        raise DataError(str(e)) from None
+    if manifest is None:
+        raise DataError(f"{spec} is an unfinished curate output (no manifest.json): run the same "
+                        "`python -m safety_worker curate` command again to finish it")
+    shards = [str(Path(spec) / s["path"]) for s in manifest["shards"]]
+    missing = [p for p in shards if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{spec}: shards the manifest lists are missing ({missing[:3]}); curate it again")
+    source = ShardSource(str(Path(spec) / "shards" / "part-*.parquet"))
+    if source.paths != sorted(shards):
+        raise DataError(f"{spec}/shards holds other files than the manifest's shards; curate it again into a new folder")
+    source.curated = manifest
+    return source
+
+
+def check_curated_identity(data, worker_hello: dict, accept: bool) -> None:
+    """``DataError`` (exit 2) when curated ``data`` was checked by another checker than the worker's.
+
+    The identity is the verdict cache key's (models, policy, versions): curated samples are trained on
+    unchecked, so they must have been checked by the checker this run would have used."""
+    from safety_worker.proxy import checker_identity
+    from theworld.data.sources import DataError
+
+    manifest = getattr(data, "curated", None)
+    if manifest is None or accept:
+        return
+    worker = checker_identity(worker_hello)
+    curated = manifest["checker"]["identity"]
+    if worker != curated:
+        differ = [k for k in ("models", "policy") if manifest["checker"].get(k) != worker_hello.get(k)]
+        versions = {k: (manifest["checker"]["versions"].get(k), (worker_hello.get("versions") or {}).get(k))
+                    for k in ("worker", "cosmos-guardrail", "transformers")}
+        differ += [f"{k} version {a} vs {b}" for k, (a, b) in versions.items() if a != b]
+        raise DataError(
+            f"{data.spec.rsplit('/shards/', 1)[0]} was curated by checker {curated[:12]}, but the safety worker is "
+            f"checker {worker[:12]} ({', '.join(differ) or 'protocol differs'}): its verdicts may not hold for this "
+            "worker. Curate the data again with the worker's options (same --preset and model flags, "
+            "--controversial), or pass --accept-curated-identity to train on it anyway")

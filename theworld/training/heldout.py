@@ -90,7 +90,8 @@ def check_heldout_samples(heldout_data, worker, data_args, train_args, ledger_su
                         data_args.data_prefetch)
     checked = SafetyFilter(worker.client, reader, window=worker.window, output_dir=train_args.output_dir,
                            ledger_suffix=f".eval{ledger_suffix}", max_errors=train_args.safety_max_errors,
-                           result_timeout=train_args.safety_timeout, fresh_ledgers=True)
+                           result_timeout=train_args.safety_timeout, fresh_ledgers=True,
+                           curated=hasattr(heldout_data, "curated"))  # a curate output: checked already
     samples = [sample for _, sample in checked]
     checked.close()
     reader.close()

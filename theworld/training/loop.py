@@ -19,7 +19,7 @@ import torch
 from theworld import assert_grad_enabled  # importing theworld installs the import guard first
 from theworld.training.arguments import DataArguments, ModelArguments, TrainArguments, parse_report_to
 from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs
-from theworld.training.data import TASK_FILE, open_datasets, task_record, training_stream
+from theworld.training.data import TASK_FILE, check_curated_identity, open_datasets, task_record, training_stream
 from theworld.training.heldout import EVAL_BATCH_SIZE, check_heldout_samples, prepare_heldout, to_device
 from theworld.training.model import build_model, world_projector_parameters
 from theworld.training.reporting import (MetricsLog, build_summary, log_heldout_examples, peak_memory_mb,
@@ -168,6 +168,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     with ExitStack() as stack:
         worker = open_worker_session(stack, train_args, accelerator, run.worker_threads, run.local)
+        for data in (train_data, heldout_data):  # curated data is trained on unchecked: same checker only
+            check_curated_identity(data, worker.hello, data_args.accept_curated_identity)
         assert_grad_enabled("training (after connecting to the safety worker)")
 
         # ---- held-out set: checked once through the same worker, collated once
@@ -183,7 +185,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                    ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
                                    result_timeout=train_args.safety_timeout, state=state.filter_state,
                                    max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
-                                   worker_hello=worker.hello)
+                                   worker_hello=worker.hello, curated=hasattr(train_data, "curated"))
         else:
             samples = make_sample_filter(worker.client, reader, output_dir, state.filter_state)
         stack.callback(samples.close)
@@ -254,6 +256,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         projector_max_abs_change=max(((projector_after[n] - projector_before[n]).abs().max().item()
                                       for n in projector_before), default=None),
         trainable_parameters=sum(p.numel() for p in state.params),
+        curated=getattr(train_data, "curated", {}).get("counts"),
         run={
             "safety_endpoint": worker.endpoint,
             "safety_worker_spawned": worker.spawned is not None,

@@ -104,9 +104,10 @@ def reduce_sample_counts(accelerator, counts) -> dict:
 def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, evals: list[dict], eval_samples: int,
                   eval_by_question: dict, enable_world: bool, loop_seconds: float, safety_wait_seconds: float,
                   data_wait_seconds: float, projector_max_abs_change: float | None, trainable_parameters: int,
-                  run: dict) -> dict:
+                  run: dict, curated: dict | None = None) -> dict:
     """`summary.json`: the sample accounting (`samples` from `reduce_sample_counts`; `accounting_holds` says
-    whether `seen == trained + blocked + errors`), the first and last evaluation, rates and wait fractions
+    whether `seen == trained + blocked + errors`), `curated`: a curate output's own counts (None on other
+    data), the first and last evaluation, rates and wait fractions
     of the loop time (`steps_run`: the steps this process ran, not counting a resumed run's earlier ones;
     None when no loop time was measured), and `run`: the keys that describe the run (worker, precision,
     processes, memory...), appended as given."""
@@ -123,6 +124,8 @@ def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, 
         "errors": samples["errors"],
         "bad_samples": samples["bad_samples"],
         "accounting_holds": samples["seen"] == samples["trained"] + samples["blocked"] + samples["errors"],
+        # A curate output's own counts (its blocked and errors never reach this run): read = kept + blocked + errors.
+        "curated": curated,
         "initial_eval_loss": first["eval_loss"],
         "final_eval_loss": last["eval_loss"],
         "initial_eval_accuracy": first["eval_accuracy"],

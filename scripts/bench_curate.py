@@ -1,0 +1,139 @@
+"""Benchmark `python -m safety_worker curate` against one worker fed by one client, in one run.
+
+    python scripts/bench_curate.py                 # ~5-10 minutes on 2 CPU cores
+    python scripts/bench_curate.py --clips 32      # quicker
+    python scripts/bench_curate.py --actor-gpus 1  # the actors' guard models on a GPU
+
+Prints, from the same run and the same clips (synthetic motion clips, 9 frames of 32x32, a quarter
+of them with the tiny guard's blocked phrase; the tiny checkpoint, faces pixelated):
+
+1. one worker (`serve` defaults) fed by one client keeping W checks in flight (the trainer's
+   `SafetyFilter`, W in --windows; the best W is the baseline): clips/s;
+2. curate with 1 and with 2 actors on one local Ray (--num-cpus, 2 by default): clips/s while checking
+   (all clips over the time from the first actor ready, its guard loaded, to the last batch checked:
+   actor start-up, ~10-30 s of importing and loading the guard, is paid once per job and reported
+   apart), and end to end; target 2 actors >= 1.7x 1;
+3. the curate driver's peak RSS at 1x and 4x the clips (target <= 1.2x: it holds no dataset).
+
+Each curate job runs as its own driver process (`curate()` in a fresh Python), with a verdict store
+of its own, so none reuses another's verdicts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DRIVER = textwrap.dedent("""
+    import json, resource, sys
+    from safety_worker.curate import curate
+    args = json.loads(sys.argv[1])
+    manifest = curate(args["input"], args["output"], preset=args["preset"], actors=args["actors"],
+                      actor_gpus=args["actor_gpus"], num_cpus=args["num_cpus"], shard_size=args["shard_size"],
+                      batch_size=args["batch_size"], ray_address=args.get("ray_address"))
+    print(json.dumps({"run": {k: v for k, v in manifest["run"].items() if k != "actors"}, "counts": manifest["counts"],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+def write_clips(folder: Path, n: int, frames: int, size: int) -> Path:
+    from theworld.data.sources import write_jsonl
+    from theworld.data.synthetic import SyntheticMotionTask
+
+    task = SyntheticMotionTask(split="train", size=n, seed=0, num_frames=frames, image_size=size, blocked_fraction=0.25)
+    return write_jsonl((task[i] for i in range(n)), folder / f"clips-{n}.jsonl")
+
+
+def worker_rate(path: Path, windows: list[int], tiny_dir: str) -> dict:
+    """clips/s of one worker fed by one client keeping `window` checks in flight, per window."""
+    from safety_worker import SafetyClient, spawn_worker
+    from theworld.data.safety_filter import _frame_groups
+    from theworld.data.sources import JsonlDataset, sample_text
+
+    dataset = JsonlDataset(path)
+    samples = [(sample_text(s), _frame_groups(s["images"])[0]) for s in (dataset[i] for i in range(len(dataset)))]
+    out = {}
+    with spawn_worker(extra_args=["--tiny-dir", tiny_dir, "--tiny-faces", "all"]) as worker, \
+            SafetyClient(worker.endpoint, timeout=600) as client:
+        client.check_sample(*samples[0])  # warm
+        for window in windows:
+            start, pending = time.perf_counter(), []
+            for text, frames in samples:
+                pending.append(client.submit_sample(text, frames))
+                if len(pending) >= window:
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+            out[window] = len(samples) / (time.perf_counter() - start)
+    return out
+
+
+def curate_job(path: Path, work: Path, name: str, **options) -> dict:
+    args = {"input": str(path), "output": str(work / name), **options}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT), timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = result["run"]
+    result["steady_clips_per_s"] = result["counts"]["read"] / run["check_seconds"]
+    result["end_to_end_clips_per_s"] = result["counts"]["read"] / run["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=96, help="clips in the 1x dataset (default 96)")
+    parser.add_argument("--frames", type=int, default=9, help="frames per clip (default 9)")
+    parser.add_argument("--size", type=int, default=32, help="frame side in pixels (default 32)")
+    parser.add_argument("--windows", default="1,4,16", help="client windows tried for the worker baseline")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
+    parser.add_argument("--actor-gpus", type=float, default=0, help="GPUs per actor (default 0: CPU)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per actor call (default 8)")
+    parser.add_argument("--tiny-dir", default=None, help="tiny checkpoint cache (default: the worker's)")
+    args = parser.parse_args()
+
+    from safety_worker.tiny import default_tiny_dir
+
+    tiny_dir = args.tiny_dir or str(default_tiny_dir())
+    preset = {"preset": "tiny", "tiny_dir": tiny_dir, "tiny_faces": "all"}
+    with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
+        work = Path(tmp)
+        small = write_clips(work, args.clips, args.frames, args.size)
+        large = write_clips(work, 4 * args.clips, args.frames, args.size)
+        print(f"{args.clips} clips of {args.frames}x{args.size}x{args.size}; local Ray with {args.num_cpus} CPUs"
+              f"{f', {args.actor_gpus} GPU per actor' if args.actor_gpus else ''}", flush=True)
+
+        rates = worker_rate(small, [int(w) for w in args.windows.split(",")], tiny_dir)
+        best = max(rates, key=rates.get)
+        for window, rate in rates.items():
+            print(f"worker, one client, window {window:>2}: {rate:7.1f} clips/s", flush=True)
+
+        common = {"preset": preset, "actor_gpus": args.actor_gpus, "num_cpus": args.num_cpus,
+                  "batch_size": args.batch_size, "shard_size": max(1, args.clips // 8)}
+        one = curate_job(small, work, "one", actors=1, **common)
+        two = curate_job(small, work, "two", actors=2, **common)
+        for name, r in (("1 actor ", one), ("2 actors", two)):
+            print(f"curate, {name}: {r['steady_clips_per_s']:7.1f} clips/s checking, {r['end_to_end_clips_per_s']:6.2f} "
+                  f"end to end ({r['run']['seconds']:.1f} s, first result after {r['run']['first_result_seconds']:.1f} s)",
+                  flush=True)
+        print(f"2 actors / 1 actor (checking): {two['steady_clips_per_s'] / one['steady_clips_per_s']:.2f}x (target >= 1.7x)")
+        print(f"2 actors / worker at its best window ({best}): {two['steady_clips_per_s'] / rates[best]:.2f}x")
+
+        big = curate_job(large, work, "four-x", actors=2, **{**common, "shard_size": common["shard_size"]})
+        print(f"driver peak RSS: {two['peak_rss_mb']:.0f} MiB at {args.clips} clips, {big['peak_rss_mb']:.0f} MiB at "
+              f"{4 * args.clips}: {big['peak_rss_mb'] / two['peak_rss_mb']:.2f}x (target <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
