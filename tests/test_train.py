@@ -135,6 +135,57 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_saf
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_restores_everything_the_next_steps_depend_on(tmp_path, tiny_models):
+    """Resume exactness is a property of the checkpoint: after `load_checkpoint` into a model, optimizer and
+    scheduler built from another seed, the next steps draw the same random numbers (python, numpy, torch),
+    see the same learning rates, compute the same losses and end with the same weights (projector statistics
+    included) as the run that wrote it and went on; the rank's own state comes back as written."""
+    import random
+
+    import numpy as np
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from theworld.data.collator import TheWorldCollator
+    from theworld.training.checkpoints import load_checkpoint, save_checkpoint
+
+    model_args = parse_args(small_run_args(tmp_path, tiny_models))[0]
+    task = SyntheticMotionTask(size=8, seed=0)
+    accelerator = Accelerator()
+
+    def build(seed):
+        model = build_model(model_args, seed=seed)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=8)
+        return accelerator.prepare(model, optimizer, scheduler)
+
+    def steps(model, optimizer, scheduler, count):
+        collator, seen = TheWorldCollator(accelerator.unwrap_model(model)), []
+        for _ in range(count):
+            picks = torch.randint(len(task), (2,)).tolist()  # the batch drawn from the torch RNG
+            loss = model(**collator([task[i] for i in picks])).loss
+            accelerator.backward(loss)
+            optimizer.step(), scheduler.step(), optimizer.zero_grad()
+            seen.append((picks, loss.item(), scheduler.get_last_lr()[0], random.random(), float(np.random.rand())))
+        return seen
+
+    written = build(seed=0)
+    steps(*written, 2)
+    rank_state = {"step": 2, "filter": {"next_position": 5}, "history": [{"step": 1, "loss": 0.5}]}
+    checkpoint = save_checkpoint(accelerator, *written, 2, rank_state, tmp_path, keep=1)
+    expected = steps(*written, 3)
+
+    restored = build(seed=1)
+    steps(*restored, 1)  # an optimizer with state of its own, which the checkpoint must replace
+    before = {k: t.clone() for k, t in accelerator.unwrap_model(restored[0]).trainable_state_dict().items()}
+    assert load_checkpoint(accelerator, *restored, checkpoint) == rank_state
+    assert steps(*restored, 3) == expected  # exactly equal floats, not approximately
+    a, b = (accelerator.unwrap_model(m).trainable_state_dict() for m in (written[0], restored[0]))
+    assert a.keys() == b.keys() and any(name.startswith("world_projector.") for name in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], before[k]) for k in a)  # the weights really were replaced
+
+
 def test_a_crashed_run_keeps_its_metrics_and_resume_cuts_them_back(tmp_path, tiny_models, tiny_safety_worker,
                                                                     monkeypatch):
     import theworld.training.loop as loop
