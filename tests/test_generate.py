@@ -78,10 +78,11 @@ def test_safe_request_is_answered_and_the_answer_is_checked(rollout_model, tiny_
 
     with SafetyClient(tiny_safety_worker.endpoint) as client:
         before = client.stats()["requests"]
-        result = SafeGenerator(rollout_model, client, max_new_tokens=4, rollout_config=FAST_ROLLOUT)(
+        result = SafeGenerator(rollout_model, client, max_new_tokens=16, rollout_config=FAST_ROLLOUT,
+                               prefix_allowed_tokens_fn=_force_text(rollout_model.processor.tokenizer, "A red square."))(
             Request("ok", SAFE_EXAMPLE, frames))
         after = client.stats()["requests"]
-    assert result.refused is None and isinstance(result.answer, str)
+    assert result.refused is None and result.answer == "A red square."  # the model's answer, passed on whole
     # One combined check of the prompt and frames, then one check of the answer text.
     for op in ("check_sample", "check_text"):
         assert after.get(op, 0) - before.get(op, 0) == 1, (op, before, after)
