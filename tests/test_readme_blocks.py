@@ -129,7 +129,7 @@ def _param(block: Block):
 
 
 def _environment() -> dict:
-    """The test session's environment (offline, one thread) with this checkout first on the import path
+    """The test session's environment (offline) with this checkout first on the import path
     and this interpreter's scripts (python, torchrun, accelerate) first on PATH."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
