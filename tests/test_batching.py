@@ -198,3 +198,29 @@ def test_a_quiet_client_costs_one_wait_and_a_lone_client_never_waits():
         t = time.monotonic()
         assert gatherer.next_batch() == [a]
         assert time.monotonic() - t < 0.5
+
+
+def _texts(count: int):
+    return SimpleNamespace(request=SimpleNamespace(op="check_text", args={"texts": ["x"] * count}, arrays=[]))
+
+
+def _clip(frames: int):
+    return SimpleNamespace(request=SimpleNamespace(op="check_video", args={},
+                                                   arrays=[np.zeros((frames, 2, 2, 3), np.uint8)]))
+
+
+def test_a_batch_is_cut_at_max_batch_texts_or_max_batch_frames_and_the_overflow_starts_the_next():
+    """Each text of a check_text counts one toward max_batch, each clip its frames toward max_batch_frames;
+    the check that would overflow a batch starts the next one, one bigger than the limits runs alone, and a
+    stop queued behind checks ends the gathering only after they ran."""
+    jobs = queue.Queue()
+    gatherer = BatchGatherer(jobs, Batching(max_batch=4, max_batch_frames=8, wait_ms=0))
+    queued = [_texts(3), _texts(2), _clip(5), _clip(3), _clip(1), _clip(12), _texts(1)]
+    for job in [*queued, None]:
+        jobs.put(job)
+    batches = []
+    while (batch := gatherer.next_batch()) is not None:
+        batches.append([next(k for k, job in enumerate(queued) if job is taken) for taken in batch])
+    # 3 texts (2 more would make 5) | 2 texts + 5 frames + 3 frames (4 units, 8 frames: both caps reached) |
+    # 1 frame (12 more would make 13) | 12 frames, alone | 1 text, then the stop.
+    assert batches == [[0], [1, 2, 3], [4], [5], [6]]

@@ -78,11 +78,12 @@ def test_safe_request_is_answered_and_the_answer_is_checked(rollout_model, tiny_
     from safety_worker import SafetyClient
 
     with SafetyClient(tiny_safety_worker.endpoint) as client, \
-            Generator(rollout_model, tiny_safety_worker.endpoint, rollout_steps=FAST_ROLLOUT_STEPS) as generator:
+            Generator(rollout_model, tiny_safety_worker.endpoint, rollout_steps=FAST_ROLLOUT_STEPS,
+                      prefix_allowed_tokens_fn=_force_text(rollout_model.processor.tokenizer, "A red square.")) as generator:
         before = client.stats()["requests"]
-        result = generator(Request.question(SAFE_EXAMPLE, frames, id="ok", max_tokens=4))
+        result = generator(Request.question(SAFE_EXAMPLE, frames, id="ok", max_tokens=16))
         after = client.stats()["requests"]
-    assert result.refused is None and result.answer is not None
+    assert result.refused is None and result.answer == "A red square."  # the model's answer, passed on whole
     # One combined check of the prompt and frames, then one check of the answer text.
     for op in ("check_sample", "check_text"):
         assert after.get(op, 0) - before.get(op, 0) == 1, (op, before, after)

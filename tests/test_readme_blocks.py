@@ -15,15 +15,18 @@ After a block, each ``-m theworld.train`` command in it must have written its ``
 Markers. A block that cannot run as written says so, in the document itself, on the line directly
 above its opening fence (visible to readers; no blank line between):
 
-    *Not run in CI: <reason>.*                       the test is skipped with that reason
-    *Slow, run only by `pytest -m slow`: <reason>.*  the test is marked ``slow`` (CI runs ``-m "not slow"``)
+    *Not run in CI: <reason>.*                              the test is skipped with that reason
+    *Slow, run only by `pytest -m slow`: <reason>.*         the test is marked ``slow`` (not run by CI)
+    *Long, run by `python -m pytest -m long`: <reason>.*    the test is marked ``long``: CI runs it with
+                                                            its long test command, not the quick one
 
 Fences without a language (diagrams, printed output) and other languages are not commands and are
 not run. ``test_required_commands_run_in_ci`` keeps the commands CI must run (the safety worker's
-shell commands, ``generate``, the default training run, the two-process forms) unmarked.
+shell commands, ``generate``, the default training run, the two-process forms) in blocks that CI runs
+(unmarked or ``long``).
 
 Run ``python -m pytest tests/test_readme_blocks.py -v -rs`` to see every block with its outcome and
-every skipped block with its reason; ``-m slow`` runs the long ones.
+every skipped block with its reason; ``-m long`` runs the full-budget ones, ``-m slow`` the others.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 PYTHON_LANGUAGES = {"python", "py"}
 SKIP_MARKER = re.compile(r"^\*Not run in CI: (?P<reason>.+)\*$")
 SLOW_MARKER = re.compile(r"^\*Slow, run only by `pytest -m slow`: (?P<reason>.+)\*$")
+LONG_MARKER = re.compile(r"^\*Long, run by `python -m pytest -m long`: (?P<reason>.+)\*$")
 FENCE = re.compile(r"^```\s*(?P<language>[\w+-]*)\s*$")
 BLOCK_TIMEOUT = 1500  # seconds for one block; the two-process training run is the longest in CI
 STOP_GRACE = 20  # seconds a block's leftover processes get to exit on SIGTERM before SIGKILL
@@ -60,6 +64,7 @@ class Block:
     code: str
     skip: str | None  # reason, from a "Not run in CI" marker
     slow: str | None  # reason, from a "Slow" marker
+    long: str | None  # reason, from a "Long" marker
 
     @property
     def id(self) -> str:
@@ -85,10 +90,10 @@ def extract_blocks(path: Path) -> list[Block]:
         language = fence["language"].lower()
         if language in SHELL_LANGUAGES | PYTHON_LANGUAGES:
             above = lines[i - 1].strip() if i > 0 else ""
-            skip, slow = SKIP_MARKER.match(above), SLOW_MARKER.match(above)
+            skip, slow, long = (marker.match(above) for marker in (SKIP_MARKER, SLOW_MARKER, LONG_MARKER))
             blocks.append(Block(str(path.relative_to(REPO_ROOT)), i + 1, _slug(heading), language,
                                 "\n".join(lines[i + 1 : end]) + "\n", skip and skip["reason"].rstrip("."),
-                                slow and slow["reason"].rstrip(".")))
+                                slow and slow["reason"].rstrip("."), long and long["reason"].rstrip(".")))
         i = end + 1
     return blocks
 
@@ -119,12 +124,12 @@ def training_runs(code: str) -> list[tuple[str, int]]:
 
 
 def _param(block: Block):
-    marks = [pytest.mark.slow] if block.slow else []
+    marks = [pytest.mark.slow] if block.slow else [pytest.mark.long] if block.long else []
     return pytest.param(block, id=f"{block.id}-{block.heading}", marks=marks)
 
 
 def _environment() -> dict:
-    """The test session's environment (offline, one thread) with this checkout first on the import path
+    """The test session's environment (offline) with this checkout first on the import path
     and this interpreter's scripts (python, torchrun, accelerate) first on PATH."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
@@ -203,7 +208,9 @@ def test_block_runs_as_written(block: Block, tmp_path):
         assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"], path
 
 
-def _unmarked_shell_blocks() -> list[str]:
+def _shell_blocks_ci_runs() -> list[str]:
+    """README shell blocks that one of CI's two test commands runs: unmarked (the test command) or
+    ``long`` (the long test command)."""
     return [b.code for b in BLOCKS if b.document == "README.md" and b.language in SHELL_LANGUAGES
             and not b.skip and not b.slow]
 
@@ -219,8 +226,9 @@ def _unmarked_shell_blocks() -> list[str]:
 ], ids=lambda pattern: pattern.pattern.split(r"\b")[0].split("(")[0].replace("\\", "").strip("^"))
 def test_required_commands_run_in_ci(command):
     """The commands CI must run stay in README blocks that carry no skip or slow marker."""
-    assert any(command.search(code) for code in _unmarked_shell_blocks()), (
-        f"no unmarked README shell block runs {command.pattern!r}; CI must run it (see this module's docstring)")
+    assert any(command.search(code) for code in _shell_blocks_ci_runs()), (
+        f"no README shell block that CI runs has {command.pattern!r} (it is missing, or marked skip or slow; "
+        "see this module's docstring)")
 
 
 def test_every_marker_belongs_to_a_block():
@@ -228,7 +236,28 @@ def test_every_marker_belongs_to_a_block():
     for document in DOCUMENTS:
         lines = document.read_text().splitlines()
         for i, line in enumerate(lines):
-            if SKIP_MARKER.match(line.strip()) or SLOW_MARKER.match(line.strip()):
+            if any(marker.match(line.strip()) for marker in (SKIP_MARKER, SLOW_MARKER, LONG_MARKER)):
                 following = FENCE.match(lines[i + 1]) if i + 1 < len(lines) else None
                 assert following and following["language"].lower() in SHELL_LANGUAGES | PYTHON_LANGUAGES, (
                     f"{document.name}:{i + 1}: marker not directly above a bash/python fence")
+
+
+TEST_COMMAND = 'python -m pytest -m "not slow and not long"'
+LONG_TEST_COMMAND = "python -m pytest -m long"
+
+
+def test_ci_runs_the_readme_test_commands_as_written():
+    """The README's quick start shows the test command, its Development section both commands, and `.ci/run`
+    runs both, the long one after the quick one; the ``long`` marker is registered and names its command."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    development = readme.split("## Development", 1)[1].split("\n## ", 1)[0]
+    assert TEST_COMMAND in quick_start
+    assert TEST_COMMAND in development and LONG_TEST_COMMAND in development
+    ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [line for line in ci if line.startswith("python -m pytest")]
+    assert commands[0] == TEST_COMMAND and commands[1].startswith(LONG_TEST_COMMAND), commands
+    import tomllib
+
+    markers = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("long:") and LONG_TEST_COMMAND in m for m in markers), markers

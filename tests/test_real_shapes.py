@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from test_train import REPO_ROOT, finish, run_cli
+from test_train import REPO_ROOT, run_in_process
 from theworld.real_configs import (
     COSMOS_TRANSFORMER_CONFIG, COSMOS_VAE_CONFIG, GEMMA_SPECIAL_TOKEN_IDS, GEMMA_TOKENIZER_PIECES, gemma_config,
     gemma_layer_types,
@@ -70,12 +70,14 @@ def test_layers_needs_real_shapes():
     assert result.returncode == 2 and "--layers needs --real-shapes" in result.stderr
 
 
-def test_the_real_shape_command_runs_cut_down_to_the_tiny_models(tmp_path, tiny_models):
-    """The real-shape command's flags, with the tiny models' world size (their latent grid is 8x8)."""
+def test_the_real_shape_command_runs_cut_down_to_the_tiny_models(tmp_path, tiny_models, tiny_safety_worker):
+    """The real-shape command's flags, with the tiny models' world size (their latent grid is 8x8). In this
+    process, against the session's worker: the flags are what is tested here (the command line itself, with a
+    worker it spawns, is test_train.py's mission test and the README's blocks)."""
     flags = dict(zip(REAL_SHAPE_FLAGS[:4:2], REAL_SHAPE_FLAGS[1:4:2]))
     assert flags == {"--world-image-size": "480,640", "--world-tokens-per-side": "16"}
     cut = ["--world-image-size", "64,64", "--world-tokens-per-side", "4", *REAL_SHAPE_FLAGS[4:]]
-    finish(run_cli(tmp_path, tiny_models, *cut))
+    run_in_process(tmp_path, tiny_models, tiny_safety_worker.endpoint, *cut)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["eval_samples"] == 2
     assert summary["lora_r"] == 8 and summary["gradient_checkpointing"] is True

@@ -1,4 +1,5 @@
-"""Liveness under faults: kill -9, hangs (SIGSTOP), busy retries.
+"""Liveness under faults: kill -9, hangs (SIGSTOP). (Busy retries: test_worker_lifecycle.py against a real
+full queue, test_client_retries.py for the client's rules.)
 
 Every worker here is a real `python -m safety_worker serve` subprocess on the tiny guardrail; faults
 are real signals. Nothing is mocked.
@@ -96,15 +97,3 @@ def test_hung_worker_fails_closed_then_supervisor_restarts_it_within_its_budget(
         assert "no restarts left" in worker.supervisor.gave_up
     finally:
         worker.stop(timeout=5)
-
-
-def test_busy_answers_are_retried_with_backoff(tiny_guardrail_root):
-    """Queue of 1: a burst mostly gets `busy` at first; the client's Lazy Pirate retries get them all done."""
-    big = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
-    with _spawn(tiny_guardrail_root, "--tiny-faces", "all", "--queue-size", "1", restarts=0) as worker, \
-            SafetyClient(worker.endpoint, timeout=120, busy_retries=None) as client:  # as the trainer's: until the deadline
-        futures = [client.submit_video(big) for _ in range(8)]
-        verdicts = [f.result(timeout=120) for f in futures]
-        assert all(v.safe for v in verdicts)
-        assert client.resends > 0
-        assert client.stats()["errors"].get("busy", 0) > 0

@@ -39,8 +39,7 @@ def test_kill9_worker_mid_training_loses_no_sample(tmp_path, tiny_models, tiny_g
         "--max-steps", str(STEPS), "--warmup-steps", "2", "--eval-every", str(STEPS), "--save-every", str(STEPS),
         "--log-every", "5", "--blocked-fraction", "0.25",
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
-               SAFETY_WORKER_TINY_DIR=str(tiny_guardrail_root))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), SAFETY_WORKER_TINY_DIR=str(tiny_guardrail_root))
     proc = subprocess.Popen([sys.executable, "-m", "theworld.train", *args], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

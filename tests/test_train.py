@@ -40,8 +40,8 @@ def run_in_process(output_dir, tiny_models, endpoint, *extra) -> dict:
     return train(*parse_args(small_run_args(output_dir, tiny_models, "--safety-endpoint", endpoint, *extra)))
 
 
-def run_cli(output_dir, tiny_models, *extra) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+def run_cli(output_dir, tiny_models, *extra, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "theworld.train", *small_run_args(output_dir, tiny_models, *extra)],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -116,32 +116,68 @@ def test_blocked_texts_are_ledgered_and_every_sample_is_accounted_for(tmp_path, 
     assert saved["seen"] == summary["seen"] and "initial_eval_loss" in saved and "final_eval_loss" in saved
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_safety_worker):
-    flags = ["--max-steps", "8", "--save-every", "4", "--eval-every", "4", "--blocked-fraction", "0.25"]
-    whole = run_in_process(tmp_path / "whole", tiny_models, tiny_safety_worker.endpoint, *flags)
-    run_in_process(tmp_path / "parts", tiny_models, tiny_safety_worker.endpoint, *flags, "--stop-after-steps", "4")
-    assert [p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()] == ["step-000004"]
-    resumed = run_in_process(tmp_path / "parts", tiny_models, tiny_safety_worker.endpoint, *flags, "--resume")
+def test_a_checkpoint_restores_everything_the_next_steps_depend_on(tmp_path, tiny_models):
+    """Resume exactness is a property of the checkpoint: after `load_checkpoint` into a model, optimizer and
+    scheduler built from another seed, the next steps draw the same random numbers (python, numpy, torch),
+    see the same learning rates, compute the same losses and end with the same weights (projector statistics
+    included) as the run that wrote it and went on; the rank's own state comes back as written."""
+    import random
 
-    def losses(run):
-        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
+    import numpy as np
+    from accelerate import Accelerator
+    from transformers import get_scheduler
 
-    assert losses("parts") == losses("whole")  # exactly equal floats, not approximately
-    for key in ("seen", "trained", "blocked", "errors", "initial_eval_loss", "final_eval_loss"):
-        assert resumed[key] == whole[key], key
-    assert (tmp_path / "parts" / "blocked.jsonl").read_text() == (tmp_path / "whole" / "blocked.jsonl").read_text()
-    final = "checkpoints/step-000008/trainable.safetensors"
-    a, b = load_file(tmp_path / "whole" / final), load_file(tmp_path / "parts" / final)
+    from theworld.data.collator import TheWorldCollator
+    from theworld.training.checkpoints import load_checkpoint, save_checkpoint
+
+    model_args = parse_args(small_run_args(tmp_path, tiny_models))[0]
+    task = SyntheticMotionTask(size=8, seed=0)
+    accelerator = Accelerator()
+
+    def build(seed):
+        model = build_model(model_args, seed=seed)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=8)
+        return accelerator.prepare(model, optimizer, scheduler)
+
+    def steps(model, optimizer, scheduler, count):
+        collator, seen = TheWorldCollator(accelerator.unwrap_model(model)), []
+        for _ in range(count):
+            picks = torch.randint(len(task), (2,)).tolist()  # the batch drawn from the torch RNG
+            loss = model(**collator([task[i] for i in picks])).loss
+            accelerator.backward(loss)
+            optimizer.step(), scheduler.step(), optimizer.zero_grad()
+            seen.append((picks, loss.item(), scheduler.get_last_lr()[0], random.random(), float(np.random.rand())))
+        return seen
+
+    written = build(seed=0)
+    steps(*written, 2)
+    rank_state = {"step": 2, "filter": {"next_position": 5}, "history": [{"step": 1, "loss": 0.5}]}
+    checkpoint = save_checkpoint(accelerator, *written, 2, rank_state, tmp_path, keep=1)
+    expected = steps(*written, 3)
+
+    restored = build(seed=1)
+    steps(*restored, 1)  # an optimizer with state of its own, which the checkpoint must replace
+    before = {k: t.clone() for k, t in accelerator.unwrap_model(restored[0]).trainable_state_dict().items()}
+    assert load_checkpoint(accelerator, *restored, checkpoint) == rank_state
+    assert steps(*restored, 3) == expected  # exactly equal floats, not approximately
+    a, b = (accelerator.unwrap_model(m).trainable_state_dict() for m in (written[0], restored[0]))
+    assert a.keys() == b.keys() and any(name.startswith("world_projector.") for name in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], before[k]) for k in a)  # the weights really were replaced
 
 
-def test_a_crashed_run_keeps_its_metrics_and_resume_cuts_them_back(tmp_path, tiny_models, tiny_safety_worker,
-                                                                    monkeypatch):
+def test_a_crashed_run_keeps_its_metrics_and_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models,
+                                                                                    tiny_safety_worker, monkeypatch):
+    """The loop end to end: a run that crashed after its step-2 checkpoint, resumed, ends exactly like the run
+    that never stopped: the same metrics (equal floats), counters, ledgers and weights. What the checkpoint and
+    the filter's state restore is unit-tested above and in test_train_safety_filter.py; this checks that the
+    loop saves and restores all of it."""
     import theworld.training.state as train_state  # TrainState.save writes the checkpoints
 
-    flags = ["--max-steps", "6", "--save-every", "2", "--eval-every", "2"]
+    flags = ["--max-steps", "6", "--save-every", "2", "--eval-every", "2", "--blocked-fraction", "0.25"]
     endpoint = tiny_safety_worker.endpoint
-    run_in_process(tmp_path / "whole", tiny_models, endpoint, *flags)
+    whole = run_in_process(tmp_path / "whole", tiny_models, endpoint, *flags)
     save = train_state.save_checkpoint
 
     def crash_at_step_4(accelerator, model, optimizer, scheduler, step, *args):
@@ -156,15 +192,25 @@ def test_a_crashed_run_keeps_its_metrics_and_resume_cuts_them_back(tmp_path, tin
     crashed = read_jsonl(tmp_path / "parts" / "metrics.jsonl")
     assert [(r["step"], "loss" in r) for r in crashed] == [(0, False), (1, True), (2, True), (2, False), (3, True),
                                                            (4, True), (4, False)]
+    assert [p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()] == ["step-000002"]
     monkeypatch.setattr(train_state, "save_checkpoint", save)
-    run_in_process(tmp_path / "parts", tiny_models, endpoint, *flags, "--resume")  # from step 2
+    resumed = run_in_process(tmp_path / "parts", tiny_models, endpoint, *flags, "--resume")  # from step 2
     assert read_jsonl(tmp_path / "parts" / "metrics.jsonl") == read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    for key in ("seen", "trained", "blocked", "errors", "initial_eval_loss", "final_eval_loss"):
+        assert resumed[key] == whole[key], key
+    assert whole["blocked"] > 0  # the ledger below holds lines written after the checkpoint and cut back
+    assert (tmp_path / "parts" / "blocked.jsonl").read_text() == (tmp_path / "whole" / "blocked.jsonl").read_text()
+    final = "checkpoints/step-000006/trainable.safetensors"
+    a, b = load_file(tmp_path / "whole" / final), load_file(tmp_path / "parts" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, tiny_safety_worker):
     endpoint = tiny_safety_worker.endpoint
+    # Two trainers at once on this test machine's cores: one thread each (a trainer that spawns no worker
+    # keeps torch's default, every core, and two of them would thrash).
     procs = [run_cli(tmp_path / f"run{i}", tiny_models, "--safety-endpoint", endpoint, "--seed", str(i),
-                     "--blocked-fraction", "0.25") for i in range(2)]
+                     "--blocked-fraction", "0.25", env={"OMP_NUM_THREADS": "1"}) for i in range(2)]
     for proc in procs:
         finish(proc)
     from safety_worker import SafetyClient
@@ -182,7 +228,7 @@ def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, ti
 
 def two_ranks(output_dir, tiny_models, *extra) -> str:
     """Four steps of two CPU processes under torchrun, as the README launches them."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), ACCELERATE_USE_CPU="true")
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "theworld.train",
          *small_run_args(output_dir, tiny_models, "--max-steps", "4", "--blocked-fraction", "0.25", *extra)],

@@ -1,13 +1,15 @@
-"""The safety filter in the training data path, against real tiny workers."""
+"""The safety filter in the training data path: against real tiny workers, and its own invariants
+(accounting, resume state) against a scripted client."""
 import json
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
 
-from safety_worker import SafetyClient
+from safety_worker import SafetyClient, Verdict, WorkerError
 from theworld.data.safety_filter import SafetyCheckFailed, SafetyFilter
-from theworld.data.sources import SampleStream
+from theworld.data.sources import BadSample, SampleStream, sample_text
 from theworld.data.synthetic import SyntheticWorldTask
 
 
@@ -140,3 +142,117 @@ def test_a_second_epoch_reuses_verdicts_and_sanitized_frames_instead_of_checking
     blocked = [json.loads(line) for line in (tmp_path / "blocked.jsonl").read_text().splitlines()]
     assert [b["position"] for b in blocked] == [2, 8]
     assert filtered.counts.seen == 12 and filtered.counts.passed == 10 and filtered.counts.blocked == 2
+
+
+# ------------------------------------------------ the filter's own invariants (the worker is not under test)
+
+class ScriptedClient:
+    """Stands in for the worker: answers each check from a word in the sample's text, at once. The filter
+    is what these tests are about; the real worker's verdicts are tested against the real checker above."""
+
+    hello = staticmethod(lambda: {"instance_id": "scripted", "models": {}, "versions": {}})
+
+    def __init__(self):
+        self.submitted = 0
+
+    def submit_sample(self, text, frames):
+        self.submitted += 1
+        if "SENDFAILS" in text:
+            raise ConnectionError("scripted: the client could not send")
+        future = Future()
+        if "BLOCKME" in text:
+            future.set_result(Verdict.blocked("scripted: blocked", "text"))
+        elif "GUARDFAULT" in text:
+            future.set_result(Verdict.blocked("scripted: the guard raised", "text", fault=True))
+        elif "ERRORREPLY" in text:
+            future.set_exception(WorkerError("internal", "scripted"))
+        elif "NOFRAMES" in text:
+            future.set_result(Verdict.passed(None))
+        else:
+            future.set_result(Verdict.passed(255 - frames))  # "sanitized": every pixel differs
+        return future
+
+
+KINDS = ["good", "BLOCKME", "GUARDFAULT", "ERRORREPLY", "NOFRAMES", "SENDFAILS", "bad-data", "no-images", "two-sizes"]
+
+
+def scripted_samples(count: int, seed: int = 0) -> list:
+    """``count`` samples of every kind above, in a seeded order; a ``BadSample`` for the data the loader refused."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for position, kind in enumerate(rng.choice(KINDS, size=count)):
+        if kind == "bad-data":
+            samples.append(BadSample("scripted: cannot decode image", f"s{position}"))
+            continue
+        frames = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(int(rng.integers(1, 4)))]
+        if kind == "no-images":
+            frames = []
+        elif kind == "two-sizes":  # sent as two videos: safe only if both are
+            frames = [frames[0], rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)]
+        samples.append({"id": f"s{position}", "images": frames,
+                        "messages": [{"role": "user", "content": [{"type": "text", "text": f"What is it? {kind}"}]}]})
+    return samples
+
+
+def read_ledger(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+def test_every_sample_taken_is_trained_blocked_or_an_error_exactly_once(tmp_path, window):
+    """``seen == passed + blocked + errors`` after every take, whatever the mix, and each count is its ledger:
+    every position read is handed on, in blocked.jsonl or in errors.jsonl, exactly once, in order."""
+    samples = scripted_samples(60)
+    filtered = SafetyFilter(ScriptedClient(), enumerate(samples), window=window, output_dir=tmp_path)
+    handed_on = []
+    for position, sample in filtered:
+        handed_on.append(position)
+        c = filtered.counts
+        assert c.seen == c.passed + c.blocked + c.errors and c.passed == len(handed_on)
+        assert all((image != original).all() for image, original in zip(sample["images"], samples[position]["images"]))
+    filtered.close()
+    c = filtered.counts
+    blocked, errors = read_ledger(tmp_path / "blocked.jsonl"), read_ledger(tmp_path / "errors.jsonl")
+    assert (c.seen, c.passed, c.blocked, c.errors) == (60, len(handed_on), len(blocked), len(errors))
+    assert c.data_errors == sum(e["kind"] == "data" for e in errors) == sum(isinstance(s, BadSample) for s in samples)
+    decided = sorted(handed_on + [r["position"] for r in blocked + errors])
+    assert decided == list(range(60))
+    text = {p: sample_text(s) for p, s in enumerate(samples) if not isinstance(s, BadSample)}
+    assert set(handed_on) == {p for p, t in text.items() if t.endswith(("good", "two-sizes"))}
+    # A guard fault fails closed as a blocked verdict; a pass that came back without frames is an error.
+    assert {r["position"] for r in blocked} == {p for p, t in text.items() if t.endswith(("BLOCKME", "GUARDFAULT"))}
+
+
+@pytest.mark.parametrize("checkpoint_at", [0, 6, 11])
+def test_a_filter_resumed_from_its_state_continues_exactly_like_the_uninterrupted_one(tmp_path, checkpoint_at):
+    """What a checkpoint keeps of the filter (position, counters, ledger sizes) is all it needs: resumed from
+    it after the first run went on past the checkpoint (ledger lines written, checks in flight), the filter
+    hands on the same samples and frames, ends with the same counters and leaves byte-identical ledgers."""
+    samples = scripted_samples(80, seed=1)
+    (tmp_path / "whole").mkdir(), (tmp_path / "parts").mkdir()
+
+    def stream_from(position):
+        return ((p, samples[p]) for p in range(position, len(samples)))
+
+    whole = SafetyFilter(ScriptedClient(), stream_from(0), window=4, output_dir=tmp_path / "whole")
+    expected = list(whole)
+    whole.close()
+
+    first = SafetyFilter(ScriptedClient(), stream_from(0), window=4, output_dir=tmp_path / "parts")
+    taken = [next(first) for _ in range(checkpoint_at)]
+    state = json.loads(json.dumps(first.state_dict()))  # as the checkpoint's JSON stores it
+    for _ in range(5):  # the run goes on, then crashes before its next checkpoint
+        next(first)
+    first.close()
+    resumed = SafetyFilter(ScriptedClient(), stream_from(state["next_position"]), window=4,
+                           output_dir=tmp_path / "parts", state=state)
+    rest = list(resumed)
+    resumed.close()
+
+    got = taken + rest
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    assert all(np.array_equal(a, b) for (_, x), (_, y) in zip(got, expected) for a, b in zip(x["images"], y["images"]))
+    counted = ("seen", "passed", "blocked", "errors", "data_errors")  # not wait_seconds: a measured time
+    assert [getattr(resumed.counts, k) for k in counted] == [getattr(whole.counts, k) for k in counted]
+    for ledger in ("blocked.jsonl", "errors.jsonl"):
+        assert (tmp_path / "parts" / ledger).read_bytes() == (tmp_path / "whole" / ledger).read_bytes(), ledger

@@ -48,6 +48,17 @@ def test_full_queue_answers_busy_at_once(small_queue_worker):
     assert outcomes.count("busy") >= 3 and outcomes[0] is True, outcomes
 
 
+def test_busy_answers_are_retried_until_every_check_is_answered(small_queue_worker):
+    """A burst against the full queue gets `busy` at first; the client's Lazy Pirate resends get every check
+    answered (the rules themselves: test_client_retries.py)."""
+    clip = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    with SafetyClient(small_queue_worker.endpoint, timeout=120, busy_retries=None) as client:  # as the trainer's
+        busy_before = client.stats()["errors"].get("busy", 0)
+        verdicts = [f.result(timeout=120) for f in [client.submit_video(clip) for _ in range(8)]]
+        assert all(v.safe and v.frames.shape == clip.shape for v in verdicts)
+        assert client.resends > 0 and client.stats()["errors"].get("busy", 0) > busy_before
+
+
 def test_request_past_its_deadline_is_skipped_not_computed(small_queue_worker):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
