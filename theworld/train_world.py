@@ -95,6 +95,14 @@ class WorldTrainArguments(TrainArguments):
     output_dir: str = field(default="runs/world_model", metadata={"help": "Where every output of the run is written."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the transformer blocks' activations in the backward pass instead of keeping "
+                          "them (diffusers' enable_gradient_checkpointing: less memory, more compute)."},
+    )
+    fsdp: bool = field(default=False, metadata={"help": "Not supported by train_world (an error): use --lora-r, "
+                                                        "with DDP across processes."})
+    heldout_examples: int = field(default=0, metadata={"help": "Not used by train_world (it has no answers to show)."})
 
 
 ARGUMENT_CLASSES = (WorldModelArguments, WorldDataArguments, WorldTrainArguments)
