@@ -177,17 +177,14 @@ def heldout_loss(model, batches: list[dict], accelerator) -> float:
 
 def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, train_args: WorldTrainArguments) -> dict:
     """Run world-model post-training and return the summary (also written to ``output_dir/summary.json``)."""
-    from tqdm.auto import tqdm
-
-    from theworld.data.prefetch import Prefetcher
-    from theworld.data.safety_filter import BadSampleLimit, SafetyFilter
+    from theworld.data.safety_filter import BadSampleLimit
     from theworld.data.sources import DataError
     from theworld.evaluation_world import evaluate_world_model
     from theworld.modeling.world_encoder import LatentCache
     from theworld.training.data import TASK_FILE, open_datasets, task_record, training_stream
     from theworld.training.heldout import check_heldout_samples
-    from theworld.training.loop import open_run, train_step
-    from theworld.training.reporting import (MetricsLog, peak_memory_mb, reduce_sample_counts, sample_accounting,
+    from theworld.training.loop import open_run, open_training_samples, resume_state, run_steps
+    from theworld.training.reporting import (peak_memory_mb, reduce_sample_counts, sample_accounting,
                                              write_json_atomic, write_loss_curve)
     from theworld.training.state import build_train_state
     from theworld.training.worker_session import open_worker_session
@@ -214,11 +211,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     state = build_train_state(trainee, train_args, accelerator, fsdp=False)
     unwrapped = accelerator.unwrap_model(state.model)
     ledger_suffix = "" if run.rank == 0 else f".rank{run.rank}"
-    if train_args.resume:
-        state.restore(accelerator, run.checkpoints[-1])
-        stream.load_state_dict(state.data_state)
-        accelerator.print(f"resumed from {run.checkpoints[-1]} at step {state.step}")
-    metrics = MetricsLog(output_dir / "metrics.jsonl", state.history + state.evals, enabled=accelerator.is_main_process)
+    metrics = resume_state(state, stream, run, train_args)
 
     with ExitStack() as stack:
         worker = open_worker_session(stack, train_args, accelerator, run.worker_threads, run.local)
@@ -229,15 +222,8 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
             raise ValueError("no held-out clip passed the safety check; see the .eval ledgers in --output-dir")
         heldout = heldout_batches(eval_samples, unwrapped, train_args.batch_size, train_args.seed)
 
-        reader = Prefetcher(stream.iter_loads_from(state.filter_state["next_position"] if state.filter_state else 0),
-                            data_args.data_workers, data_args.data_prefetch)
-        stack.callback(reader.close)
-        samples = SafetyFilter(worker.client, reader, window=worker.window, output_dir=output_dir,
-                               ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
-                               result_timeout=train_args.safety_timeout, state=state.filter_state,
-                               max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
-                               worker_hello=worker.hello)
-        stack.callback(samples.close)
+        _, samples = open_training_samples(stack, run, state, stream, worker, data_args, train_args, ledger_suffix,
+                                           max_bad_samples)
         run.start_trackers(model_args, data_args, train_args)
 
         def next_batch() -> dict:
@@ -251,35 +237,8 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
 
         if not train_args.resume:
             evaluate(0)
-        stop_at = train_args.max_steps
-        if train_args.stop_after_steps is not None:
-            stop_at = min(stop_at, state.step + train_args.stop_after_steps)
-        progress = tqdm(total=train_args.max_steps, initial=state.step, desc="train_world",
-                        disable=not accelerator.is_local_main_process)
-        wait_at_start = samples.counts.wait_seconds
-        state.model.train()
-        started, other_seconds = time.perf_counter(), 0.0
-        while state.step < stop_at:
-            loss = train_step(state, next_batch, accelerator, train_args.gradient_accumulation_steps,
-                              train_args.max_grad_norm)
-            state.step += 1
-            record = {"step": state.step, "loss": loss, "lr": state.scheduler.get_last_lr()[0]}
-            state.history.append(record)
-            metrics.append(record)
-            progress.update(1)
-            if state.step % train_args.log_every == 0 or state.step == stop_at:
-                progress.set_postfix(loss=f"{loss:.4f}", blocked=samples.counts.blocked)
-                if run.report_to:
-                    accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)
-            pause = time.perf_counter()
-            if state.step % train_args.eval_every == 0 or state.step == train_args.max_steps:
-                evaluate(state.step)
-            if state.step % train_args.save_every == 0 or state.step == stop_at:
-                state.save(accelerator, output_dir, train_args.save_total_limit, samples.state_dict(),
-                           stream.state_dict())
-            other_seconds += time.perf_counter() - pause
-        progress.close()
-        loop_seconds = time.perf_counter() - started - other_seconds
+        loop_seconds, wait_at_start = run_steps(state, next_batch, samples, stream, evaluate, run, train_args, metrics,
+                                                "train_world")
         counts = samples.counts
         stats = worker.client.stats()
 
