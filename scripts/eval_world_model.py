@@ -25,6 +25,23 @@ if str(REPO_ROOT) not in sys.path:  # run as `python scripts/eval_world_model.py
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def load_world_model(model_dir: str | Path):
+    """`(transformer, encoder, task_record)` of a `theworld.train_world` output (`OUTPUT_DIR/model`)."""
+    from diffusers import CosmosTransformer3DModel
+
+    from theworld.modeling.world_encoder import CosmosWorldEncoder
+    from theworld.train import TASK_FILE
+
+    model_dir = Path(model_dir)
+    task_file = model_dir / TASK_FILE
+    if not task_file.is_file():
+        raise FileNotFoundError(f"{task_file} is missing: pass the model/ directory that python -m "
+                                "theworld.train_world wrote (it records the task the model was trained on)")
+    transformer = CosmosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer").eval()
+    encoder = CosmosWorldEncoder.from_pretrained(str(model_dir)).eval()
+    return transformer, encoder, json.loads(task_file.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training clips the ridge baseline is fit on (default 1024)")
     args = parser.parse_args(argv)
     import theworld  # noqa: F401  (installs the import guard before diffusers is imported)
-    from theworld.evaluation_world import evaluate_world_model, format_rollout_table, load_world_model
+    from theworld.evaluation_world import evaluate_world_model, format_rollout_table
 
     try:
         steps = tuple(int(s) for s in args.steps.split(",") if s.strip())

@@ -53,9 +53,9 @@ THEWORLD_LAYERS = (
     ("theworld.video_processing_theworld",),
     ("theworld.processing_theworld", "theworld.modeling"),
     ("theworld.data",),
-    ("theworld.evaluation", "theworld.tiny"),
+    ("theworld.evaluation", "theworld.evaluation_world", "theworld.tiny"),
     ("theworld.training", "theworld.generate", "theworld.serving"),
-    ("theworld.train", "theworld.serve"),
+    ("theworld.train", "theworld.train_world", "theworld.serve"),
 )
 # What the model may import of theworld: its configuration (transformers' layout: LLaVA, Gemma 3).
 MODELING_MAY_IMPORT = ("theworld", "theworld._import_guard", "theworld.configuration_theworld", "theworld.modeling")

@@ -155,3 +155,15 @@ def test_train_world_never_imports_the_guard():
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused:" in proc.stdout and "safety" in proc.stdout.lower()
+
+
+def test_eval_script_prints_the_same_table_for_the_saved_model(cli_run, tmp_path):
+    out, _, _ = cli_run
+    result = tmp_path / "rollout.json"
+    proc = subprocess.run([sys.executable, "scripts/eval_world_model.py", str(out / "model"), "--json", str(result),
+                           "--steps", "1", "--eval-size", "4", "--train-size", "16"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(result.read_text())
+    assert set(table["rollout_eval"]["1"]) == {"forced_choice_accuracy", "latent_mse", "linear_mse", "copy_last_mse", "n"}
+    assert table["rollout_eval"]["1"]["n"] == 4 and "forced choice" in proc.stdout

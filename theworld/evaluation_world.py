@@ -21,9 +21,7 @@ the safety worker; training clips always do.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -185,23 +183,6 @@ def evaluate_world_model(transformer, encoder, task_record: dict, *, eval_size: 
     counterfactuals = encode_counterfactuals(heldout, encoder, eval_size)
     return {"rollout_eval": rollout_eval(transformer, counterfactuals, ridge, steps, seed=task_record["seed"]),
             "rollout_eval_baselines": baseline_forced_choice(counterfactuals, ridge)}
-
-
-def load_world_model(model_dir: str | Path):
-    """`(transformer, encoder, task_record)` of a `theworld.train_world` output (`OUTPUT_DIR/model`)."""
-    from diffusers import CosmosTransformer3DModel
-
-    from theworld.modeling.world_encoder import CosmosWorldEncoder
-    from theworld.training.data import TASK_FILE
-
-    model_dir = Path(model_dir)
-    task_file = model_dir / TASK_FILE
-    if not task_file.is_file():
-        raise FileNotFoundError(f"{task_file} is missing: pass the model/ directory that python -m "
-                                "theworld.train_world wrote (it records the task the model was trained on)")
-    transformer = CosmosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer").eval()
-    encoder = CosmosWorldEncoder.from_pretrained(str(model_dir)).eval()
-    return transformer, encoder, json.loads(task_file.read_text())
 
 
 def format_rollout_table(table: dict, baselines: dict | None = None) -> str:
