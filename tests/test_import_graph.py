@@ -53,10 +53,10 @@ THEWORLD_LAYERS = (
     ("theworld.video_processing_theworld",),
     ("theworld.processing_theworld", "theworld.modeling"),
     ("theworld.data",),
-    ("theworld.evaluation", "theworld.tiny"),
+    ("theworld.evaluation", "theworld.evaluation_world", "theworld.tiny"),
     ("theworld.inference",),
     ("theworld.training", "theworld.serving"),
-    ("theworld.train", "theworld.serve", "theworld.generate"),
+    ("theworld.train", "theworld.train_world", "theworld.serve", "theworld.generate"),
 )
 # What the model may import of theworld: its configuration (transformers' layout: LLaVA, Gemma 3).
 MODELING_MAY_IMPORT = ("theworld", "theworld._import_guard", "theworld.configuration_theworld", "theworld.modeling")

@@ -21,10 +21,14 @@ from safety_worker.tiny import build_tiny_guardrail
 
 from theworld.modeling.rollout import (
     DEFAULT_NEGATIVE_PROMPT,
+    SIGMA_MAX,
     RolloutConfig,
     decode_world_latents,
     encode_prompt,
+    few_step_sigmas,
     rollout_world_latents,
+    sample_world_latents,
+    video2world_x0,
 )
 from theworld.modeling.world_encoder import CosmosWorldEncoder
 from theworld.video_processing_theworld import preprocess_world_images
@@ -205,3 +209,46 @@ def test_world_latents_are_the_exact_observed_frame_then_the_rollout(tiny_models
     assert torch.equal(latents[:, :, :1], observed)  # not the sampler's sigma_min-noisy copy
     assert not torch.equal(rolled[:, :, :1], observed)
     assert torch.equal(latents[:, :, 1:], rolled[:, :, 1:])
+
+
+def test_pipeline_loop_at_one_step_returns_the_scaled_noise(cosmos, image):
+    """The pipeline's schedule ends with sigmas[-1] = sigmas[-2], so N steps make N - 1 moves: at N = 1 the
+    parity loop (bit-identical to the pipeline at 4 steps above) returns noise * 80 untouched. This is why
+    the few-step sampler below exists; if diffusers changes this, revisit `sample_world_latents`'s docstring."""
+    noise = _noise(2)[:, :, :2]  # one observed latent frame + one predicted
+    out = _quick_rollout(cosmos, image, noise=noise, config=RolloutConfig(num_inference_steps=1, guidance_scale=1.0))
+    assert torch.equal(out, noise * SIGMA_MAX)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_few_step_sampler_returns_an_x0_prediction_at_every_step_count(cosmos, image, steps):
+    conditioning = _pipeline_conditioning_latents(cosmos["encoder"], image)[:, :, :1]
+    noise = _noise(2)
+    out = sample_world_latents(cosmos["transformer"], conditioning, 2, steps, noise=noise)
+    assert torch.equal(out[:, :, :1], conditioning)  # the observed frame is kept exactly
+    # The last transformer pass's x0 prediction, not (scaled) noise: far below the noise's scale of 80.
+    assert out[:, :, 1:].abs().max() < 20
+    sigmas = few_step_sigmas(steps)
+    assert len(sigmas) == steps and sigmas[0] == SIGMA_MAX
+    if steps == 1:  # one pass: exactly the x0 prediction from pure noise at sigma_max
+        expected = video2world_x0(cosmos["transformer"], noise * SIGMA_MAX, SIGMA_MAX, conditioning)
+        assert torch.equal(out, expected)
+
+
+def test_x0_prediction_inverts_the_rectified_flow_noising(cosmos):
+    """`video2world_x0` is exact when the transformer's velocity is the true one, eps - x0: checked by
+    recovering x0 from a transformer stand-in that returns it (the real one is used everywhere else)."""
+    x0 = torch.randn(2, 16, 3, 4, 4)
+    eps = torch.randn_like(x0)
+    sigma = torch.tensor([0.5, 7.0])
+    noisy = x0 + sigma.view(-1, 1, 1, 1, 1) * eps
+
+    class TrueVelocity(torch.nn.Module):
+        config = cosmos["transformer"].config
+        dtype = torch.float32
+
+        def forward(self, **kwargs):
+            return ((eps - x0),)
+
+    out = video2world_x0(TrueVelocity(), noisy, sigma, x0[:, :, :1])
+    assert torch.allclose(out, x0, atol=1e-5)

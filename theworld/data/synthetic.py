@@ -144,20 +144,47 @@ def draw_motion_clip(image_size: int, num_frames: int, colour: str, direction: s
     ``cell`` pixels, and a time-reversed clip is then exactly a clip of the opposite direction that the
     task draws as well. Background pixels are uniform in ``[0, background)``.
     """
-    travel = num_frames - 1
+    background_pixels, last = _motion_scene(image_size, square, rng, cell, background)
+    return _draw_square_path(background_pixels, colour, square, _straight_path(last, STEPS[direction], num_frames))
+
+
+def _motion_scene(image_size: int, square: int, rng: np.random.Generator, cell: int,
+                  background: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The static background and the last frame's top/left of one motion clip, drawn from ``rng``."""
     background_pixels = rng.integers(0, background, size=(image_size, image_size, 3)).astype(np.uint8)
     offset = (cell - square) // 2
     last_top, last_left = (int(v) * cell + offset for v in rng.integers(0, image_size // cell, size=2))
-    step_y, step_x = STEPS[direction]
+    return background_pixels, (last_top, last_left)
+
+
+def _straight_path(last: tuple[int, int], step: tuple[int, int], num_frames: int) -> list[tuple[int, int]]:
+    """Top/left of each of ``num_frames`` frames moving by ``step`` per frame and ending at ``last``."""
+    travel = num_frames - 1
+    return [(last[0] - step[0] * (travel - t), last[1] - step[1] * (travel - t)) for t in range(num_frames)]
+
+
+def _draw_square_path(background_pixels: np.ndarray, colour: str, square: int,
+                      path: list[tuple[int, int]]) -> list[np.ndarray]:
+    """One frame per top/left of ``path``: the square over the background, wrapped around the edges."""
+    image_size = background_pixels.shape[0]
     span = np.arange(square)
     frames = []
-    for t in range(num_frames):
-        back = travel - t  # frames before the last one
-        top, left = last_top - step_y * back, last_left - step_x * back
+    for top, left in path:
         frame = background_pixels.copy()
         frame[np.ix_((top + span) % image_size, (left + span) % image_size)] = COLOURS[colour]
         frames.append(frame)
     return frames
+
+
+# What the square does after the observed frames in the counterfactual rollout evaluation: its step per
+# frame as a function of its step so far (rows, columns; rows grow downwards). "continues" is the truth.
+CONTINUATIONS = {
+    "continues": lambda dy, dx: (dy, dx),
+    "stops": lambda dy, dx: (0, 0),
+    "reverses": lambda dy, dx: (-dy, -dx),
+    "turns left": lambda dy, dx: (-dx, dy),
+    "turns right": lambda dy, dx: (dx, -dy),
+}
 
 
 @dataclass(frozen=True)
@@ -273,6 +300,31 @@ class SyntheticMotionTask(_BlockedSet):
                                   self.cell, self.background)
         answer = {"colour": colour, "direction": direction}[kind]
         return self._sample(index, MOTION_QUESTIONS[kind], kind, answer, frames)
+
+    def counterfactual_clips(self, index: int, future_frames: int = 4) -> dict[str, list[np.ndarray]]:
+        """Sample ``index``'s clip and its alternatives: ``{continuation: frames}`` for every key of
+        ``CONTINUATIONS``, each ``num_frames`` frames long. The first ``num_frames - future_frames`` frames are
+        the sample's own in every clip; after them the square continues (exactly the sample's clip), stops,
+        reverses, turns left or turns right, over the same background. With the default 9 frames and 4
+        future frames the observed part is 2 Cosmos latent frames and the future 1 (the Wan VAE is causal,
+        so the observed latents are the same in all five clips)."""
+        if not 1 <= future_frames < self.num_frames:
+            raise ValueError(f"future_frames must be between 1 and num_frames - 1 = {self.num_frames - 1}, "
+                             f"got {future_frames}")
+        rng = self._rng(index, 2)  # replays __getitem__'s draws in the same order
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+        rng.choice(len(self.questions), p=list(self.question_shares.values()))
+        background_pixels, last = _motion_scene(self.image_size, self.square, rng, self.cell, self.background)
+        step = STEPS[direction]
+        observed = _straight_path(last, step, self.num_frames)[: self.num_frames - future_frames]
+        clips = {}
+        for name, turn in CONTINUATIONS.items():
+            dy, dx = turn(*step)
+            top, left = observed[-1]
+            future = [(top + dy * k, left + dx * k) for k in range(1, future_frames + 1)]
+            clips[name] = _draw_square_path(background_pixels, colour, self.square, observed + future)
+        return clips
 
 
 @dataclass(frozen=True)

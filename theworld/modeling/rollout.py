@@ -210,3 +210,104 @@ def rollout_world_latents(
                 x0 = x0 + config.guidance_scale * (x0 - x0_uncond)
             latents = scheduler.step((latents - x0) / sigma, t, latents, return_dict=False)[0]
     return latents
+
+
+def video2world_x0(
+    transformer: CosmosTransformer3DModel,
+    noisy_latents: torch.Tensor,
+    sigma: torch.Tensor,
+    conditioning_latents: torch.Tensor,
+    *,
+    context: torch.Tensor | None = None,
+    fps: int = DEFAULT_FPS,
+) -> torch.Tensor:
+    """The transformer's x0 prediction of Video2World latents at noise level `sigma`, with the pipeline's
+    preconditioning (what training and the few-step sampler share).
+
+    `noisy_latents` `[B, C, T, h, w]` are `x0 + sigma * eps` on the frames to predict; the first `Tc`
+    frames are replaced by `conditioning_latents` `[B, C, Tc, h, w]`, presented clean (timestep
+    `SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING)`) and flagged in the condition-mask channel, as the
+    pipeline does. `sigma`: a scalar or one value per row. Rectified flow in EDM form: `t = sigma / (1 + sigma)`,
+    the transformer sees `(1 - t) x0 + t eps` and predicts the velocity `v = eps - x0`, so
+    `x0 = (1 - t) x_sigma - t v`. The returned frames `:Tc` are the conditioning latents exactly.
+    """
+    batch, channels, num_frames, height, width = noisy_latents.shape
+    num_cond = conditioning_latents.shape[2]
+    dtype = transformer.dtype
+    if context is None:  # all-zero text context, as in `rollout_world_latents` without a prompt
+        context = noisy_latents.new_zeros(batch, 1, transformer.config.text_embed_dim, dtype=dtype)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=noisy_latents.device).reshape(-1, 1, 1, 1, 1)
+    t = sigma / (sigma + 1)
+    indicator = noisy_latents.new_zeros(1, 1, num_frames, 1, 1)
+    indicator[:, :, :num_cond] = 1.0
+    clean = torch.zeros_like(noisy_latents)
+    clean[:, :, :num_cond] = conditioning_latents.to(noisy_latents.dtype)
+    t_cond = SIGMA_CONDITIONING / (1 + SIGMA_CONDITIONING)
+    x = indicator * clean + (1 - indicator) * noisy_latents * (1 - t)
+    timestep = (indicator * t_cond + (1 - indicator) * t).expand(batch, 1, num_frames, 1, 1)
+    velocity = transformer(
+        hidden_states=x.to(dtype),
+        timestep=timestep.to(dtype),
+        encoder_hidden_states=context,
+        fps=fps,
+        condition_mask=(indicator * noisy_latents.new_ones(batch, 1, num_frames, height, width)).to(dtype),
+        padding_mask=noisy_latents.new_zeros(1, 1, height, width, dtype=dtype),
+        return_dict=False,
+    )[0]
+    x0 = (1 - t) * noisy_latents - t * velocity.float()
+    return indicator * clean + (1 - indicator) * x0
+
+
+def few_step_sigmas(num_inference_steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN,
+                    rho: float = 7.0) -> torch.Tensor:
+    """The noise levels a few-step rollout evaluates the transformer at: `num_inference_steps` values of the
+    Karras schedule (rho 7, the pipeline's) from `sigma_max` down to `sigma_min`; one step is `[sigma_max]`."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if num_inference_steps == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, num_inference_steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+@torch.no_grad()
+def sample_world_latents(
+    transformer: CosmosTransformer3DModel,
+    conditioning_latents: torch.Tensor,
+    num_world_steps: int,
+    num_inference_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    fps: int = DEFAULT_FPS,
+) -> torch.Tensor:
+    """A few-step rollout of a post-trained world model that is honest for every `num_inference_steps` >= 1.
+
+    Why not `rollout_world_latents(..., RolloutConfig(num_inference_steps=N))`: the pipeline's loop (which
+    that function reproduces bit for bit) sets the last sigma equal to the one before it
+    (`final_sigmas_type="sigma_min"` then `sigmas[-1] = sigmas[-2]`), so its last step moves nothing: N steps
+    make N - 1 Euler moves, and N = 1 returns the initial noise times 80 unchanged (tests/test_rollout.py
+    shows it). Here every one of the N transformer passes counts: at each sigma of `few_step_sigmas(N)` the
+    transformer predicts x0 (`video2world_x0`); between sigmas the sample moves deterministically to the next
+    level along the predicted direction (`x <- x0 + s_next / s * (x - x0)`, the Euler step of the
+    probability-flow ODE); the result is the x0 prediction at the last sigma. No prompt, no guidance.
+
+    Returns normalised latents `[B, C, Tc + num_world_steps, h, w]`, the first `Tc` the conditioning latents.
+    """
+    if num_world_steps < 1:
+        raise ValueError(f"num_world_steps must be >= 1 to roll out, got {num_world_steps}")
+    batch, channels, num_cond, height, width = conditioning_latents.shape
+    shape = (batch, channels, num_cond + num_world_steps, height, width)
+    device = conditioning_latents.device
+    if noise is None:
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+    sigmas = few_step_sigmas(num_inference_steps).tolist()
+    latents = noise.to(device=device, dtype=torch.float32) * sigmas[0]
+    for i, sigma in enumerate(sigmas):
+        x0 = video2world_x0(transformer, latents, sigma, conditioning_latents, fps=fps)
+        if i + 1 == len(sigmas):
+            return x0
+        latents = x0 + (sigmas[i + 1] / sigma) * (latents - x0)
+    raise AssertionError("unreachable")

@@ -5,8 +5,9 @@
 - ``model``: the model a run trains (frozen parts, LoRA adapters).
 - ``data``: training and held-out sources, each rank's reading order, the task record saved with the model.
 - ``worker_session``: the safety worker a run spawns or attaches to.
-- ``loop``: ``train()``, the loop itself, read top to bottom; the run context (``open_run``) and one optimizer
-  step (``train_step``).
+- ``loop``: ``train()``, read top to bottom; the run context (``open_run``), the restore (``resume_state``), the
+  checked training samples (``open_training_samples``), the loop of steps (``run_steps``) and one optimizer step
+  (``train_step``), which ``theworld.train_world`` runs too.
 - ``state``: what a run trains and a checkpoint restores (``TrainState``: model, optimizer, schedule, step,
   records, positions).
 - ``heldout``: the held-out set (checked, collated once) and evaluation during training. ``checkpoints``:
@@ -27,7 +28,8 @@ from theworld.training.heldout import (
     EVAL_BATCH_SIZE, HeldOutSet, check_heldout_samples, collate_eval_batches, evaluate, evaluate_world_and_no_world,
     prepare_heldout, to_device,
 )
-from theworld.training.loop import RunContext, open_run, resolve_mixed_precision, train, train_step
+from theworld.training.loop import (RunContext, open_run, open_training_samples, resolve_mixed_precision, resume_state,
+                                   run_steps, train, train_step)
 from theworld.training.model import build_model, lora_config, world_projector_parameters
 from theworld.training.reporting import (
     build_summary, peak_memory_mb, print_summary, reduce_sample_counts, write_json_atomic, write_loss_curve,
@@ -45,5 +47,5 @@ __all__ = [
     "print_summary", "resolve_mixed_precision", "rng_state", "safety_worker", "save_checkpoint", "set_rng_state",
     "task_record", "to_device", "train", "training_stream", "world_projector_parameters", "write_json_atomic",
     "write_loss_curve", "HeldOutSet", "RunContext", "TrainState", "WorkerSession", "build_summary", "build_train_state",
-    "check_heldout_samples", "open_run", "open_worker_session", "prepare_heldout", "reduce_sample_counts", "train_step",
+    "check_heldout_samples", "open_run", "open_training_samples", "resume_state", "run_steps", "open_worker_session", "prepare_heldout", "reduce_sample_counts", "train_step",
 ]

@@ -244,32 +244,35 @@ class TrainArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """Dataclasses from ``--config FILE`` (JSON or YAML, flat keys as in --help) overridden by the command line."""
+def parse_args(argv: list[str] | None = None, classes: tuple = ARGUMENT_CLASSES, description: str = DESCRIPTION,
+               command: str = "theworld.train") -> tuple:
+    """Dataclasses from ``--config FILE`` (JSON or YAML, flat keys as in --help) overridden by the command line.
+
+    ``classes``, ``description`` and ``command`` are the command's (``theworld.train_world`` passes its own)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(ARGUMENT_CLASSES, description=DESCRIPTION,
+    parser = HfArgumentParser(classes, description=description,
                               epilog="Every key can also be set in the --config file (flat, with underscores).")
     parser.add_argument("--config", default=None, help="JSON or YAML file of keys; command-line flags override it.")
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_config_file(known.config))
+        parser.set_defaults(**load_config_file(known.config, classes, command))
     *arguments, _namespace = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return tuple(arguments)
 
 
-def load_config_file(path: str) -> dict:
+def load_config_file(path: str, classes: tuple = ARGUMENT_CLASSES, command: str = "theworld.train") -> dict:
     import yaml
 
     text = Path(path).read_text()
     values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; see `python -m theworld.train --help` for the keys")
+        raise ValueError(f"{path}: unknown keys {unknown}; see `python -m {command} --help` for the keys")
     return values
 
 

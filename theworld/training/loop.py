@@ -1,9 +1,11 @@
 """The training loop, read top to bottom: build, check, step, evaluate, checkpoint.
 
-`train()` keeps the loop in plain sight (as nanoGPT's train.py does); what it is built from has a name of its
-own and a unit test: the run context (`open_run`), the train state (`theworld.training.state`), the safety
-worker session (`theworld.training.worker_session`), the held-out set (`theworld.training.heldout`), one
-optimizer step (`train_step`) and the summary (`theworld.training.reporting.build_summary`)."""
+`train()` reads top to bottom (as nanoGPT's train.py does); what it is built from has a name of its own and a
+unit test: the run context (`open_run`), the train state (`theworld.training.state`), the safety worker session
+(`theworld.training.worker_session`), the held-out set (`theworld.training.heldout`), one optimizer step
+(`train_step`) and the summary (`theworld.training.reporting.build_summary`). The loop of steps (`run_steps`),
+the restore (`resume_state`) and the checked samples (`open_training_samples`) are shared with
+`theworld.train_world`, which trains the Cosmos transformer with the same machinery."""
 from __future__ import annotations
 
 import dataclasses
@@ -116,6 +118,84 @@ def train_step(state: TrainState, next_batch: Callable[[], dict], accelerator, a
     return sum(micro_losses) / len(micro_losses)
 
 
+def resume_state(state: TrainState, stream, run: RunContext, train_args: TrainArguments):
+    """With `--resume`, restore the latest checkpoint into `state` and the reading position of `stream`; the
+    run's `metrics.jsonl` log (starting from the restored records) either way."""
+    if train_args.resume:
+        state.restore(run.accelerator, run.checkpoints[-1])
+        stream.load_state_dict(state.data_state)
+        run.accelerator.print(f"resumed from {run.checkpoints[-1]} at step {state.step}")
+    return MetricsLog(run.output_dir / "metrics.jsonl", state.history + state.evals,
+                      enabled=run.accelerator.is_main_process)
+
+
+def open_training_samples(stack: ExitStack, run: RunContext, state: TrainState, stream, worker, data_args, train_args,
+                          ledger_suffix: str, max_bad_samples, make_sample_filter=None, curated: bool = False):
+    """`(reader, samples)`: the training samples read and decoded ahead in threads from where the samples taken
+    so far end (`reader`), each checked by the safety worker (`samples`, a `SafetyFilter` unless
+    `make_sample_filter` is given; `curated`: a curate output whose samples were checked already), both closed
+    when `stack` closes."""
+    from theworld.data.prefetch import Prefetcher
+    from theworld.data.safety_filter import SafetyFilter
+
+    reader = Prefetcher(stream.iter_loads_from(state.filter_state["next_position"] if state.filter_state else 0),
+                        data_args.data_workers, data_args.data_prefetch)
+    stack.callback(reader.close)
+    if make_sample_filter is None:
+        samples = SafetyFilter(worker.client, reader, window=worker.window, output_dir=run.output_dir,
+                               ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
+                               result_timeout=train_args.safety_timeout, state=state.filter_state,
+                               max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
+                               worker_hello=worker.hello, curated=curated)
+    else:
+        samples = make_sample_filter(worker.client, reader, run.output_dir, state.filter_state)
+    stack.callback(samples.close)
+    return reader, samples
+
+
+def run_steps(state: TrainState, next_batch: Callable[[], dict], samples, stream, evaluate: Callable[[int], None],
+              run: RunContext, train_args: TrainArguments, metrics, desc: str) -> tuple[float, float]:
+    """The loop: optimizer steps until `--max-steps` (or `--stop-after-steps` more), each logged to `metrics`,
+    the progress bar and the trackers; `evaluate(step)` every `--eval-every` steps and at the last one; a
+    checkpoint every `--save-every` steps and where this invocation stops. Returns the loop's seconds without
+    the evaluations and checkpoints, and the safety filter's wait seconds when it started."""
+    from tqdm.auto import tqdm
+
+    accelerator = run.accelerator
+    stop_at = train_args.max_steps
+    if train_args.stop_after_steps is not None:
+        stop_at = min(stop_at, state.step + train_args.stop_after_steps)
+    progress = tqdm(total=train_args.max_steps, initial=state.step, desc=desc,
+                    disable=not accelerator.is_local_main_process)
+    other_seconds = 0.0
+    wait_at_start = samples.counts.wait_seconds
+    state.model.train()
+    started = time.perf_counter()
+    while state.step < stop_at:
+        loss = train_step(state, next_batch, accelerator, train_args.gradient_accumulation_steps,
+                          train_args.max_grad_norm)
+        state.step += 1
+        step = state.step
+        record = {"step": step, "loss": loss, "lr": state.scheduler.get_last_lr()[0]}
+        state.history.append(record)
+        metrics.append(record)
+        progress.update(1)
+        if step % train_args.log_every == 0 or step == stop_at:
+            progress.set_postfix(loss=f"{loss:.4f}", blocked=samples.counts.blocked)
+            if run.report_to:
+                accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=step)
+
+        pause = time.perf_counter()
+        if step % train_args.eval_every == 0 or step == train_args.max_steps:
+            evaluate(step)
+        if step % train_args.save_every == 0 or step == stop_at:
+            state.save(accelerator, run.output_dir, train_args.save_total_limit, samples.state_dict(),
+                       stream.state_dict())
+        other_seconds += time.perf_counter() - pause
+    progress.close()
+    return time.perf_counter() - started - other_seconds, wait_at_start
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, *,
           make_sample_filter=None) -> dict:
     """Run training and return the summary (also written to ``output_dir/summary.json``).
@@ -124,11 +204,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     benchmark uses it to compare against pre-checked data); by default every sample is checked live.
     """
     from accelerate.utils import DistributedType
-    from tqdm.auto import tqdm
 
     from theworld.data.collator import TheWorldCollator
-    from theworld.data.prefetch import Prefetcher
-    from theworld.data.safety_filter import BadSampleLimit, SafetyFilter
+    from theworld.data.safety_filter import BadSampleLimit
     from theworld.data.sources import DataError
     from theworld.evaluation import evaluate_by_question
     from theworld.modeling.world_encoder import LatentCache
@@ -160,11 +238,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     sharded = is_sharded(model)
     projector_before = {n: full_tensor(p.detach()).clone() for n, p in world_projector_parameters(unwrapped).items()}
     ledger_suffix = "" if run.rank == 0 else f".rank{run.rank}"
-    if train_args.resume:
-        state.restore(accelerator, run.checkpoints[-1])
-        stream.load_state_dict(state.data_state)
-        accelerator.print(f"resumed from {run.checkpoints[-1]} at step {state.step}")
-    metrics = MetricsLog(output_dir / "metrics.jsonl", state.history + state.evals, enabled=accelerator.is_main_process)
+    metrics = resume_state(state, stream, run, train_args)
 
     with ExitStack() as stack:
         worker = open_worker_session(stack, train_args, accelerator, run.worker_threads, run.local)
@@ -177,18 +251,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         heldout = prepare_heldout(unwrapped, eval_samples, run.rank, run.world_size, sharded)
 
         # ---- training samples: read and decoded ahead in threads, from where the samples taken so far end
-        reader = Prefetcher(stream.iter_loads_from(state.filter_state["next_position"] if state.filter_state else 0),
-                            data_args.data_workers, data_args.data_prefetch)
-        stack.callback(reader.close)
-        if make_sample_filter is None:
-            samples = SafetyFilter(worker.client, reader, window=worker.window, output_dir=output_dir,
-                                   ledger_suffix=ledger_suffix, max_errors=train_args.safety_max_errors,
-                                   result_timeout=train_args.safety_timeout, state=state.filter_state,
-                                   max_bad_samples=max_bad_samples, reuse_mb=train_args.safety_cache_mb,
-                                   worker_hello=worker.hello, curated=hasattr(train_data, "curated"))
-        else:
-            samples = make_sample_filter(worker.client, reader, output_dir, state.filter_state)
-        stack.callback(samples.close)
+        reader, samples = open_training_samples(stack, run, state, stream, worker, data_args, train_args,
+                                                ledger_suffix, max_bad_samples, make_sample_filter,
+                                                curated=hasattr(train_data, "curated"))
 
         run.start_trackers(model_args, data_args, train_args)
 
@@ -201,44 +266,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             if {"tensorboard", "all"} & set(report_to) and train_args.heldout_examples > 0:
                 log_heldout_examples(accelerator, model, heldout.samples[: train_args.heldout_examples], at_step)
 
+        def evaluate_and_log(at_step: int) -> None:
+            evaluate(at_step)
+            if report_to:
+                accelerator.log({k.replace("eval_", "eval/"): v for k, v in state.evals[-1].items() if k != "step"},
+                                step=at_step)
+
         # ---- the loop
         if not train_args.resume:
             evaluate(0)
-        stop_at = train_args.max_steps
-        if train_args.stop_after_steps is not None:
-            stop_at = min(stop_at, state.step + train_args.stop_after_steps)
-        progress = tqdm(total=train_args.max_steps, initial=state.step, desc="train",
-                        disable=not accelerator.is_local_main_process)
-        other_seconds = 0.0
-        wait_at_start, data_wait_at_start = samples.counts.wait_seconds, reader.wait_seconds
-        model.train()
-        started = time.perf_counter()
-        while state.step < stop_at:
-            loss = train_step(state, next_batch, accelerator, train_args.gradient_accumulation_steps,
-                              train_args.max_grad_norm)
-            state.step += 1
-            step = state.step
-            record = {"step": step, "loss": loss, "lr": state.scheduler.get_last_lr()[0]}
-            state.history.append(record)
-            metrics.append(record)
-            progress.update(1)
-            if step % train_args.log_every == 0 or step == stop_at:
-                progress.set_postfix(loss=f"{loss:.4f}", blocked=samples.counts.blocked)
-                if report_to:
-                    accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=step)
-
-            pause = time.perf_counter()
-            if step % train_args.eval_every == 0 or step == train_args.max_steps:
-                evaluate(step)
-                if report_to:
-                    accelerator.log({k.replace("eval_", "eval/"): v for k, v in state.evals[-1].items() if k != "step"},
-                                    step=step)
-            if step % train_args.save_every == 0 or step == stop_at:
-                state.save(accelerator, output_dir, train_args.save_total_limit, samples.state_dict(),
-                           stream.state_dict())
-            other_seconds += time.perf_counter() - pause
-        progress.close()
-        loop_seconds = time.perf_counter() - started - other_seconds
+        data_wait_at_start = reader.wait_seconds
+        loop_seconds, wait_at_start = run_steps(state, next_batch, samples, stream, evaluate_and_log, run, train_args,
+                                                metrics, "train")
         # The final held-out table: per question type, against the majority baseline, with ablations.
         eval_by_question = evaluate_by_question(unwrapped, heldout.samples, batch_size=EVAL_BATCH_SIZE,
                                                 seed=train_args.seed, autocast=accelerator.autocast)

@@ -61,7 +61,7 @@ def log_heldout_examples(accelerator, model, samples: list[dict], step: int, max
                                         f"model: `{answer.strip()}`  \ntruth: `{reference_answer(sample)}`", step)
 
 
-def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
+def write_loss_curve(history: list[dict], evals: list[dict], path: Path, ylabel: str = "answer-token cross-entropy"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +74,7 @@ def write_loss_curve(history: list[dict], evals: list[dict], path: Path):
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("answer-token cross-entropy")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -101,6 +101,13 @@ def reduce_sample_counts(accelerator, counts) -> dict:
     return dict(zip(("seen", "trained", "blocked", "errors", "bad_samples"), (int(x) for x in totals)))
 
 
+def sample_accounting(samples: dict) -> dict:
+    """The summary's sample keys (`samples` from `reduce_sample_counts`): `seen`, `trained`, `blocked`, `errors`,
+    `bad_samples`, and `accounting_holds` (whether `seen == trained + blocked + errors`)."""
+    return {**{key: samples[key] for key in ("seen", "trained", "blocked", "errors", "bad_samples")},
+            "accounting_holds": samples["seen"] == samples["trained"] + samples["blocked"] + samples["errors"]}
+
+
 def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, evals: list[dict], eval_samples: int,
                   eval_by_question: dict, enable_world: bool, loop_seconds: float, safety_wait_seconds: float,
                   data_wait_seconds: float, projector_max_abs_change: float | None, trainable_parameters: int,
@@ -118,12 +125,7 @@ def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, 
     return {
         "steps": steps,
         "max_steps": max_steps,
-        "seen": samples["seen"],
-        "trained": samples["trained"],
-        "blocked": samples["blocked"],
-        "errors": samples["errors"],
-        "bad_samples": samples["bad_samples"],
-        "accounting_holds": samples["seen"] == samples["trained"] + samples["blocked"] + samples["errors"],
+        **sample_accounting(samples),
         # A curate output's own counts (its blocked and errors never reach this run): read = kept + blocked + errors.
         "curated": curated,
         "initial_eval_loss": first["eval_loss"],
