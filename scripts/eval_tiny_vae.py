@@ -37,8 +37,8 @@ def cosmos_dir_of(path: Path) -> Path:
     for candidate in (path / "cosmos", path):
         if (candidate / "vae" / "config.json").is_file():
             return candidate
-    raise SystemExit(f"{path} holds neither cosmos/vae/ nor vae/: build the tiny models with "
-                     f"`python -m theworld.tiny {path}` or pass --build")
+    raise SystemExit(f"{path} holds neither cosmos/vae/ nor vae/: build the tiny models with the trained VAE "
+                     f"(`python -m theworld.tiny {path} --trained-vae`) or pass --build")
 
 
 def main(argv: list[str] | None = None) -> int:
