@@ -185,7 +185,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     from theworld.training.heldout import check_heldout_samples
     from theworld.training.loop import open_run, open_training_samples, resume_state, run_steps
     from theworld.training.reporting import (peak_memory_mb, reduce_sample_counts, sample_accounting,
-                                             write_json_atomic, write_loss_curve)
+                                             worker_and_run_fields, write_json_atomic, write_loss_curve)
     from theworld.training.state import build_train_state
     from theworld.training.worker_session import open_worker_session
     from theworld.training.world_model import save_world_model
@@ -269,13 +269,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
                       "sigma_mean": model_args.sigma_mean, "sigma_std": model_args.sigma_std,
                       "sigma_frame_scaling": model_args.sigma_frame_scaling},
         "cosmos_model": cosmos,
-        "safety_endpoint": worker.endpoint,
-        "safety_worker_spawned": worker.spawned is not None,
-        "worker": worker.hello,
-        "worker_stats": stats,
-        "mixed_precision": accelerator.mixed_precision,
-        "num_processes": run.world_size,
-        "lora_r": model_args.lora_r,
+        **worker_and_run_fields(worker, stats, accelerator, run.world_size, model_args.lora_r),
         **peak_memory_mb(accelerator.device),
     }
     if accelerator.is_main_process:

@@ -25,7 +25,8 @@ from theworld.training.data import TASK_FILE, check_curated_identity, open_datas
 from theworld.training.heldout import EVAL_BATCH_SIZE, check_heldout_samples, prepare_heldout, to_device
 from theworld.training.model import build_model, world_projector_parameters
 from theworld.training.reporting import (MetricsLog, build_summary, log_heldout_examples, peak_memory_mb,
-                                         reduce_sample_counts, write_json_atomic, write_loss_curve)
+                                         reduce_sample_counts, worker_and_run_fields, write_json_atomic,
+                                         write_loss_curve)
 from theworld.training.sharding import full_tensor, is_sharded
 from theworld.training.state import TrainState, build_train_state
 from theworld.training.worker_session import local_processes, open_worker_session
@@ -297,13 +298,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         trainable_parameters=sum(p.numel() for p in state.params),
         curated=getattr(train_data, "curated", {}).get("counts"),
         run={
-            "safety_endpoint": worker.endpoint,
-            "safety_worker_spawned": worker.spawned is not None,
-            "worker": worker.hello,
-            "worker_stats": stats,
-            "mixed_precision": accelerator.mixed_precision,
-            "num_processes": run.world_size,
-            "lora_r": model_args.lora_r,
+            **worker_and_run_fields(worker, stats, accelerator, run.world_size, model_args.lora_r),
             "gradient_checkpointing": train_args.gradient_checkpointing,
             "fsdp": sharded,
             **peak_memory_mb(accelerator.device),

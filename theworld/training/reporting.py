@@ -108,6 +108,20 @@ def sample_accounting(samples: dict) -> dict:
             "accounting_holds": samples["seen"] == samples["trained"] + samples["blocked"] + samples["errors"]}
 
 
+def worker_and_run_fields(worker, worker_stats: dict, accelerator, num_processes: int, lora_r: int) -> dict:
+    """The summary keys both trainers write about the safety worker they used (`worker`: a
+    `theworld.training.worker_session.WorkerSession`; `worker_stats`: its last `stats`) and how they ran."""
+    return {
+        "safety_endpoint": worker.endpoint,
+        "safety_worker_spawned": worker.spawned is not None,
+        "worker": worker.hello,
+        "worker_stats": worker_stats,
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": num_processes,
+        "lora_r": lora_r,
+    }
+
+
 def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, evals: list[dict], eval_samples: int,
                   eval_by_question: dict, enable_world: bool, loop_seconds: float, safety_wait_seconds: float,
                   data_wait_seconds: float, projector_max_abs_change: float | None, trainable_parameters: int,
