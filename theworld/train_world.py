@@ -177,13 +177,11 @@ def heldout_loss(model, batches: list[dict], accelerator) -> float:
 
 def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, train_args: WorldTrainArguments) -> dict:
     """Run world-model post-training and return the summary (also written to ``output_dir/summary.json``)."""
-    from theworld.data.safety_filter import BadSampleLimit
-    from theworld.data.sources import DataError
     from theworld.evaluation_world import evaluate_world_model
     from theworld.modeling.world_encoder import LatentCache
-    from theworld.training.data import TASK_FILE, open_datasets, task_record, training_stream
+    from theworld.training.data import TASK_FILE, task_record
     from theworld.training.heldout import check_heldout_samples
-    from theworld.training.loop import open_run, open_training_samples, resume_state, run_steps
+    from theworld.training.loop import open_run, open_run_data, open_training_samples, resume_state, run_steps
     from theworld.training.reporting import (peak_memory_mb, reduce_sample_counts, sample_accounting,
                                              worker_and_run_fields, write_json_atomic, write_loss_curve)
     from theworld.training.state import build_train_state
@@ -196,12 +194,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
                          "(accelerate launch -m theworld.train_world) instead")
     run = open_run(train_args)
     accelerator, output_dir = run.accelerator, run.output_dir
-    try:
-        max_bad_samples = BadSampleLimit.parse(data_args.max_bad_samples)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    train_data, heldout_data = open_datasets(data_args, train_args.seed)
-    stream = training_stream(train_data, train_args.seed, run.rank, run.world_size)
+    max_bad_samples, train_data, heldout_data, stream = open_run_data(run, data_args, train_args)
 
     trainee, cosmos = build_trainee(model_args, train_args.seed)
     if train_args.gradient_checkpointing:

@@ -28,7 +28,7 @@ from theworld.training.heldout import (
     EVAL_BATCH_SIZE, HeldOutSet, check_heldout_samples, collate_eval_batches, evaluate, evaluate_world_and_no_world,
     prepare_heldout, to_device,
 )
-from theworld.training.loop import (RunContext, open_run, open_training_samples, resolve_mixed_precision, resume_state,
+from theworld.training.loop import (RunContext, open_run, open_run_data, open_training_samples, resolve_mixed_precision, resume_state,
                                    run_steps, train, train_step)
 from theworld.training.model import build_model, lora_config, world_projector_parameters
 from theworld.training.reporting import (
@@ -47,5 +47,5 @@ __all__ = [
     "print_summary", "resolve_mixed_precision", "rng_state", "safety_worker", "save_checkpoint", "set_rng_state",
     "task_record", "to_device", "train", "training_stream", "world_projector_parameters", "write_json_atomic",
     "write_loss_curve", "HeldOutSet", "RunContext", "TrainState", "WorkerSession", "build_summary", "build_train_state",
-    "check_heldout_samples", "open_run", "open_training_samples", "resume_state", "run_steps", "open_worker_session", "prepare_heldout", "reduce_sample_counts", "train_step",
+    "check_heldout_samples", "open_run", "open_run_data", "open_training_samples", "resume_state", "run_steps", "open_worker_session", "prepare_heldout", "reduce_sample_counts", "train_step",
 ]

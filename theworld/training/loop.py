@@ -130,6 +130,22 @@ def resume_state(state: TrainState, stream, run: RunContext, train_args: TrainAr
                       enabled=run.accelerator.is_main_process)
 
 
+def open_run_data(run: RunContext, data_args: DataArguments, train_args: TrainArguments):
+    """`(max_bad_samples, train_data, heldout_data, stream)`: the run's data opened, and its start-up errors
+    (a bad `--max-bad-samples`, a missing file) raised, before anything slow is built; `stream` is this rank's
+    reading order of `train_data`."""
+    from theworld.data.safety_filter import BadSampleLimit
+    from theworld.data.sources import DataError
+
+    try:
+        max_bad_samples = BadSampleLimit.parse(data_args.max_bad_samples)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    train_data, heldout_data = open_datasets(data_args, train_args.seed)
+    return max_bad_samples, train_data, heldout_data, training_stream(train_data, train_args.seed, run.rank,
+                                                                      run.world_size)
+
+
 def open_training_samples(stack: ExitStack, run: RunContext, state: TrainState, stream, worker, data_args, train_args,
                           ledger_suffix: str, max_bad_samples, make_sample_filter=None, curated: bool = False):
     """`(reader, samples)`: the training samples read and decoded ahead in threads from where the samples taken
@@ -207,8 +223,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from accelerate.utils import DistributedType
 
     from theworld.data.collator import TheWorldCollator
-    from theworld.data.safety_filter import BadSampleLimit
-    from theworld.data.sources import DataError
     from theworld.evaluation import evaluate_by_question
     from theworld.modeling.world_encoder import LatentCache
 
@@ -216,12 +230,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     run = open_run(train_args)
     accelerator, output_dir, report_to = run.accelerator, run.output_dir, run.report_to
     # ---- data: opened (and its start-up errors raised) before anything slow is built
-    try:
-        max_bad_samples = BadSampleLimit.parse(data_args.max_bad_samples)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    train_data, heldout_data = open_datasets(data_args, train_args.seed)
-    stream = training_stream(train_data, train_args.seed, run.rank, run.world_size)
+    max_bad_samples, train_data, heldout_data, stream = open_run_data(run, data_args, train_args)
 
     # ---- model, optimizer, schedule
     model = build_model(model_args, train_args.seed)
