@@ -28,8 +28,8 @@ from theworld.training.heldout import (
     EVAL_BATCH_SIZE, HeldOutSet, check_heldout_samples, collate_eval_batches, evaluate, evaluate_world_and_no_world,
     prepare_heldout, to_device,
 )
-from theworld.training.loop import (RunContext, open_run, open_run_data, open_training_samples, resolve_mixed_precision, resume_state,
-                                   run_steps, train, train_step)
+from theworld.training.loop import (RunContext, open_run, open_run_data, open_training_samples,
+                                    resolve_mixed_precision, resume_state, run_steps, train, train_step)
 from theworld.training.model import build_model, lora_config, world_projector_parameters
 from theworld.training.reporting import (
     build_summary, peak_memory_mb, print_summary, reduce_sample_counts, write_json_atomic, write_loss_curve,
