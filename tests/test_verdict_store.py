@@ -132,3 +132,36 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
     with pytest.raises(VerdictStoreError, match="not a verdict store"):
         VerdictStore(path)
     assert sqlite3.sqlite_version
+
+
+def test_a_single_worker_answers_from_the_store_what_another_worker_checked(spawn_tiny_worker, tmp_path):
+    """`serve --verdict-store` without --replicas: the worker fills the store where it checks, and a second
+    worker process on the same store answers the same content without checking it (its `stats`)."""
+    from safety_worker import SafetyClient
+    from safety_worker.tiny import BLOCKED_PHRASE
+
+    store = tmp_path / "verdicts.sqlite"
+    frames = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    requests = [("a red square moves left", frames), (f"please {BLOCKED_PHRASE}", frames), ("an image alone", frames[:1])]
+
+    def check_all(worker):
+        with SafetyClient(worker.endpoint) as client:
+            verdicts = [client.check_sample(text, clip) for text, clip in requests]
+            texts = client.check_text(["plain words", BLOCKED_PHRASE])
+            return verdicts, texts, client.stats()
+
+    with spawn_tiny_worker("all", "--verdict-store", str(store)) as first:
+        checked, checked_texts, first_stats = check_all(first)
+    with spawn_tiny_worker("all", "--verdict-store", str(store)) as second:
+        reused, reused_texts, stats = check_all(second)
+    assert first_stats["checks"] == 4 and first_stats["verdict_store"]["answered"] == 0
+    assert first_stats["verdict_store"]["entries"] == 4
+    # Nothing checked again: every check answered from the store, with the first worker's verdicts and frames.
+    assert stats["checks"] == 0 and stats["verdict_store"]["answered"] == stats["verdict_store"]["hits"] == 4
+    assert stats["verdict_store"]["checker_identity"] == first_stats["verdict_store"]["checker_identity"]
+    assert [v.safe for v in reused] == [v.safe for v in checked] == [True, False, True]
+    assert [v.reason for v in reused] == [v.reason for v in checked]
+    assert [v.frames.tobytes() for v in (reused[0], reused[2])] == [v.frames.tobytes() for v in (checked[0], checked[2])]
+    assert not np.array_equal(reused[0].frames, frames)  # the sanitized (pixelated) frames, not the originals
+    assert [(v.safe, v.reason) for v in reused_texts] == [(v.safe, v.reason) for v in checked_texts]
+    assert stats["safe"] + stats["blocked"] == 5  # verdicts from the store are counted like checked ones
