@@ -165,3 +165,37 @@ def test_a_single_worker_answers_from_the_store_what_another_worker_checked(spaw
     assert not np.array_equal(reused[0].frames, frames)  # the sanitized (pixelated) frames, not the originals
     assert [(v.safe, v.reason) for v in reused_texts] == [(v.safe, v.reason) for v in checked_texts]
     assert stats["safe"] + stats["blocked"] == 5  # verdicts from the store are counted like checked ones
+
+
+def test_a_second_training_run_with_the_same_store_checks_nothing_again(tiny_models, tmp_path):
+    """`--safety-verdict-store`: the worker each run spawns shares the store, so the second experiment on the
+    same data (one epoch of 8 samples, 8 held out) is answered wholly from what the first one checked."""
+    from test_train import small_run_args
+    from theworld.train import parse_args, train
+
+    store = tmp_path / "verdicts.sqlite"
+
+    def run(name):
+        args = small_run_args(tmp_path / name, tiny_models, "--safety-verdict-store", str(store),
+                              "--synthetic-size", "8", "--max-steps", "4", "--eval-every", "4", "--save-every", "4",
+                              "--report-to", "none")
+        summary = train(*parse_args(args))
+        assert summary["safety_worker_spawned"] and summary["accounting_holds"]
+        return summary["worker_stats"]
+
+    first, second = run("first"), run("second")
+    assert first["checks"] > 0 and first["verdict_store"]["answered"] == 0
+    requests = sum(n for op, n in second["requests"].items() if op.startswith("check_"))
+    assert requests >= 16  # the 8 training samples and the 8 held out
+    assert second["checks"] == 0 and second["verdict_store"]["answered"] == second["verdict_store"]["hits"] == requests
+    assert second["verdict_store"]["checker_identity"] == first["verdict_store"]["checker_identity"]
+
+
+def test_a_verdict_store_is_for_the_spawned_worker_only(tiny_models, tmp_path, capsys):
+    from test_train import small_run_args
+    from theworld.train import main
+
+    code = main(small_run_args(tmp_path / "run", tiny_models, "--safety-verdict-store", str(tmp_path / "v.sqlite"),
+                               "--safety-endpoint", "ipc:///nonexistent/worker.sock"))
+    err = capsys.readouterr().err
+    assert code == 2 and "serve --verdict-store" in err and "Traceback" not in err
