@@ -40,7 +40,7 @@ DRIVER = textwrap.dedent("""
     manifest = curate(args["input"], args["output"], preset=args["preset"], actors=args["actors"],
                       actor_gpus=args["actor_gpus"], num_cpus=args["num_cpus"], shard_size=args["shard_size"],
                       batch_size=args["batch_size"], ray_address=args.get("ray_address"))
-    print(json.dumps({"run": {k: v for k, v in manifest["run"].items() if k != "actors"}, "counts": manifest["counts"],
+    print(json.dumps({"run": manifest["run"], "counts": manifest["counts"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -91,6 +91,20 @@ def curate_job(path: Path, work: Path, name: str, **options) -> dict:
     return result
 
 
+def actor_breakdown(run: dict) -> str:
+    """Where each actor's time went, to tell why a pool does (not) scale: when it was ready after the first one
+    (start-up skew), clips it checked, seconds in calls (`busy`; `guard` of them in the checker itself), seconds
+    it waited for rows (`idle`: reads starving it), and its own rate while busy (CPU contention lowers it)."""
+    actors = run["actors"]
+    first = min(a["ready_at"] for a in actors)
+    end = max(a["last_done"] for a in actors)
+    return "; ".join(
+        f"actor {k}: ready +{a['ready_at'] - first:.1f} s, {a['rows']} clips in {a['calls']} calls, "
+        f"busy {a['busy_s']:.1f} s (guard {a['guard_s']:.1f}), idle {end - a['ready_at'] - a['busy_s']:.1f} s, "
+        f"{a['rows'] / a['busy_s'] if a['busy_s'] else 0:.1f} clips/busy s"
+        for k, a in enumerate(sorted(actors, key=lambda a: a["ready_at"])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=96, help="clips in the 1x dataset (default 96)")
@@ -127,6 +141,8 @@ def main() -> None:
             print(f"curate, {name}: {r['steady_clips_per_s']:7.1f} clips/s checking, {r['end_to_end_clips_per_s']:6.2f} "
                   f"end to end ({r['run']['seconds']:.1f} s, first result after {r['run']['first_result_seconds']:.1f} s)",
                   flush=True)
+        for name, r in (("1 actor ", one), ("2 actors", two)):
+            print(f"  {name}: {actor_breakdown(r['run'])}", flush=True)
         print(f"2 actors / 1 actor (checking): {two['steady_clips_per_s'] / one['steady_clips_per_s']:.2f}x (target >= 1.7x)")
         print(f"2 actors / worker at its best window ({best}): {two['steady_clips_per_s'] / rates[best]:.2f}x")
 
