@@ -100,9 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --replicas: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
                         "saved at shutdown, loaded at start if the checker is the same)")
     s.add_argument("--verdict-store", default=None,
-                   help="with --replicas: keep verdicts in this shared on-disk store (SQLite, created 0600) instead of "
-                        "the in-memory cache: the store curate jobs and other workers use (docs/scale.md). Not yet "
-                        "consulted by a single worker (--replicas 0)")
+                   help="answer checks from this shared on-disk verdict store (SQLite, created 0600) and fill it with "
+                        "what the checker computes (never faults): the store curate jobs and other workers use "
+                        "(docs/scale.md); with --replicas it replaces the front's in-memory cache")
     s.add_argument("--verdict-store-mb", type=float, default=10 * 1024,
                    help="with --verdict-store: its bound in MiB; least recently used verdicts go first (default 10240)")
     s.add_argument("--curve-dir", default=None,
@@ -206,16 +206,13 @@ def serve(args) -> int:
     from .endpoint import WorkerStartError
     from .front import install_signal_handlers
     from .server import SafetyWorker, load_checker
+    from .verdict_store import VerdictStoreError
 
     limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
     if args.replicas:
         from .proxy import serve_replicas
 
         return serve_replicas(args, token, limits)
-    if args.verdict_store:
-        print("error: --verdict-store needs --replicas N for now (a single worker keeps no verdict cache); "
-              "use --replicas 1", file=sys.stderr)
-        return EXIT_ERROR
     from .server import Batching
 
     try:
@@ -228,8 +225,9 @@ def serve(args) -> int:
             args.endpoint, lambda: load_checker(args.device, args.guardrail_repo, args.torch_threads), models=models, limits=limits,
             check_timeout=args.check_timeout, owner_token=token, device=args.device, insecure=args.insecure, curve_dir=args.curve_dir,
             controversial=args.controversial, parent_pid=args.parent_pid, batching=batching, metrics_port=args.metrics_port,
+            verdict_store=args.verdict_store, verdict_store_bytes=int(args.verdict_store_mb * 2**20),
         )
-    except WorkerStartError as e:
+    except (WorkerStartError, VerdictStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     if args.insecure and args.endpoint.startswith("tcp://"):

@@ -217,8 +217,22 @@ class GuardActor:
         self.report = {"pid": os.getpid(), "grad_enabled": torch.is_grad_enabled(),
                        "guard_loaded": "cosmos_guardrail" in sys.modules, "theworld_loaded": "theworld" in sys.modules,
                        "device": device, "ready_at": time.time()}
+        # Where an actor's time goes (the bench reads them from the manifest's run.actors): rows and calls
+        # done, seconds inside calls (`busy_s`) and in the guard itself (`guard_s`); the rest of its life
+        # since `ready_at` it waited for rows.
+        self.work = {"rows": 0, "calls": 0, "busy_s": 0.0, "guard_s": 0.0}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        started = time.time()
+        out = self._call(batch)
+        done = time.time()
+        w = self.work
+        w.update(rows=w["rows"] + len(batch["id"]), calls=w["calls"] + 1, busy_s=w["busy_s"] + done - started)
+        out["actor"] = [json.dumps({**self.report, **w, "last_done": done})] * len(batch["id"])
+        out["done_at"] = [done] * len(batch["id"])  # the bench's checking rate: from the actors' start-up to the last batch
+        return out
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import torch
 
         from . import protocol as P
@@ -228,7 +242,7 @@ class GuardActor:
         n = len(batch["id"])
         out = {k: list(batch[k]) for k in ("unit", "index", "id", "messages")}
         out.update(status=[""] * n, reason=[""] * n, stage=[""] * n, kind=[""] * n, images=[b""] * n,
-                   checked=[0] * n, reused=[0] * n, actor=[json.dumps(self.report)] * n)
+                   checked=[0] * n, reused=[0] * n)
         verdicts: dict[tuple[int, int], Any] = {}  # (row, group) -> Verdict
         n_groups = [0] * n
         reqs, keys = [], {}
@@ -250,7 +264,10 @@ class GuardActor:
                 req = P.Request(id=len(reqs), op="check_sample", args=args, arrays=[frames])
                 reqs.append(req)
                 keys[req.id] = (r, g, key)
-        for req, reply in zip(reqs, self._check(reqs)):
+        guard_started = time.time()
+        replies = self._check(reqs)
+        self.work["guard_s"] += time.time() - guard_started
+        for req, reply in zip(reqs, replies):
             r, g, key = keys[req.id]
             verdict = P.Verdict.from_wire(reply.result, reply.arrays[0] if reply.arrays else None)
             verdicts[r, g] = verdict
@@ -261,7 +278,6 @@ class GuardActor:
             if out["status"][r]:
                 continue
             self._decide(out, r, [verdicts[r, g] for g in range(n_groups[r])])
-        out["done_at"] = [time.time()] * n  # the bench's checking rate: from the actors' start-up to the last batch
         return out
 
     def _check(self, reqs: list) -> list:
@@ -509,7 +525,8 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
         for r in range(len(batch["id"])):
             row = {k: batch[k][r] for k in batch}
             report = json.loads(row["actor"])
-            actors_seen[report["pid"]] = report
+            if report["rows"] >= actors_seen.get(report["pid"], {}).get("rows", 0):  # its latest totals
+                actors_seen[report["pid"]] = report
             last_done = max(last_done, float(row["done_at"]))
             u = int(row["unit"])
             writer = open_units.get(u) or open_units.setdefault(u, _UnitWriter(out, by_unit[u]))

@@ -58,4 +58,45 @@ def use_preset(preset: str = "tiny", *, tiny_dir: str | os.PathLike | None = Non
         os.environ["HF_HOME"] = hf_home
     models["hf_home"] = os.environ.get("HF_HOME")
     models["text_guard_repo"] = TEXT_GUARD_REPO
+    if preset == "local":  # the private hub cache's revisions name paths: fingerprint the files instead
+        models["checkpoints"] = {repo: directory_fingerprint(d)
+                                 for repo, d in ((guardrail_repo, guardrail_dir), (TEXT_GUARD_REPO, text_guard_dir))}
+    else:
+        models["checkpoints"] = {repo: hub_revision(repo) for repo in (guardrail_repo, TEXT_GUARD_REPO)}
     return models
+
+
+# Where a checkpoint lies, not what it holds: left out of the checker identity (`proxy.checker_identity`), so a
+# worker started with `--preset local` (a fresh private HF_HOME every start) or another --hf-home/--tiny-dir
+# holding the same checkpoints keeps its identity; `checkpoints` (revisions, or content fingerprints) stands
+# for the content instead.
+LOCATION_KEYS = ("hf_home", "guardrail_dir", "text_guard_dir")
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit the hub cache in this process's HF_HOME resolves `repo_id` to (`refs/main`), None if absent.
+
+    A hub revision is a commit hash: the same revision is the same files."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME") or
+                                                         os.path.expanduser("~/.cache/huggingface"), "hub")
+    ref = Path(hub) / ("models--" + repo_id.replace("/", "--")) / "refs" / "main"
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        return None
+
+
+def directory_fingerprint(directory: str | os.PathLike) -> str:
+    """`sha256:` of every file under `directory` (links followed): relative path, size and content.
+
+    Read in full once per start (about a second per GB): a local copy holds no revision that says what it is."""
+    import hashlib
+
+    root = Path(directory).resolve()
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()

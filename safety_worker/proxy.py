@@ -48,8 +48,15 @@ _REPLY_MARGIN_S = 10.0  # beyond timeout_ms + the check timeout: a batch's wait,
 
 
 def checker_identity(hello: dict) -> str:
-    """What decides a verdict: models, policy and versions (not pid, endpoint or instance)."""
-    ident = {"models": hello.get("models"), "policy": hello.get("policy"),
+    """What decides a verdict: models (their revisions or content fingerprints, not where they lie: a
+    `--preset local` worker gets a fresh HF_HOME on every start), policy and versions (not pid, endpoint
+    or instance)."""
+    from .presets import LOCATION_KEYS
+
+    models = hello.get("models")
+    if isinstance(models, dict):
+        models = {k: v for k, v in models.items() if k not in LOCATION_KEYS}
+    ident = {"models": models, "policy": hello.get("policy"),
              "versions": {k: hello.get("versions", {}).get(k) for k in ("worker", "cosmos-guardrail", "transformers")},
              "protocol": hello.get("protocol")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()

@@ -518,6 +518,7 @@ class _Job:
     envelope: list
     request: Request
     received: float
+    key: str | None = None  # its content key in the verdict store (None: no store)
     started: float | None = None
     _answered: bool = False
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -550,9 +551,21 @@ class SafetyWorker(WorkerFront):
         curve_dir: str | None = None,
         batching: Batching = Batching(),
         metrics_port: int | None = None,
+        verdict_store: str | None = None,
+        verdict_store_bytes: int = 10 << 30,
     ):
-        # Claim the endpoint before the slow checker load, so a bad or taken one fails fast.
+        """`verdict_store`: the shared on-disk store (`verdict_store.VerdictStore`) to answer checks from
+        before queueing them and to fill with what the checker computes (never faults)."""
+        # Claim the endpoint (and open the store) before the slow checker load, so a bad or taken one fails fast.
         lock_file = claim_endpoint(endpoint, curve_dir, insecure)
+        store = identity = None
+        if verdict_store:  # the store shared with curate jobs, replica fronts and other workers
+            from .proxy import checker_identity
+            from .verdict_store import VerdictStore
+
+            store = VerdictStore(verdict_store, verdict_store_bytes)
+            # The same keys as the replica front and curate: the identity of the same description.
+            identity = checker_identity(checker_description(models, controversial))
         checker = load_checker()
         super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
                          curve_dir=curve_dir, lock_file=lock_file)
@@ -573,6 +586,8 @@ class SafetyWorker(WorkerFront):
         self.metrics = WorkerMetrics()
         self._grad_enabled = _grad_enabled()
         self._checker_thread = threading.Thread(target=self._checker_loop, name="checker", daemon=True)
+        self.store, self.identity = store, identity
+        self.answered_from_store = 0
         if metrics_port is not None:
             self.serve_metrics(metrics_port, lambda: [({}, self.snapshot_stats())])
 
@@ -584,8 +599,24 @@ class SafetyWorker(WorkerFront):
 
     def _handle(self, envelope: list, req: Request) -> None:
         if req.op in P.CHECK_OPS:
+            key = None
+            if self.store is not None:
+                from .proxy import content_key
+
+                key = content_key(self.identity, req.op, req.args, req.arrays)
+                try:
+                    stored = self.store.get(key)
+                except Exception:  # a store that fails costs the reuse, never the check
+                    logger.exception("verdict store %s: could not read a verdict; checking", self.store.path)
+                    stored = None
+                if stored is not None:  # checked before, by this worker or any other user of the store
+                    self.answered_from_store += 1
+                    reply = Reply(req.id, P.STATUS_OK, result=stored[0], arrays=stored[1])
+                    self._record_verdicts(_Job(envelope, req, time.monotonic()), reply)
+                    self._send(envelope, reply, req.op)
+                    return
             try:
-                self._jobs.put_nowait(_Job(envelope, req, time.monotonic()))
+                self._jobs.put_nowait(_Job(envelope, req, time.monotonic(), key=key))
                 self._outstanding += 1
             except queue.Full:
                 self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
@@ -624,6 +655,8 @@ class SafetyWorker(WorkerFront):
             pass  # leaving after an error with a full queue: the daemon thread dies with us
         if self._checker_thread.is_alive():
             self._checker_thread.join(timeout=1.0)
+        if self.store is not None and not self._checker_thread.is_alive():
+            self.store.close()
 
     def _count_request(self, op: str) -> None:
         self.metrics.request(op)
@@ -642,6 +675,9 @@ class SafetyWorker(WorkerFront):
         s["batching"].update(self.batching.to_dict())
         s.update(queued=self._jobs.qsize(), running=bool(running), running_checks=len(running),
                  uptime_s=time.time() - self.started_at, instance_id=self.instance_id)
+        if self.store is not None:
+            s["verdict_store"] = dict(self.store.snapshot(), answered=self.answered_from_store,
+                                      checker_identity=self.identity)
         return s
 
     def _expire_running(self) -> None:
@@ -727,6 +763,7 @@ class SafetyWorker(WorkerFront):
         for k, reply in zip(live, computed):
             if jobs[k].claim():  # else it was answered blocked at its timeout: the late verdict is dropped
                 self._record_verdicts(jobs[k], reply)
+                self._store(jobs[k], reply)
                 replies[k] = reply
         return replies
 
@@ -743,6 +780,16 @@ class SafetyWorker(WorkerFront):
 
     def _check_batch(self, reqs: list[Request]) -> list[Reply]:
         return check_requests(self.guard, reqs)
+
+    def _store(self, job: _Job, reply: Reply) -> None:
+        """Put a computed verdict in the verdict store (it refuses faults); a store that fails costs the
+        reuse, never the reply."""
+        if job.key is None or reply.status != P.STATUS_OK:
+            return
+        try:
+            self.store.put(job.key, reply.result, reply.arrays)
+        except Exception:
+            logger.exception("verdict store %s: could not store a verdict", self.store.path)
 
     def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
         latency = time.monotonic() - job.received

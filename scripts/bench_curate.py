@@ -13,7 +13,10 @@ of them with the tiny guard's blocked phrase; the tiny checkpoint, faces pixelat
    (all clips over the time from the first actor ready, its guard loaded, to the last batch checked:
    actor start-up, ~10-30 s of importing and loading the guard, is paid once per job and reported
    apart), and end to end; target 2 actors >= 1.7x 1;
-3. the curate driver's peak RSS at 1x and 4x the clips (target <= 1.2x: it holds no dataset).
+3. the same at 4x the clips (1x checks for a few seconds only, about the second actor's start-up lag), each
+   actor's share (start-up lag, clips, busy and idle seconds, its rate while busy) and the actors' summed
+   rate while busy, 2 actors / 1 (start-up lag and waiting excluded: what is left is the cores they got);
+4. the curate driver's peak RSS at 1x and 4x the clips (target <= 1.2x: it holds no dataset).
 
 Each curate job runs as its own driver process (`curate()` in a fresh Python), with a verdict store
 of its own, so none reuses another's verdicts.
@@ -40,7 +43,7 @@ DRIVER = textwrap.dedent("""
     manifest = curate(args["input"], args["output"], preset=args["preset"], actors=args["actors"],
                       actor_gpus=args["actor_gpus"], num_cpus=args["num_cpus"], shard_size=args["shard_size"],
                       batch_size=args["batch_size"], ray_address=args.get("ray_address"))
-    print(json.dumps({"run": {k: v for k, v in manifest["run"].items() if k != "actors"}, "counts": manifest["counts"],
+    print(json.dumps({"run": manifest["run"], "counts": manifest["counts"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -91,6 +94,25 @@ def curate_job(path: Path, work: Path, name: str, **options) -> dict:
     return result
 
 
+def actor_breakdown(run: dict) -> str:
+    """Where each actor's time went, to tell why a pool does (not) scale: when it was ready after the first one
+    (start-up skew), clips it checked, seconds in calls (`busy`; `guard` of them in the checker itself), seconds
+    it waited for rows (`idle`: reads starving it), and its own rate while busy (CPU contention lowers it)."""
+    actors = run["actors"]
+    first = min(a["ready_at"] for a in actors)
+    end = max(a["last_done"] for a in actors)
+    return "; ".join(
+        f"actor {k}: ready +{a['ready_at'] - first:.1f} s, {a['rows']} clips in {a['calls']} calls, "
+        f"busy {a['busy_s']:.1f} s (guard {a['guard_s']:.1f}), idle {end - a['ready_at'] - a['busy_s']:.1f} s, "
+        f"{a['rows'] / a['busy_s'] if a['busy_s'] else 0:.1f} clips/busy s"
+        for k, a in enumerate(sorted(actors, key=lambda a: a["ready_at"])))
+
+
+def busy_rate(run: dict) -> float:
+    """The actors' clips per second of their own busy time, summed: the pool's rate with every actor up and fed."""
+    return sum(a["rows"] / a["busy_s"] for a in run["actors"] if a["busy_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=96, help="clips in the 1x dataset (default 96)")
@@ -127,10 +149,22 @@ def main() -> None:
             print(f"curate, {name}: {r['steady_clips_per_s']:7.1f} clips/s checking, {r['end_to_end_clips_per_s']:6.2f} "
                   f"end to end ({r['run']['seconds']:.1f} s, first result after {r['run']['first_result_seconds']:.1f} s)",
                   flush=True)
+        for name, r in (("1 actor ", one), ("2 actors", two)):
+            print(f"  {name}: {actor_breakdown(r['run'])}", flush=True)
         print(f"2 actors / 1 actor (checking): {two['steady_clips_per_s'] / one['steady_clips_per_s']:.2f}x (target >= 1.7x)")
         print(f"2 actors / worker at its best window ({best}): {two['steady_clips_per_s'] / rates[best]:.2f}x")
 
         big = curate_job(large, work, "four-x", actors=2, **{**common, "shard_size": common["shard_size"]})
+        # At 1x the checking lasts seconds, as long as the second actor's start-up lag: the same at 4x the clips.
+        big_one = curate_job(large, work, "four-x-one", actors=1, **common)
+        print(f"at {4 * args.clips} clips: 1 actor {big_one['steady_clips_per_s']:.1f}, 2 actors "
+              f"{big['steady_clips_per_s']:.1f} clips/s checking: {big['steady_clips_per_s'] / big_one['steady_clips_per_s']:.2f}x",
+              flush=True)
+        for name, r in (("1 actor ", big_one), ("2 actors", big)):
+            print(f"  {name}: {actor_breakdown(r['run'])}", flush=True)
+        print(f"actors' summed rate while busy, 2 / 1: {busy_rate(two['run']) / busy_rate(one['run']):.2f}x at "
+              f"{args.clips} clips, {busy_rate(big['run']) / busy_rate(big_one['run']):.2f}x at {4 * args.clips} "
+              "(start-up lag and idle excluded: what is left is the cores the actors got)", flush=True)
         print(f"driver peak RSS: {two['peak_rss_mb']:.0f} MiB at {args.clips} clips, {big['peak_rss_mb']:.0f} MiB at "
               f"{4 * args.clips}: {big['peak_rss_mb'] / two['peak_rss_mb']:.2f}x (target <= 1.2x)")
 

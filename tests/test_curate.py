@@ -345,7 +345,8 @@ def test_curated_data_of_another_checker_is_a_start_up_error_unless_accepted(cur
     assert summary["trained"] == 2 and summary["accounting_holds"]
 
 
-def test_a_replica_front_on_the_same_store_answers_what_curate_checked(curated_jsonl, tiny_guardrail_root):
+@pytest.mark.parametrize("front", [[], ["--replicas", "1"]], ids=["single", "replicas"])
+def test_a_worker_on_the_same_store_answers_what_curate_checked(curated_jsonl, tiny_guardrail_root, front):
     from safety_worker import SafetyClient, spawn_worker
     from theworld.data.safety_filter import _frame_groups
     from theworld.data.sources import JsonlDataset, sample_text
@@ -354,10 +355,14 @@ def test_a_replica_front_on_the_same_store_answers_what_curate_checked(curated_j
     sample = JsonlDataset(path)[0]
     assert expected[sample["id"]] is None
     kept = _shard_rows(out)[sample["id"]][1]
-    with spawn_worker(extra_args=["--tiny-dir", str(tiny_guardrail_root), "--tiny-faces", "all", "--replicas", "1",
+    with spawn_worker(extra_args=["--tiny-dir", str(tiny_guardrail_root), "--tiny-faces", "all", *front,
                                   "--verdict-store", manifest["verdict_store"]]) as worker, \
             SafetyClient(worker.endpoint) as client:
         verdict = client.check_sample(sample_text(sample), _frame_groups(sample["images"])[0])
-        proxy = client.stats()["proxy"]
-    assert proxy["answered_from_cache"] == 1 and proxy["cache"]["path"] == manifest["verdict_store"]
+        stats = client.stats()
+    if front:
+        assert stats["proxy"]["answered_from_cache"] == 1 and stats["proxy"]["cache"]["path"] == manifest["verdict_store"]
+    else:
+        assert stats["verdict_store"]["answered"] == 1 and stats["checks"] == 0
+        assert stats["verdict_store"]["path"] == manifest["verdict_store"]
     assert verdict.safe and [f.tobytes() for f in verdict.frames] == [f.tobytes() for f in kept]

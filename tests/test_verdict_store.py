@@ -132,3 +132,70 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
     with pytest.raises(VerdictStoreError, match="not a verdict store"):
         VerdictStore(path)
     assert sqlite3.sqlite_version
+
+
+def test_a_single_worker_answers_from_the_store_what_another_worker_checked(spawn_tiny_worker, tmp_path):
+    """`serve --verdict-store` without --replicas: the worker fills the store where it checks, and a second
+    worker process on the same store answers the same content without checking it (its `stats`)."""
+    from safety_worker import SafetyClient
+    from safety_worker.tiny import BLOCKED_PHRASE
+
+    store = tmp_path / "verdicts.sqlite"
+    frames = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    requests = [("a red square moves left", frames), (f"please {BLOCKED_PHRASE}", frames), ("an image alone", frames[:1])]
+
+    def check_all(worker):
+        with SafetyClient(worker.endpoint) as client:
+            verdicts = [client.check_sample(text, clip) for text, clip in requests]
+            texts = client.check_text(["plain words", BLOCKED_PHRASE])
+            return verdicts, texts, client.stats()
+
+    with spawn_tiny_worker("all", "--verdict-store", str(store)) as first:
+        checked, checked_texts, first_stats = check_all(first)
+    with spawn_tiny_worker("all", "--verdict-store", str(store)) as second:
+        reused, reused_texts, stats = check_all(second)
+    assert first_stats["checks"] == 4 and first_stats["verdict_store"]["answered"] == 0
+    assert first_stats["verdict_store"]["entries"] == 4
+    # Nothing checked again: every check answered from the store, with the first worker's verdicts and frames.
+    assert stats["checks"] == 0 and stats["verdict_store"]["answered"] == stats["verdict_store"]["hits"] == 4
+    assert stats["verdict_store"]["checker_identity"] == first_stats["verdict_store"]["checker_identity"]
+    assert [v.safe for v in reused] == [v.safe for v in checked] == [True, False, True]
+    assert [v.reason for v in reused] == [v.reason for v in checked]
+    assert [v.frames.tobytes() for v in (reused[0], reused[2])] == [v.frames.tobytes() for v in (checked[0], checked[2])]
+    assert not np.array_equal(reused[0].frames, frames)  # the sanitized (pixelated) frames, not the originals
+    assert [(v.safe, v.reason) for v in reused_texts] == [(v.safe, v.reason) for v in checked_texts]
+    assert stats["safe"] + stats["blocked"] == 5  # verdicts from the store are counted like checked ones
+
+
+def test_a_second_training_run_with_the_same_store_checks_nothing_again(tiny_models, tmp_path):
+    """`--safety-verdict-store`: the worker each run spawns shares the store, so the second experiment on the
+    same data (one epoch of 8 samples, 8 held out) is answered wholly from what the first one checked."""
+    from test_train import small_run_args
+    from theworld.train import parse_args, train
+
+    store = tmp_path / "verdicts.sqlite"
+
+    def run(name):
+        args = small_run_args(tmp_path / name, tiny_models, "--safety-verdict-store", str(store),
+                              "--synthetic-size", "8", "--max-steps", "4", "--eval-every", "4", "--save-every", "4",
+                              "--report-to", "none")
+        summary = train(*parse_args(args))
+        assert summary["safety_worker_spawned"] and summary["accounting_holds"]
+        return summary["worker_stats"]
+
+    first, second = run("first"), run("second")
+    assert first["checks"] > 0 and first["verdict_store"]["answered"] == 0
+    requests = sum(n for op, n in second["requests"].items() if op.startswith("check_"))
+    assert requests >= 16  # the 8 training samples and the 8 held out
+    assert second["checks"] == 0 and second["verdict_store"]["answered"] == second["verdict_store"]["hits"] == requests
+    assert second["verdict_store"]["checker_identity"] == first["verdict_store"]["checker_identity"]
+
+
+def test_a_verdict_store_is_for_the_spawned_worker_only(tiny_models, tmp_path, capsys):
+    from test_train import small_run_args
+    from theworld.train import main
+
+    code = main(small_run_args(tmp_path / "run", tiny_models, "--safety-verdict-store", str(tmp_path / "v.sqlite"),
+                               "--safety-endpoint", "ipc:///nonexistent/worker.sock"))
+    err = capsys.readouterr().err
+    assert code == 2 and "serve --verdict-store" in err and "Traceback" not in err

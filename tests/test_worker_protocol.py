@@ -194,3 +194,34 @@ def test_presets_refuse_options_that_do_not_fit_before_touching_the_environment(
     with pytest.raises(PresetError, match=message):
         use_preset(**kwargs)
     assert os.environ["HF_HOME"] == "/unchanged"
+
+
+def test_a_local_checker_keeps_its_identity_across_starts_and_changes_with_its_files(tiny_guardrail_root, tmp_path,
+                                                                                     monkeypatch):
+    """`--preset local` links the checkpoints into a fresh private HF_HOME on every start: the identity that keys
+    stored verdicts and curated manifests follows the files' content, not that path (nor the copies' paths)."""
+    import shutil
+
+    from safety_worker.presets import use_preset
+    from safety_worker.proxy import checker_identity
+    from safety_worker.server import checker_description
+    from safety_worker.tiny import GUARDRAIL_REPO, TEXT_GUARD_REPO, build_tiny_guardrail
+
+    monkeypatch.setenv("HF_HOME", "/unchanged")  # use_preset sets them: restored after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = build_tiny_guardrail(tiny_guardrail_root, faces="none") / "hub"
+    for copy in ("a", "b"):
+        for repo in (GUARDRAIL_REPO, TEXT_GUARD_REPO):
+            snapshot = next((hub / ("models--" + repo.replace("/", "--")) / "snapshots").iterdir())
+            shutil.copytree(snapshot, tmp_path / copy / repo.split("/")[1])
+
+    def start(copy):
+        models = use_preset("local", guardrail_dir=str(tmp_path / copy / "Cosmos-1.0-Guardrail"),
+                            text_guard_dir=str(tmp_path / copy / "Qwen3Guard-Gen-0.6B"))
+        return models["hf_home"], checker_identity(checker_description(models, "block"))
+
+    (home_1, first), (home_2, second), (_, other_copy) = start("a"), start("a"), start("b")
+    assert home_1 != home_2 and first == second == other_copy
+    weights = tmp_path / "b" / "Qwen3Guard-Gen-0.6B" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert start("b")[1] != first  # other weights: other verdicts, never mixed with these

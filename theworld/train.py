@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print("theworld-train: error: --fsdp shards the model across processes: launch several, e.g. "
               "`torchrun --nproc-per-node 2 -m theworld.train --fsdp` (on CPU: ACCELERATE_USE_CPU=true)", file=sys.stderr)
         return 2
+    if train_args.safety_verdict_store and train_args.safety_endpoint:
+        print("theworld-train: error: --safety-verdict-store is given to the worker this run spawns; the attached "
+              "worker (--safety-endpoint) keeps its own: serve it with `python -m safety_worker serve --verdict-store "
+              "PATH`", file=sys.stderr)
+        return 2
     try:
         summary = train(model_args, data_args, train_args)
     except DataError as e:  # the data cannot be opened at all: a start-up error, one line, usage exit code

@@ -223,6 +223,13 @@ class TrainArguments:
         default="tiny", metadata={"help": "Guardrail preset of a spawned worker ('tiny' is built offline)."}
     )
     safety_device: str = field(default="cpu", metadata={"help": "Device of a spawned worker's guard models."})
+    safety_verdict_store: Optional[str] = field(
+        default=None,
+        metadata={"help": "The spawned worker answers checks from this shared verdict store (SQLite, created 0600) "
+                          "and stores what it checks (`serve --verdict-store`): a later run on the same data, or a "
+                          "curate job's store, checks nothing again (docs/scale.md). For an attached worker "
+                          "(--safety-endpoint) serve it with --verdict-store instead."},
+    )
     safety_window: int = field(
         default=64, metadata={"help": "Safety checks kept in flight ahead of the trainer (per process): four "
                                       "default batches, so the worker batches the next ones while a step runs. "

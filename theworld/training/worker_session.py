@@ -26,7 +26,10 @@ def safety_worker(train_args: TrainArguments, accelerator, threads: int | None =
     endpoint_file = Path(train_args.output_dir) / ENDPOINT_FILE.format(host=socket.gethostname())
     if accelerator.is_local_main_process:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-        with spawn_worker(preset=train_args.safety_preset, device=train_args.safety_device, env=env) as worker:
+        store = train_args.safety_verdict_store
+        extra = ["--verdict-store", str(Path(store).resolve())] if store else []
+        with spawn_worker(preset=train_args.safety_preset, device=train_args.safety_device, env=env,
+                          extra_args=extra) as worker:
             endpoint_file.write_text(worker.endpoint)
             accelerator.wait_for_everyone()  # the other local ranks read the endpoint now
             try:
