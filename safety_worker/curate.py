@@ -185,6 +185,21 @@ def _png(frame: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+class ActorRoll:
+    """The job's roll call, itself a small Ray actor (no CPU, no guard): every `GuardActor` enrols its report
+    when it has loaded the guard, so the manifest lists every actor the pool started, also one that got no
+    rows (a pool's second actor can start after the first has taken a small dataset whole)."""
+
+    def __init__(self):
+        self._reports: dict[int, dict] = {}
+
+    def enrol(self, report: dict) -> None:
+        self._reports[report["pid"]] = report
+
+    def reports(self) -> list[dict]:
+        return list(self._reports.values())
+
+
 class GuardActor:
     """The checker in a Ray actor (`map_batches(GuardActor, ...)`): one per process, for its lifetime.
 
@@ -193,7 +208,7 @@ class GuardActor:
     (`kept`, `blocked`, `error`), reason and the sanitized frames as PNG."""
 
     def __init__(self, preset: dict, controversial: str, max_batch: int, max_batch_frames: int, device: str,
-                 torch_threads: int, identity: str, store: str | None, store_bytes: int):
+                 torch_threads: int, identity: str, store: str | None, store_bytes: int, roll: str | None = None):
         from .presets import use_preset
         from .proxy import checker_identity
         from .server import _CPU_PASS_PIXELS, Batching, GuardedChecker, checker_description, load_checker
@@ -217,6 +232,10 @@ class GuardActor:
         self.report = {"pid": os.getpid(), "grad_enabled": torch.is_grad_enabled(),
                        "guard_loaded": "cosmos_guardrail" in sys.modules, "theworld_loaded": "theworld" in sys.modules,
                        "device": device, "ready_at": time.time()}
+        if roll is not None:  # the driver's roll call (`ActorRoll`), by name: answered before any row is checked
+            import ray
+
+            ray.get(ray.get_actor(roll).enrol.remote(self.report))
         # Where an actor's time goes (the bench reads them from the manifest's run.actors): rows and calls
         # done, seconds inside calls (`busy_s`) and in the guard itself (`guard_s`); the rest of its life
         # since `ready_at` it waited for rows.
@@ -495,6 +514,8 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
     items = [{"unit": u.unit, "kind": u.kind, "path": u.path, "start": u.start, "stop": u.stop} for u in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     pool = actors if isinstance(actors, int) else actors[1]
+    roll_name = f"curate-roll-{os.getpid()}-{time.time_ns()}"
+    roll = ray.remote(num_cpus=0)(ActorRoll).options(name=roll_name).remote()
     # Reads reserve no CPU: every logical CPU can go to a checker actor, and a pool that took them all
     # would otherwise starve the reads it waits on (2 actors on 2 CPUs hung). Decoding is light next
     # to the guard; at most one read task per actor (plus one) runs at a time.
@@ -507,13 +528,14 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
         num_cpus=actor_cpus,
         fn_constructor_kwargs={"preset": preset, "controversial": controversial, "max_batch": max_batch,
                                "max_batch_frames": max_batch_frames, "device": device, "torch_threads": torch_threads,
-                               "identity": identity, "store": store_path, "store_bytes": store_bytes},
+                               "identity": identity, "store": store_path, "store_bytes": store_bytes,
+                               "roll": roll_name},
         # Workers of their own: a process that ran read tasks (theworld imported) never hosts the guard.
         runtime_env={"env_vars": {_ACTOR_MARKER_ENV: "1"}},
     )
     by_unit = {u.unit: u for u in todo}
     open_units: dict[int, _UnitWriter] = {}
-    actors_seen: dict[int, dict] = {}
+    actors_seen: dict[int, dict] = {}  # each actor's latest work totals, from the rows it returned
     for u in todo:
         if u.stop == u.start:  # an empty shard: committed at once
             committed[u.unit] = _UnitWriter(out, u).commit()
@@ -539,7 +561,11 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
                 del open_units[u]
     if open_units:
         raise CurateError(f"units {sorted(open_units)} ended short of their rows; run curate again to redo them")
-    run["actors"] = sorted(actors_seen.values(), key=lambda a: a["pid"])
+    idle = {"rows": 0, "calls": 0, "busy_s": 0.0, "guard_s": 0.0}
+    enrolled = {a["pid"]: a for a in ray.get(roll.reports.remote())}
+    ray.kill(roll)
+    run["actors"] = sorted(({**enrolled.get(pid, {}), **idle, **actors_seen.get(pid, {})}
+                            for pid in enrolled.keys() | actors_seen.keys()), key=lambda a: a["pid"])
     run["job_seconds"] = round(time.monotonic() - t0, 3)
     if actors_seen:  # checking time: from the first actor ready (guard loaded) to the last batch checked
         run["check_seconds"] = round(last_done - min(a["ready_at"] for a in actors_seen.values()), 3)

@@ -100,7 +100,7 @@ def actor_breakdown(run: dict) -> str:
     it waited for rows (`idle`: reads starving it), and its own rate while busy (CPU contention lowers it)."""
     actors = run["actors"]
     first = min(a["ready_at"] for a in actors)
-    end = max(a["last_done"] for a in actors)
+    end = max(a.get("last_done") or a["ready_at"] for a in actors)  # an actor that got no rows has no last_done
     return "; ".join(
         f"actor {k}: ready +{a['ready_at'] - first:.1f} s, {a['rows']} clips in {a['calls']} calls, "
         f"busy {a['busy_s']:.1f} s (guard {a['guard_s']:.1f}), idle {end - a['ready_at'] - a['busy_s']:.1f} s, "
