@@ -21,6 +21,10 @@ from safety_worker.curate import CurateError, curate
 from safety_worker.proxy import checker_identity
 from safety_worker.tiny import BLOCKED_PHRASE
 
+# Every test here runs curate jobs on a local Ray (about 45 s for the module on 2 CPU cores, most of it
+# Ray's start): end-to-end runs, so the long test command runs them.
+pytestmark = pytest.mark.long
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -108,6 +108,7 @@ def test_the_real_shape_command_runs_on_cpu(tmp_path):
     assert config["world_image_size"] == [480, 640]
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_bench_memory_counts_every_rank_from_the_real_configurations(tmp_path):
     """`scripts/bench_memory.py --skip-activations`: exact bytes on the meta device, no weights."""
     out = tmp_path / "memory.json"

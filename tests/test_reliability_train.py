@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from theworld.data.sources import SampleStream
 from theworld.data.synthetic import SyntheticMotionTask
 
@@ -31,6 +33,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_kill9_worker_mid_training_loses_no_sample(tmp_path, tiny_models, tiny_guardrail_root):
     gemma, cosmos = tiny_models
     args = [

@@ -205,6 +205,7 @@ def test_a_crashed_run_keeps_its_metrics_and_resume_reproduces_the_uninterrupted
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_two_concurrent_runs_share_one_external_worker(tmp_path, tiny_models, tiny_safety_worker):
     endpoint = tiny_safety_worker.endpoint
     # Two trainers at once on this test machine's cores: one thread each (a trainer that spawns no worker
@@ -245,6 +246,7 @@ def two_rank_run(tmp_path_factory, tiny_models):
     return output_dir
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_two_ranks_share_the_worker_their_local_main_process_spawns(two_rank_run, tiny_models):
     """`torchrun`/`accelerate launch`: rank 0 spawns one worker, rank 1 attaches; counters are summed over ranks.
 
@@ -284,6 +286,7 @@ def test_two_ranks_share_the_worker_their_local_main_process_spawns(two_rank_run
     assert summary["initial_eval_loss"] == pytest.approx(evaluate(model, batches, OneProcess())["loss"], rel=1e-5)
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_fsdp_shards_the_model_trains_like_ddp_and_resumes_from_its_checkpoint(tmp_path, two_rank_run, tiny_models):
     """`--fsdp` (FSDP2 on two gloo CPU processes): stopped after 2 of 4 steps and resumed, the run takes the
     same steps as the unsharded data-parallel run: same losses, same saved weights. Checkpoints and the final

@@ -46,6 +46,7 @@ def cli_run(tmp_path_factory, tiny_models):
     return out, json.loads((out / "summary.json").read_text()), proc.stdout
 
 
+@pytest.mark.long  # reads the module's end-to-end `python -m theworld.train_world` run
 def test_world_trainer_keeps_grad_while_its_spawned_worker_has_it_off(cli_run):
     _, summary, stdout = cli_run
     assert summary["safety_worker_spawned"]
@@ -55,6 +56,7 @@ def test_world_trainer_keeps_grad_while_its_spawned_worker_has_it_off(cli_run):
     assert "seen" in stdout and "forced choice" in stdout
 
 
+@pytest.mark.long  # reads the module's end-to-end `python -m theworld.train_world` run
 def test_every_clip_is_checked_blocked_ones_are_ledgered_and_accounted_for(cli_run):
     out, summary, _ = cli_run
     task = SyntheticMotionTask(size=SIZE, blocked_fraction=0.25)
@@ -69,6 +71,7 @@ def test_every_clip_is_checked_blocked_ones_are_ledgered_and_accounted_for(cli_r
     assert (out / "errors.jsonl").exists()
 
 
+@pytest.mark.long  # reads the module's end-to-end `python -m theworld.train_world` run
 def test_summary_has_the_rollout_table_with_every_key(cli_run):
     _, summary, _ = cli_run
     assert set(summary["rollout_eval"]) == {"1", "4"}
@@ -78,6 +81,7 @@ def test_summary_has_the_rollout_table_with_every_key(cli_run):
     assert set(summary["rollout_eval_baselines"]) == {"linear", "copy_last"}
 
 
+@pytest.mark.long  # reads the module's end-to-end `python -m theworld.train_world` run
 def test_model_is_a_complete_cosmos_directory_the_trainer_takes_as_cosmos_model(cli_run, tiny_models, tiny_safety_worker,
                                                                                   tmp_path):
     from theworld.train import parse_args as train_parse_args, train
@@ -157,6 +161,7 @@ def test_train_world_never_imports_the_guard():
     assert "refused:" in proc.stdout and "safety" in proc.stdout.lower()
 
 
+@pytest.mark.long  # reads the module's end-to-end `python -m theworld.train_world` run
 def test_eval_script_prints_the_same_table_for_the_saved_model(cli_run, tmp_path):
     out, _, _ = cli_run
     result = tmp_path / "rollout.json"

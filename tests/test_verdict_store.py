@@ -134,6 +134,7 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
     assert sqlite3.sqlite_version
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_a_single_worker_answers_from_the_store_what_another_worker_checked(spawn_tiny_worker, tmp_path):
     """`serve --verdict-store` without --replicas: the worker fills the store where it checks, and a second
     worker process on the same store answers the same content without checking it (its `stats`)."""
@@ -167,6 +168,7 @@ def test_a_single_worker_answers_from_the_store_what_another_worker_checked(spaw
     assert stats["safe"] + stats["blocked"] == 5  # verdicts from the store are counted like checked ones
 
 
+@pytest.mark.long  # an end-to-end run of the real commands: CI runs it with `pytest -m long`
 def test_a_second_training_run_with_the_same_store_checks_nothing_again(tiny_models, tmp_path):
     """`--safety-verdict-store`: the worker each run spawns shares the store, so the second experiment on the
     same data (one epoch of 8 samples, 8 held out) is answered wholly from what the first one checked."""
