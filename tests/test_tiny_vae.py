@@ -53,7 +53,8 @@ def test_held_out_clips_decode_closer_to_their_frames_than_a_random_vae(figures)
 def test_latent_statistics_are_recalibrated_after_training(trained_vae):
     import torch
 
-    from theworld.modeling.world_encoder import CosmosWorldEncoder, preprocess_world_clips
+    from theworld.modeling.world_encoder import CosmosWorldEncoder
+    from theworld.video_processing_theworld import preprocess_world_clips
     from theworld.tiny import _calibration_clips
 
     encoder = CosmosWorldEncoder(trained_vae)

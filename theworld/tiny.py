@@ -532,7 +532,8 @@ def measure_tiny_vae(vae, clips: int = 64, seed: int = 54321) -> dict[str, float
     import torch
 
     from theworld.data.synthetic import COLOURS, DIRECTIONS, draw_motion_clip
-    from theworld.modeling.world_encoder import CosmosWorldEncoder, preprocess_world_clips
+    from theworld.modeling.world_encoder import CosmosWorldEncoder
+    from theworld.video_processing_theworld import preprocess_world_clips
 
     rng = np.random.default_rng(seed)
     task_clips = [draw_motion_clip(TINY_VAE_IMAGE_SIZE, 9, list(COLOURS)[i % 4], DIRECTIONS[(i // 4) % 4], 6, rng)
