@@ -182,6 +182,8 @@ def run_block(block: Block, workdir: Path, scratch: Path) -> tuple[int, str]:
                                                              f"\n[timed out after {BLOCK_TIMEOUT} s]")
 
 
+# Blocks share fixed endpoints as a reader types them (ipc:///tmp/sw/worker.sock, port 8000): they must run one
+# at a time, which the test command's `--dist loadfile` gives as long as they all run from this one file.
 @pytest.mark.timeout(BLOCK_TIMEOUT + 120)
 @pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
 def test_block_runs_as_written(block: Block, tmp_path):
@@ -242,7 +244,7 @@ def test_every_marker_belongs_to_a_block():
                     f"{document.name}:{i + 1}: marker not directly above a bash/python fence")
 
 
-TEST_COMMAND = 'python -m pytest -m "not slow and not long"'
+TEST_COMMAND = 'python -m pytest -n 2 --dist loadfile -m "not slow and not long"'
 LONG_TEST_COMMAND = "python -m pytest -m long"
 
 
