@@ -16,7 +16,9 @@ of them with the tiny guard's blocked phrase; the tiny checkpoint, faces pixelat
 3. the same at 4x the clips (1x checks for a few seconds only, about the second actor's start-up lag), each
    actor's share (start-up lag, clips, busy and idle seconds, its rate while busy) and the actors' summed
    rate while busy, 2 actors / 1 (start-up lag and waiting excluded: what is left is the cores they got);
-4. the curate driver's peak RSS at 1x and 4x the clips (target <= 1.2x: it holds no dataset).
+4. at 4x the clips, the cores each part of the job used while the actors checked (the guard actors, the read and
+   write tasks, the driver, Ray's own processes), sampled from /proc: what a second actor can get;
+5. the curate driver's peak RSS at 1x and 4x the clips (target <= 1.2x: it holds no dataset).
 
 Each curate job runs as its own driver process (`curate()` in a fresh Python), with a verdict store
 of its own, so none reuses another's verdicts.
@@ -80,15 +82,88 @@ def worker_rate(path: Path, windows: list[int], tiny_dir: str) -> dict:
     return out
 
 
+def process_role(proc, driver_pid: int) -> str:
+    """Which part of a curate job a process is, from the title Ray gives its processes (read again at every
+    sample: a Ray worker process starts untitled or `ray::IDLE` and becomes an actor's or a task's)."""
+    if proc.pid == driver_pid:
+        return "driver"
+    title = " ".join(proc.cmdline())
+    if "GuardActor" in title:
+        return "guard actors"  # ray::MapWorker(MapBatches(GuardActor))
+    if title.startswith("ray::") and any(k in title for k in ("read_unit", "Read", "Write", "FlatMap")):
+        return "read/write tasks"  # ray::FlatMap(read_unit), the output's write tasks
+    return "Ray's own processes"  # raylet, GCS, dashboard agents, log monitor, stats actors, the roll call, idle workers
+
+
+class CpuSampler:
+    """CPU seconds of every process of a job (the driver and its descendants: Ray's raylet, GCS and workers), sampled
+    a few times a second, so that the CPU spent between two moments can be split by role: where the cores went while
+    the actors were checking. A process that ends between two samples loses its last interval (0.2 s at most)."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import threading
+
+        self.pid, self.interval, self.samples = pid, interval, []  # (time, {pid: (role, cpu seconds)})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            now, cpu = time.time(), {}
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                    cpu[proc.pid] = (process_role(proc, self.pid), times.user + times.system)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            self.samples.append((now, cpu))
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def cores(self, start: float, end: float) -> dict[str, float]:
+        """Cores used per role between `start` and `end` (CPU seconds over wall seconds), from the samples nearest;
+        a process counts under the role it had at the end."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        used: dict[str, float] = {}
+        for pid, (role, cpu) in last.items():
+            base = first[pid][1] if pid in first else 0.0  # started inside the window: all its CPU counts
+            used[role] = used.get(role, 0.0) + cpu - base
+        return {role: seconds / (t1 - t0) for role, seconds in sorted(used.items())}
+
+
 def curate_job(path: Path, work: Path, name: str, **options) -> dict:
     args = {"input": str(path), "output": str(work / name), **options}
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], capture_output=True, text=True, env=env,
-                          cwd=str(ROOT), timeout=3600)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    sampler = CpuSampler(proc.pid)
+    stdout, stderr = proc.communicate(timeout=3600)
+    sampler.stop()
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(stderr[-3000:])
+    result = json.loads(stdout.strip().splitlines()[-1])
     run = result["run"]
+    actors = run["actors"]
+    # While checking: from the first actor ready to the last batch checked (what `check_seconds` spans).
+    result["cores_while_checking"] = sampler.cores(min(a["ready_at"] for a in actors),
+                                                   max(a.get("last_done") or a["ready_at"] for a in actors))
     result["steady_clips_per_s"] = result["counts"]["read"] / run["check_seconds"]
     result["end_to_end_clips_per_s"] = result["counts"]["read"] / run["seconds"]
     return result
@@ -162,6 +237,11 @@ def main() -> None:
               flush=True)
         for name, r in (("1 actor ", big_one), ("2 actors", big)):
             print(f"  {name}: {actor_breakdown(r['run'])}", flush=True)
+        # Where the 2 cores went while the actors checked: what the actors did not get, the rest of the job used.
+        for name, r in (("1 actor ", big_one), ("2 actors", big)):
+            cores = r["cores_while_checking"]
+            print(f"  cores while checking, {name}: " + ", ".join(f"{role} {c:.2f}" for role, c in cores.items())
+                  + f"; all {sum(cores.values()):.2f} of {args.num_cpus}", flush=True)
         print(f"actors' summed rate while busy, 2 / 1: {busy_rate(two['run']) / busy_rate(one['run']):.2f}x at "
               f"{args.clips} clips, {busy_rate(big['run']) / busy_rate(big_one['run']):.2f}x at {4 * args.clips} "
               "(start-up lag and idle excluded: what is left is the cores the actors got)", flush=True)
