@@ -10,7 +10,8 @@ DIR is a tiny model directory (`python -m theworld.tiny DIR`, holding `cosmos/`)
 - locality: share of the latent change under the square when it moves one latent cell (chance 12.5 %);
 - temporal: change of the last latent frame when a clip's last four frames change, over that latent
   frame's across-clip variance;
-- PSNR of decoded 9-frame clips (whole frames, and the square's pixels alone).
+- PSNR of decoded 9-frame clips (whole frames, and the square's pixels alone), and of single frames
+  encoded alone (the spatial layers without the temporal ones).
 
 With `--build`, DIR's tiny models are built first with the trained VAE (`python -m theworld.tiny DIR
 --trained-vae`; a complete directory is reused, and so are trained VAE weights cached by an earlier build:
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("locality (latent change under the square, chance 12.5 %)", "locality", f"{figures['locality']:.1%}"),
             ("temporal (last latent frame moved / across-clip variance)", "temporal", f"{figures['temporal']:.1%}"),
             ("held-out clip PSNR", "psnr_db", f"{figures['psnr_db']:.1f} dB"),
-            ("  on the square's pixels", "square_psnr_db", f"{figures['square_psnr_db']:.1f} dB")]
+            ("  on the square's pixels", "square_psnr_db", f"{figures['square_psnr_db']:.1f} dB"),
+            ("single-frame PSNR (first frames encoded alone)", "frame_psnr_db", f"{figures['frame_psnr_db']:.1f} dB"),
+            ("  on the square's pixels", "frame_square_psnr_db", f"{figures['frame_square_psnr_db']:.1f} dB")]
     if "build_s" in figures:
         rows.append(("build time, all tiny models", "build_s", f"{figures['build_s']:.0f} s"))
     for label, key, value in rows:

@@ -527,6 +527,8 @@ def measure_tiny_vae(vae, clips: int = 64, seed: int = 54321) -> dict[str, float
       frames change (the square reverses after frame 4), over the across-clip variance of that latent frame.
     - ``psnr_db``: reconstruction PSNR (posterior mean decoded, pixels in [0, 255]) of 9-frame held-out
       clips of the default task (faint background); ``square_psnr_db`` on the square's pixels alone.
+    - ``frame_psnr_db``, ``frame_square_psnr_db``: the same for the clips' first frames encoded alone (one
+      latent frame: the spatial layers only, without the temporal ones).
     """
     import numpy as np
     import torch
@@ -545,7 +547,8 @@ def measure_tiny_vae(vae, clips: int = 64, seed: int = 54321) -> dict[str, float
         return pixels, encoder.normalize(vae.encode(pixels).latent_dist.mode())
 
     with torch.no_grad():
-        _, first = encode([clip[:1] for clip in task_clips])
+        first_pixels, first = encode([clip[:1] for clip in task_clips])
+        first_decoded = vae.decode(encoder.denormalize(first)).sample.clamp(-1, 1)
         _, last = encode([clip[-1:] for clip in task_clips])
         change = ((first - last) ** 2).sum(dim=1)[:, 0].flatten(1)  # [N, cells]
         # The square sits inside one latent cell in both frames (lattice-aligned, centred): find each from
@@ -562,13 +565,20 @@ def measure_tiny_vae(vae, clips: int = 64, seed: int = 54321) -> dict[str, float
         variance = ((last_frame - last_frame.mean(dim=0)) ** 2).sum(dim=(1, 2, 3)).mean()
         moved = ((changed[:, :, -1] - last_frame) ** 2).sum(dim=(1, 2, 3)).mean()
         decoded = vae.decode(encoder.denormalize(latents)).sample.clamp(-1, 1)
-    error = ((decoded - pixels) * 127.5) ** 2
-    square = (pixels.max(dim=1, keepdim=True).values > 40 / 127.5 - 1).expand_as(error)
+
+    def psnr(decoded, pixels):  # whole frames, and the square's pixels alone
+        error = ((decoded - pixels) * 127.5) ** 2
+        square = (pixels.max(dim=1, keepdim=True).values > 40 / 127.5 - 1).expand_as(error)
+        return (float(10 * torch.log10(255.0**2 / error.mean())), float(10 * torch.log10(255.0**2 / error[square].mean())))
+
+    (psnr_db, square_psnr_db), (frame_psnr_db, frame_square_psnr_db) = psnr(decoded, pixels), psnr(first_decoded, first_pixels)
     return {
         "locality": float(np.mean(shares)),
         "temporal": float(moved / variance),
-        "psnr_db": float(10 * torch.log10(255.0**2 / error.mean())),
-        "square_psnr_db": float(10 * torch.log10(255.0**2 / error[square].mean())),
+        "psnr_db": psnr_db,
+        "square_psnr_db": square_psnr_db,
+        "frame_psnr_db": frame_psnr_db,
+        "frame_square_psnr_db": frame_square_psnr_db,
     }
 
 
