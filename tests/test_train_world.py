@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from theworld.data.sources import SampleStream
 from theworld.data.synthetic import SyntheticMotionTask
-from theworld.train_world import ARGUMENT_CLASSES, DESCRIPTION, build_trainee, collate_clips, train_world
+from theworld.train_world import (ARGUMENT_CLASSES, DESCRIPTION, build_trainee, collate_clips, synthetic_clip_shape,
+                                  train_world)
 from theworld.training.arguments import parse_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -126,8 +127,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_saf
 
 
 def test_only_the_transformer_learns_and_the_loss_reaches_it(tiny_models):
-    model_args, _, _ = parse_args(["--cosmos-model", str(tiny_models[1])], ARGUMENT_CLASSES, DESCRIPTION)
-    trainee, _ = build_trainee(model_args, seed=0)
+    model_args, data_args, _ = parse_args(["--cosmos-model", str(tiny_models[1])], ARGUMENT_CLASSES, DESCRIPTION)
+    trainee, _ = build_trainee(model_args, seed=0, clip_shape=synthetic_clip_shape(data_args))
     batch = collate_clips([SyntheticMotionTask(size=2)[i] for i in range(2)])
     loss = trainee(**batch).loss
     assert loss.requires_grad
