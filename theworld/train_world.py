@@ -39,7 +39,7 @@ from theworld.training.world_model import DEFAULT_TRANSFORMER_LORA_TARGETS, LOSS
 DESCRIPTION = __doc__.split("\n\n")[0]
 # The transformer `--transformer-shape auto` trains for a tiny build (width x blocks x patch): the tiny build's own
 # (32x2x2) cannot carry a patch's 64 latent values through its 32-wide stream; docs/world_model.md has the table.
-TINY_WORLD_TRANSFORMER_SHAPE = "128x4x1"
+TINY_WORLD_TRANSFORMER_SHAPE = "128x2x1"
 
 
 @dataclass
@@ -118,8 +118,8 @@ class WorldDataArguments(DataArguments):
 @dataclass
 class WorldTrainArguments(TrainArguments):
     output_dir: str = field(default="runs/world_model", metadata={"help": "Where every output of the run is written."})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    max_steps: int = field(default=3000, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute the transformer blocks' activations in the backward pass instead of keeping "
