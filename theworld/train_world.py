@@ -13,6 +13,10 @@ Every training clip goes through the safety worker first, exactly as in ``python
 train state, optimizer step and checkpoints are the trainer's own (``theworld.training``). This process
 never imports the guard and asserts autograd on at every step.
 
+On a tiny build (the default) the transformer trained is a new, larger one (``--transformer-shape``) on
+latents standardised per element (``--standardize-latents``; the statistics are saved beside its weights in
+``model/transformer/theworld_latent_statistics.safetensors`` and every theworld loader uses them).
+
 Outputs in ``--output-dir``: ``model/`` (a complete Cosmos directory in the diffusers layout, usable as
 ``--cosmos-model`` by ``theworld.train``, ``theworld.generate`` and ``theworld.serve``, plus
 ``theworld_task.json``), ``summary.json`` (with ``rollout_eval``: the counterfactual rollout evaluation
