@@ -173,3 +173,17 @@ def test_eval_script_prints_the_same_table_for_the_saved_model(cli_run, tmp_path
     table = json.loads(result.read_text())
     assert set(table["rollout_eval"]["1"]) == {"forced_choice_accuracy", "latent_mse", "linear_mse", "copy_last_mse", "n"}
     assert table["rollout_eval"]["1"]["n"] == 4 and "forced choice" in proc.stdout
+
+
+def test_only_tiny_builds_get_a_new_transformer_by_default(tmp_path):
+    """`--transformer-shape auto` replaces the random transformer of a tiny build (with or without the trained
+    VAE); a real-shape build, an earlier train_world output or any other directory keeps its own."""
+    from theworld.tiny import _COMPLETE_MARKER
+    from theworld.train_world import _is_tiny_build
+
+    for name, marker, expected in [("tiny", "4 seed=0", True), ("trained", "4 seed=0 trained-vae", True),
+                                   ("real", "4 seed=0 real-shapes layers=2", False), ("model", None, False)]:
+        (tmp_path / name).mkdir()
+        if marker is not None:
+            (tmp_path / name / _COMPLETE_MARKER).write_text(marker + "\n")
+        assert _is_tiny_build(str(tmp_path / name)) is expected, name

@@ -85,7 +85,7 @@ class WorldModelArguments:
     )
     transformer_shape: str = field(
         default="auto",
-        metadata={"help": "'WIDTHxLAYERSxPATCH' (e.g. 128x4x1): train a new, randomly initialised transformer of that "
+        metadata={"help": "'WIDTHxLAYERSxPATCH' (e.g. 64x2x1): train a new, randomly initialised transformer of that "
                           "hidden width (heads of the source's head size), number of blocks and spatial patch size, "
                           "built from --cosmos-model's transformer config, instead of its weights; 'keep': train "
                           "--cosmos-model's own transformer; 'auto' (default): " + TINY_WORLD_TRANSFORMER_SHAPE
@@ -138,10 +138,16 @@ ARGUMENT_CLASSES = (WorldModelArguments, WorldDataArguments, WorldTrainArguments
 
 
 def _is_tiny_build(cosmos: str) -> bool:
-    """Whether `cosmos` is a Cosmos directory written by `python -m theworld.tiny` (random transformer)."""
+    """Whether `cosmos` is a tiny Cosmos directory written by `python -m theworld.tiny` (with or without
+    `--trained-vae`; its transformer is random). Its completion marker reads "VERSION seed=N [VARIANT]"; a
+    `--real-shapes` build (variant "real-shapes ...") stands for the real model and keeps its transformer."""
     from theworld.tiny import _COMPLETE_MARKER
 
-    return (Path(cosmos) / _COMPLETE_MARKER).is_file()
+    marker = Path(cosmos) / _COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    variant = marker.read_text().split()[2:]
+    return variant in ([], ["trained-vae"])
 
 
 def parse_transformer_shape(shape: str) -> tuple[int, int, int]:
@@ -196,18 +202,14 @@ def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[
     else:
         transformer = new_transformer(cosmos, shape)
     standardize = model_args.standardize_latents
-    if saved_statistics is not None:
-        if standardize == "false":
-            raise ValueError(f"{cosmos}'s transformer was trained on standardised latents (its transformer/ holds "
-                             "latent statistics): it cannot continue without them; drop --standardize-latents false")
-        statistics = saved_statistics  # fixed: they define the space the loaded weights denoise in
-    elif standardize == "true" or (standardize == "auto" and shape != "keep"):
-        if clip_shape is None:
-            raise ValueError("--standardize-latents needs clips of one known shape (the synthetic tasks'); pass "
-                             "--standardize-latents false for this data")
-        statistics = "new"
-    else:
-        statistics = None
+    if saved_statistics is not None and standardize == "false":
+        raise ValueError(f"{cosmos}'s transformer was trained on standardised latents (its transformer/ holds "
+                         "latent statistics): it cannot continue without them; drop --standardize-latents false")
+    measure_statistics = saved_statistics is None and (standardize == "true"
+                                                       or (standardize == "auto" and shape != "keep"))
+    if measure_statistics and clip_shape is None:
+        raise ValueError("--standardize-latents needs clips of one known shape (the synthetic tasks'); pass "
+                         "--standardize-latents false for this data")
     if model_args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -219,7 +221,8 @@ def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[
             r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
             target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none"))
     encoder = CosmosWorldEncoder.from_pretrained(cosmos).eval()
-    if statistics == "new":
+    statistics = saved_statistics  # fixed when loaded: they define the space the loaded weights denoise in
+    if measure_statistics:
         side = clip_shape[1] // encoder.spatial_factor
         statistics = WorldLatentStatistics(encoder.latent_channels, latent_frames(clip_shape[0]), (side, side),
                                            max_clips=model_args.latent_statistics_clips)
