@@ -26,9 +26,11 @@ if str(REPO_ROOT) not in sys.path:  # run as `python scripts/eval_world_model.py
 
 
 def load_world_model(model_dir: str | Path):
-    """`(transformer, encoder, task_record)` of a `theworld.train_world` output (`OUTPUT_DIR/model`)."""
+    """`(transformer, encoder, task_record, statistics)` of a `theworld.train_world` output (`OUTPUT_DIR/model`);
+    `statistics`: the latent statistics saved with the transformer, or None."""
     from diffusers import CosmosTransformer3DModel
 
+    from theworld.modeling.latent_statistics import WorldLatentStatistics
     from theworld.modeling.world_encoder import CosmosWorldEncoder
     from theworld.train import TASK_FILE
 
@@ -39,7 +41,7 @@ def load_world_model(model_dir: str | Path):
                                 "theworld.train_world wrote (it records the task the model was trained on)")
     transformer = CosmosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer").eval()
     encoder = CosmosWorldEncoder.from_pretrained(str(model_dir)).eval()
-    return transformer, encoder, json.loads(task_file.read_text())
+    return transformer, encoder, json.loads(task_file.read_text()), WorldLatentStatistics.load(model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
-        transformer, encoder, task = load_world_model(args.model)
+        transformer, encoder, task, statistics = load_world_model(args.model)
     except (ValueError, FileNotFoundError) as e:
         print(f"eval_world_model: error: {e}", file=sys.stderr)
         return 2
     result = evaluate_world_model(transformer, encoder, task, eval_size=args.eval_size, train_size=args.train_size,
-                                  steps=steps)
+                                  steps=steps, statistics=statistics)
     print(format_rollout_table(result["rollout_eval"], result["rollout_eval_baselines"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from theworld.data.sources import SampleStream
 from theworld.data.synthetic import SyntheticMotionTask
-from theworld.train_world import ARGUMENT_CLASSES, DESCRIPTION, build_trainee, collate_clips, train_world
+from theworld.train_world import (ARGUMENT_CLASSES, DESCRIPTION, build_trainee, collate_clips, synthetic_clip_shape,
+                                  train_world)
 from theworld.training.arguments import parse_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -126,8 +127,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, tiny_saf
 
 
 def test_only_the_transformer_learns_and_the_loss_reaches_it(tiny_models):
-    model_args, _, _ = parse_args(["--cosmos-model", str(tiny_models[1])], ARGUMENT_CLASSES, DESCRIPTION)
-    trainee, _ = build_trainee(model_args, seed=0)
+    model_args, data_args, _ = parse_args(["--cosmos-model", str(tiny_models[1])], ARGUMENT_CLASSES, DESCRIPTION)
+    trainee, _ = build_trainee(model_args, seed=0, clip_shape=synthetic_clip_shape(data_args))
     batch = collate_clips([SyntheticMotionTask(size=2)[i] for i in range(2)])
     loss = trainee(**batch).loss
     assert loss.requires_grad
@@ -172,3 +173,17 @@ def test_eval_script_prints_the_same_table_for_the_saved_model(cli_run, tmp_path
     table = json.loads(result.read_text())
     assert set(table["rollout_eval"]["1"]) == {"forced_choice_accuracy", "latent_mse", "linear_mse", "copy_last_mse", "n"}
     assert table["rollout_eval"]["1"]["n"] == 4 and "forced choice" in proc.stdout
+
+
+def test_only_tiny_builds_get_a_new_transformer_by_default(tmp_path):
+    """`--transformer-shape auto` replaces the random transformer of a tiny build (with or without the trained
+    VAE); a real-shape build, an earlier train_world output or any other directory keeps its own."""
+    from theworld.tiny import _COMPLETE_MARKER
+    from theworld.train_world import _is_tiny_build
+
+    for name, marker, expected in [("tiny", "4 seed=0", True), ("trained", "4 seed=0 trained-vae", True),
+                                   ("real", "4 seed=0 real-shapes layers=2", False), ("model", None, False)]:
+        (tmp_path / name).mkdir()
+        if marker is not None:
+            (tmp_path / name / _COMPLETE_MARKER).write_text(marker + "\n")
+        assert _is_tiny_build(str(tmp_path / name)) is expected, name

@@ -131,9 +131,11 @@ def copy_last(observed: torch.Tensor, future_frames: int) -> torch.Tensor:
 
 
 def rollout_eval(transformer, counterfactuals: CounterfactualSet, ridge: RidgePredictor,
-                 steps: tuple[int, ...] = ROLLOUT_EVAL_STEPS, seed: int = 0, batch_size: int = 64) -> dict:
+                 steps: tuple[int, ...] = ROLLOUT_EVAL_STEPS, seed: int = 0, batch_size: int = 64,
+                 statistics=None) -> dict:
     """`{"<steps>": {"forced_choice_accuracy", "latent_mse", "linear_mse", "copy_last_mse", "n"}}` for each
-    sampling-step count (`theworld.modeling.rollout.sample_world_latents`, seeded noise)."""
+    sampling-step count (`theworld.modeling.rollout.sample_world_latents`, seeded noise, in the latent space
+    of the transformer's `statistics` when it has them; every MSE in the VAE's normalised latent space)."""
     from theworld.modeling.rollout import sample_world_latents
 
     observed, truth = counterfactuals.observed, counterfactuals.truth
@@ -148,7 +150,7 @@ def rollout_eval(transformer, counterfactuals: CounterfactualSet, ridge: RidgePr
         generator = torch.Generator(device=device).manual_seed(seed)
         predicted = torch.cat([
             sample_world_latents(transformer, observed[i : i + batch_size].to(device), future_frames, count,
-                                 generator=generator)[:, :, -future_frames:].float().cpu()
+                                 generator=generator, statistics=statistics)[:, :, -future_frames:].float().cpu()
             for i in range(0, len(observed), batch_size)
         ])
         table[str(count)] = {"forced_choice_accuracy": forced_choice_accuracy(predicted, counterfactuals.candidates),
@@ -165,11 +167,12 @@ def baseline_forced_choice(counterfactuals: CounterfactualSet, ridge: RidgePredi
 
 
 def evaluate_world_model(transformer, encoder, task_record: dict, *, eval_size: int = 256, train_size: int = 1024,
-                         steps: tuple[int, ...] = ROLLOUT_EVAL_STEPS) -> dict:
+                         steps: tuple[int, ...] = ROLLOUT_EVAL_STEPS, statistics=None) -> dict:
     """`{"rollout_eval": rollout_eval(...), "rollout_eval_baselines": baseline_forced_choice(...)}`: the
     counterfactual table of a world model trained on the synthetic motion task of `task_record`
     (`theworld.training.data.task_record`): held-out clips at seed + `EVAL_SEED_OFFSET`, the ridge baseline
-    fit on the first `train_size` training clips of the task's own seed."""
+    fit on the first `train_size` training clips of the task's own seed. `statistics`: the transformer's
+    `WorldLatentStatistics` (saved with it by `theworld.train_world`), or None."""
     from theworld.data.synthetic import SyntheticMotionTask
 
     if task_record.get("data") != "synthetic":
@@ -181,7 +184,8 @@ def evaluate_world_model(transformer, encoder, task_record: dict, *, eval_size: 
                                   **common)
     ridge = RidgePredictor.fit(*encode_training_pairs(train_task, encoder, train_size))
     counterfactuals = encode_counterfactuals(heldout, encoder, eval_size)
-    return {"rollout_eval": rollout_eval(transformer, counterfactuals, ridge, steps, seed=task_record["seed"]),
+    return {"rollout_eval": rollout_eval(transformer, counterfactuals, ridge, steps, seed=task_record["seed"],
+                                         statistics=statistics),
             "rollout_eval_baselines": baseline_forced_choice(counterfactuals, ridge)}
 
 

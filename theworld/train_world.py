@@ -13,6 +13,10 @@ Every training clip goes through the safety worker first, exactly as in ``python
 train state, optimizer step and checkpoints are the trainer's own (``theworld.training``). This process
 never imports the guard and asserts autograd on at every step.
 
+On a tiny build (the default) the transformer trained is a new, larger one (``--transformer-shape``) on
+latents standardised per element (``--standardize-latents``; the statistics are saved beside its weights in
+``model/transformer/theworld_latent_statistics.safetensors`` and every theworld loader uses them).
+
 Outputs in ``--output-dir``: ``model/`` (a complete Cosmos directory in the diffusers layout, usable as
 ``--cosmos-model`` by ``theworld.train``, ``theworld.generate`` and ``theworld.serve``, plus
 ``theworld_task.json``), ``summary.json`` (with ``rollout_eval``: the counterfactual rollout evaluation
@@ -27,6 +31,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -36,6 +41,9 @@ from theworld.training.arguments import DataArguments, TrainArguments, parse_arg
 from theworld.training.world_model import DEFAULT_TRANSFORMER_LORA_TARGETS, LOSS_WEIGHTINGS
 
 DESCRIPTION = __doc__.split("\n\n")[0]
+# The transformer `--transformer-shape auto` trains for a tiny build (width x blocks x patch): the tiny build's own
+# (32x2x2) cannot carry a patch's 64 latent values through its 32-wide stream; docs/world_model.md has the table.
+TINY_WORLD_TRANSFORMER_SHAPE = "128x2x1"
 
 
 @dataclass
@@ -75,6 +83,27 @@ class WorldModelArguments:
         metadata={"help": "Comma-separated module names of the transformer to adapt (default: its attention "
                           "projections), or 'all-linear'."},
     )
+    transformer_shape: str = field(
+        default="auto",
+        metadata={"help": "'WIDTHxLAYERSxPATCH' (e.g. 64x2x1): train a new, randomly initialised transformer of that "
+                          "hidden width (heads of the source's head size), number of blocks and spatial patch size, "
+                          "built from --cosmos-model's transformer config, instead of its weights; 'keep': train "
+                          "--cosmos-model's own transformer; 'auto' (default): " + TINY_WORLD_TRANSFORMER_SHAPE
+                          + " for a tiny build (python -m theworld.tiny, whose 32x2x2 transformer is random and too "
+                          "small to predict), else 'keep' (also with --lora-r)."},
+    )
+    standardize_latents: str = field(
+        default="auto",
+        metadata={"help": "Train the transformer on latents standardised per element (channel, latent frame, cell) "
+                          "with statistics of the first --latent-statistics-clips training clips, saved with it "
+                          "(transformer/theworld_latent_statistics.safetensors; every theworld consumer of the model "
+                          "uses them). 'auto': on for a new transformer (--transformer-shape), and a kept transformer "
+                          "that has statistics keeps them; 'true' / 'false'.", "choices": ["auto", "true", "false"]},
+    )
+    latent_statistics_clips: int = field(
+        default=1024,
+        metadata={"help": "Training clips the latent statistics are measured on (the first ones; then fixed)."},
+    )
     rollout_eval_steps: str = field(
         default="1,4,35",
         metadata={"help": "Sampling-step counts of the final counterfactual rollout evaluation (synthetic motion "
@@ -93,8 +122,8 @@ class WorldDataArguments(DataArguments):
 @dataclass
 class WorldTrainArguments(TrainArguments):
     output_dir: str = field(default="runs/world_model", metadata={"help": "Where every output of the run is written."})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    max_steps: int = field(default=3000, metadata={"help": "Optimizer steps in the whole run (sets the LR schedule)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute the transformer blocks' activations in the backward pass instead of keeping "
@@ -108,18 +137,79 @@ class WorldTrainArguments(TrainArguments):
 ARGUMENT_CLASSES = (WorldModelArguments, WorldDataArguments, WorldTrainArguments)
 
 
-def build_trainee(model_args: WorldModelArguments, seed: int):
-    """`(trainee, cosmos_dir)`: the transformer (with LoRA adapters if asked) and the frozen VAE."""
+def _is_tiny_build(cosmos: str) -> bool:
+    """Whether `cosmos` is a tiny Cosmos directory written by `python -m theworld.tiny` (with or without
+    `--trained-vae`; its transformer is random). Its completion marker reads "VERSION seed=N [VARIANT]"; a
+    `--real-shapes` build (variant "real-shapes ...") stands for the real model and keeps its transformer."""
+    from theworld.tiny import _COMPLETE_MARKER
+
+    marker = Path(cosmos) / _COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    variant = marker.read_text().split()[2:]
+    return variant in ([], ["trained-vae"])
+
+
+def parse_transformer_shape(shape: str) -> tuple[int, int, int]:
+    """'WIDTHxLAYERSxPATCH' -> (width, layers, patch)."""
+    try:
+        width, layers, patch = (int(part) for part in shape.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--transformer-shape must be 'auto', 'keep' or WIDTHxLAYERSxPATCH (e.g. "
+                         f"{TINY_WORLD_TRANSFORMER_SHAPE}), got {shape!r}") from None
+    if min(width, layers, patch) < 1:
+        raise ValueError(f"--transformer-shape {shape}: width, layers and patch must be positive")
+    return width, layers, patch
+
+
+def new_transformer(cosmos: str, shape: str):
+    """A randomly initialised `CosmosTransformer3DModel` of `shape` with `cosmos`'s transformer config otherwise
+    (channels, text width, positional settings)."""
+    from diffusers import CosmosTransformer3DModel
+
+    width, layers, patch = parse_transformer_shape(shape)
+    config = dict(CosmosTransformer3DModel.load_config(cosmos, subfolder="transformer"))
+    head_dim = config["attention_head_dim"]
+    if width % head_dim:
+        raise ValueError(f"--transformer-shape {shape}: the width must be a multiple of the source transformer's "
+                         f"head size, {head_dim}")
+    config.update(num_attention_heads=width // head_dim, num_layers=layers, patch_size=(1, patch, patch))
+    return CosmosTransformer3DModel.from_config(config)
+
+
+def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[int, int] | None = None):
+    """`(trainee, cosmos_dir)`: the transformer (new, loaded, or with LoRA adapters), the frozen VAE and the
+    latent statistics it trains in. `clip_shape` `(frames, side)`: the training clips' shape, which the
+    statistics need (known for the synthetic tasks: `synthetic_clip_shape`)."""
     from diffusers import CosmosTransformer3DModel
     from transformers import set_seed
 
+    from theworld.configuration_theworld import latent_frames
+    from theworld.modeling.latent_statistics import WorldLatentStatistics
     from theworld.modeling.world_encoder import CosmosWorldEncoder
     from theworld.tiny import build_tiny_models, default_tiny_dir
     from theworld.training.world_model import VideoToWorldTrainee
 
     cosmos = model_args.cosmos_model or str(build_tiny_models(default_tiny_dir())[1])
+    shape = model_args.transformer_shape
+    if shape == "auto":
+        shape = TINY_WORLD_TRANSFORMER_SHAPE if _is_tiny_build(cosmos) and model_args.lora_r == 0 else "keep"
     set_seed(seed)
-    transformer = CosmosTransformer3DModel.from_pretrained(cosmos, subfolder="transformer")
+    saved_statistics = None
+    if shape == "keep":
+        transformer = CosmosTransformer3DModel.from_pretrained(cosmos, subfolder="transformer")
+        saved_statistics = WorldLatentStatistics.load(cosmos)
+    else:
+        transformer = new_transformer(cosmos, shape)
+    standardize = model_args.standardize_latents
+    if saved_statistics is not None and standardize == "false":
+        raise ValueError(f"{cosmos}'s transformer was trained on standardised latents (its transformer/ holds "
+                         "latent statistics): it cannot continue without them; drop --standardize-latents false")
+    measure_statistics = saved_statistics is None and (standardize == "true"
+                                                       or (standardize == "auto" and shape != "keep"))
+    if measure_statistics and clip_shape is None:
+        raise ValueError("--standardize-latents needs clips of one known shape (the synthetic tasks'); pass "
+                         "--standardize-latents false for this data")
     if model_args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -131,9 +221,20 @@ def build_trainee(model_args: WorldModelArguments, seed: int):
             r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
             target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none"))
     encoder = CosmosWorldEncoder.from_pretrained(cosmos).eval()
+    statistics = saved_statistics  # fixed when loaded: they define the space the loaded weights denoise in
+    if measure_statistics:
+        side = clip_shape[1] // encoder.spatial_factor
+        statistics = WorldLatentStatistics(encoder.latent_channels, latent_frames(clip_shape[0]), (side, side),
+                                           max_clips=model_args.latent_statistics_clips)
     trainee = VideoToWorldTrainee(transformer, encoder, model_args.condition_frames, model_args.loss_weighting,
-                                  model_args.sigma_mean, model_args.sigma_std, model_args.sigma_frame_scaling)
+                                  model_args.sigma_mean, model_args.sigma_std, model_args.sigma_frame_scaling,
+                                  statistics)
     return trainee, cosmos
+
+
+def synthetic_clip_shape(data_args) -> tuple[int, int] | None:
+    """`(frames, side)` of the training clips when the data fixes it (the synthetic motion task), else None."""
+    return (data_args.synthetic_frames, data_args.synthetic_image_size) if data_args.data == "synthetic" else None
 
 
 def collate_clips(samples: list[dict]) -> dict:
@@ -196,7 +297,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     accelerator, output_dir = run.accelerator, run.output_dir
     max_bad_samples, train_data, heldout_data, stream = open_run_data(run, data_args, train_args)
 
-    trainee, cosmos = build_trainee(model_args, train_args.seed)
+    trainee, cosmos = build_trainee(model_args, train_args.seed, synthetic_clip_shape(data_args))
     if train_args.gradient_checkpointing:
         trainee.transformer.enable_gradient_checkpointing()
     if train_args.latent_cache_mb > 0:  # the VAE is frozen: a clip seen again is not encoded again
@@ -242,7 +343,8 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     if accelerator.is_main_process and steps and task["data"] == "synthetic":
         eval_started = time.perf_counter()
         rollout = evaluate_world_model(unwrapped.transformer, unwrapped.encoder, task,
-                                       eval_size=model_args.rollout_eval_size, steps=steps)
+                                       eval_size=model_args.rollout_eval_size, steps=steps,
+                                       statistics=unwrapped.statistics)
         eval_seconds = time.perf_counter() - eval_started
     steps_run = state.step - state.resumed_from
     summary = {
@@ -260,7 +362,10 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
         "trainable_parameters": sum(p.numel() for p in state.params),
         "objective": {"condition_frames": model_args.condition_frames, "loss_weighting": model_args.loss_weighting,
                       "sigma_mean": model_args.sigma_mean, "sigma_std": model_args.sigma_std,
-                      "sigma_frame_scaling": model_args.sigma_frame_scaling},
+                      "sigma_frame_scaling": model_args.sigma_frame_scaling,
+                      "standardized_latents": unwrapped.statistics is not None},
+        "transformer": {key: unwrapped.transformer.config[key] for key in
+                        ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size")},
         "cosmos_model": cosmos,
         **worker_and_run_fields(worker, stats, accelerator, run.world_size, model_args.lora_r),
         **peak_memory_mb(accelerator.device),
@@ -268,7 +373,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     if accelerator.is_main_process:
         write_loss_curve(state.history, state.evals, output_dir / "loss_curve.png",
                          ylabel="Video2World denoising loss")
-        save_world_model(unwrapped.transformer, cosmos, output_dir / "model")
+        save_world_model(unwrapped.transformer, cosmos, output_dir / "model", unwrapped.statistics)
         write_json_atomic(output_dir / "model" / TASK_FILE, task)
         write_json_atomic(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()

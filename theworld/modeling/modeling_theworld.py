@@ -28,6 +28,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from theworld._import_guard import assert_grad_enabled
 from theworld.configuration_theworld import TheWorldConfig, latent_frames, saved_theworld_config
 from theworld.modeling.fusion import IGNORE_INDEX
+from theworld.modeling.latent_statistics import WorldLatentStatistics
 from theworld.modeling.projector import LatentStandardizer, LatentWhitener, WorldProjector
 from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
 from theworld.modeling.world_encoder import CosmosWorldEncoder
@@ -83,6 +84,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.world_encoder: CosmosWorldEncoder | None = None
         self.world_transformer = None
         self.world_scheduler = None
+        self.world_latent_statistics: WorldLatentStatistics | None = None  # set with the transformer
         self.world_projector: WorldProjector | None = None
         # peft `LoraConfig` of the adapters in the language model (`add_language_adapter`), else None.
         self.language_adapter_config = None
@@ -247,6 +249,8 @@ class TheWorld(Gemma3ForConditionalGeneration):
         transformer = CosmosTransformer3DModel.from_pretrained(repo, subfolder="transformer")
         self.world_transformer = transformer.to(self.device).requires_grad_(False)
         self.world_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(repo, subfolder="scheduler")
+        # A transformer post-trained by theworld.train_world may denoise standardised latents: roll out in its space.
+        self.world_latent_statistics = WorldLatentStatistics.load(repo)
 
     def _load_trainable_weights(self, weights_file: Path) -> None:
         if not weights_file.is_file():
@@ -358,7 +362,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
             self.load_world_rollout_components()
         steps = self.config.num_world_steps if steps is None else steps
         rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents, steps,
-                                       config=config or self.rollout_config)
+                                       config=config or self.rollout_config, statistics=self.world_latent_statistics)
         # The sampler leaves the observed frames at sigma_min noise: keep their exact (differentiable) latents.
         return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
 

@@ -21,6 +21,7 @@ import torch
 from diffusers import CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from theworld.modeling.latent_statistics import WorldLatentStatistics
 from theworld.modeling.world_encoder import SIGMA_DATA, CosmosWorldEncoder
 
 # The Video2World pipeline writes these into the scheduler config; without them the karras schedule
@@ -114,6 +115,7 @@ def rollout_world_latents(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     enable_grad: bool = False,
+    statistics: WorldLatentStatistics | None = None,
 ) -> torch.Tensor:
     """Predict `num_world_steps` future latent frames after `conditioning_latents`.
 
@@ -127,6 +129,10 @@ def rollout_world_latents(
         generator / noise: the initial noise is `noise` (standard normal, shape of the output) if
             given, else drawn from `generator`, else from `torch.Generator().manual_seed(config.seed)`.
         enable_grad: keep autograd on (only to train the transformer through the rollout).
+        statistics: the latent statistics saved with a transformer post-trained by `theworld.train_world`
+            (`WorldLatentStatistics.load(cosmos_dir)`): the loop then runs in the space the transformer was
+            trained in (conditioning standardised, the result destandardised). None: the VAE's own latent
+            space, as the pipeline.
 
     Returns:
         normalised latents `[B, C, Tc + num_world_steps, h, w]`, as the pipeline returns them: the
@@ -153,6 +159,8 @@ def rollout_world_latents(
     if prompt_embeds is None:
         # All-zero context: every key is the same, so the cross-attention is uninformative, as intended.
         prompt_embeds = torch.zeros(batch, 1, transformer.config.text_embed_dim, device=device, dtype=transformer_dtype)
+    if statistics is not None:
+        conditioning_latents = statistics.standardize(conditioning_latents)
 
     with torch.set_grad_enabled(enable_grad):
         scheduler = _video2world_scheduler(scheduler)
@@ -209,7 +217,7 @@ def rollout_world_latents(
                 x0_uncond = denoised(negative_prompt_embeds, c_in, c_skip, c_out, timestep)
                 x0 = x0 + config.guidance_scale * (x0 - x0_uncond)
             latents = scheduler.step((latents - x0) / sigma, t, latents, return_dict=False)[0]
-    return latents
+    return latents if statistics is None else statistics.destandardize(latents)
 
 
 def video2world_x0(
@@ -280,6 +288,7 @@ def sample_world_latents(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     fps: int = DEFAULT_FPS,
+    statistics: WorldLatentStatistics | None = None,
 ) -> torch.Tensor:
     """A few-step rollout of a post-trained world model that is honest for every `num_inference_steps` >= 1.
 
@@ -291,6 +300,7 @@ def sample_world_latents(
     transformer predicts x0 (`video2world_x0`); between sigmas the sample moves deterministically to the next
     level along the predicted direction (`x <- x0 + s_next / s * (x - x0)`, the Euler step of the
     probability-flow ODE); the result is the x0 prediction at the last sigma. No prompt, no guidance.
+    `statistics`: as in `rollout_world_latents` (the transformer's own latent space, when it has one).
 
     Returns normalised latents `[B, C, Tc + num_world_steps, h, w]`, the first `Tc` the conditioning latents.
     """
@@ -305,9 +315,13 @@ def sample_world_latents(
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
     sigmas = few_step_sigmas(num_inference_steps).tolist()
     latents = noise.to(device=device, dtype=torch.float32) * sigmas[0]
+    conditioning = conditioning_latents if statistics is None else statistics.standardize(conditioning_latents)
     for i, sigma in enumerate(sigmas):
-        x0 = video2world_x0(transformer, latents, sigma, conditioning_latents, fps=fps)
+        x0 = video2world_x0(transformer, latents, sigma, conditioning, fps=fps)
         if i + 1 == len(sigmas):
-            return x0
+            break
         latents = x0 + (sigmas[i + 1] / sigma) * (latents - x0)
-    raise AssertionError("unreachable")
+    if statistics is None:
+        return x0
+    # Destandardised, the observed frames would come back with rounding error: keep them exact.
+    return torch.cat([conditioning_latents.to(x0.dtype), statistics.destandardize(x0)[:, :, num_cond:]], dim=2)

@@ -5,7 +5,10 @@ The objective (Cosmos-Predict2's Video2World post-training: cosmos-predict2,
 documentations/post-training_video2world.md, and `RectifiedFlowScaling` in imaginaire's
 `modules/denoiser_scaling.py`):
 
-- clips are encoded by the frozen VAE (posterior mode, normalised latents); the first `condition_frames`
+- clips are encoded by the frozen VAE (posterior mode, normalised latents) and, for a transformer trained from
+  scratch (the tiny default), standardised per element with statistics of the training latents
+  (`theworld.modeling.latent_statistics`: accumulated over the first clips, then fixed, saved with the
+  transformer); the first `condition_frames`
   latent frames are given clean, flagged in the condition-mask channel, at timestep `1e-4 / (1 + 1e-4)`;
 - the rest are noised at one sigma per clip, `x_sigma = x0 + sigma * eps`, with `ln sigma ~ N(sigma_mean,
   sigma_std)` times `sqrt(latent frames)` when `sigma_frame_scaling` (Cosmos scales sigma so for video);
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from theworld.modeling.latent_statistics import WorldLatentStatistics
 from theworld.modeling.rollout import SIGMA_MAX, SIGMA_MIN, video2world_x0
 from theworld.modeling.world_encoder import CosmosWorldEncoder
 
@@ -49,11 +53,15 @@ class VideoToWorldTrainee(nn.Module):
 
     `forward(world_pixel_values)` takes clips `[B, 3, F, H, W]` in `[-1, 1]` (all of one length) and returns
     a `WorldModelOutput`; `noise` and `sigma` may be given (held-out evaluation fixes them), else they are
-    drawn from torch's global generator (saved in checkpoints, so a resumed run draws the same ones)."""
+    drawn from torch's global generator (saved in checkpoints, so a resumed run draws the same ones).
+
+    `statistics`: the per-element latent statistics the transformer denoises in (None: the VAE's latent space).
+    Unless frozen, the training forward folds each batch into them until their `max_clips` are seen; the loss
+    is the x0 error in that standardised space."""
 
     def __init__(self, transformer: nn.Module, encoder: CosmosWorldEncoder, condition_frames: int = 2,
                  loss_weighting: str = "rectified-flow", sigma_mean: float = 0.0, sigma_std: float = 1.0,
-                 sigma_frame_scaling: bool = True):
+                 sigma_frame_scaling: bool = True, statistics: WorldLatentStatistics | None = None):
         super().__init__()
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
@@ -63,10 +71,15 @@ class VideoToWorldTrainee(nn.Module):
         self.encoder.requires_grad_(False)
         self.condition_frames, self.loss_weighting = condition_frames, loss_weighting
         self.sigma_mean, self.sigma_std, self.sigma_frame_scaling = sigma_mean, sigma_std, sigma_frame_scaling
+        self.statistics = statistics
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds: the trainable weights (the transformer's, or its LoRA adapters)."""
-        return {name: p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+        """What a checkpoint holds: the trainable weights (the transformer's, or its LoRA adapters) and the
+        latent statistics (accumulated in training: a resumed run must continue from them)."""
+        state = {name: p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+        if self.statistics is not None:
+            state.update({f"statistics.{name}": b.detach().contiguous() for name, b in self.statistics.named_buffers()})
+        return state
 
     def sample_sigma(self, batch: int, latent_frames: int, generator: torch.Generator | None = None,
                      device=None) -> torch.Tensor:
@@ -90,6 +103,10 @@ class VideoToWorldTrainee(nn.Module):
     def forward(self, world_pixel_values: torch.Tensor, num_frames: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> WorldModelOutput:
         x0 = self.encode(world_pixel_values, num_frames)
+        if self.statistics is not None:
+            if self.training:
+                self.statistics.update(x0)
+            x0 = self.statistics.standardize(x0)
         batch, latent_frames = x0.shape[0], x0.shape[2]
         if sigma is None:
             sigma = self.sample_sigma(batch, latent_frames, device=x0.device)
@@ -115,11 +132,13 @@ def cosmos_source_dir(cosmos_model: str) -> Path:
     return Path(snapshot_download(cosmos_model, ignore_patterns=["transformer/*"]))
 
 
-def save_world_model(transformer, cosmos_model: str, output: Path) -> Path:
+def save_world_model(transformer, cosmos_model: str, output: Path,
+                     statistics: WorldLatentStatistics | None = None) -> Path:
     """Write `output` as a complete Cosmos directory in the diffusers layout: every frozen part (VAE,
     scheduler, text encoder, tokenizer, model_index.json) copied from `cosmos_model`, the trained
     transformer saved in `transformer/` (LoRA adapters merged into its weights, so any diffusers or theworld
-    loader reads it as a plain `CosmosTransformer3DModel`)."""
+    loader reads it as a plain `CosmosTransformer3DModel`), with the latent `statistics` it denoises in
+    beside its weights when it has them (`theworld.modeling.latent_statistics`)."""
     source = cosmos_source_dir(cosmos_model)
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +148,8 @@ def save_world_model(transformer, cosmos_model: str, output: Path) -> Path:
 
         transformer = copy.deepcopy(transformer).merge_and_unload()
     transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    if statistics is not None and statistics.ready:
+        statistics.save(tmp / "transformer")
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
     return output
