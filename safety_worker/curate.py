@@ -211,7 +211,7 @@ class GuardActor:
                  torch_threads: int, identity: str, store: str | None, store_bytes: int, roll: str | None = None):
         from .presets import use_preset
         from .proxy import checker_identity
-        from .server import _CPU_PASS_PIXELS, Batching, GuardedChecker, checker_description, load_checker
+        from .server import Batching, checker_description, guarded_checker, load_checker
 
         models = use_preset(**preset)
         self.identity = checker_identity(checker_description(models, controversial))
@@ -220,9 +220,7 @@ class GuardActor:
                               "its models or package versions differ; install the same versions on every node")
         self.batching = Batching(max_batch, max_batch_frames)
         checker = load_checker(device, preset.get("guardrail_repo", "nvidia/Cosmos-1.0-Guardrail"), torch_threads)
-        self.guard = GuardedChecker(checker, controversial=controversial,
-                                    frame_batch=max_batch_frames if max_batch > 1 else 1,
-                                    pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
+        self.guard = guarded_checker(checker, controversial, self.batching, device)
         import torch
 
         from .verdict_store import VerdictStore
