@@ -111,14 +111,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --ray and --replicas MIN,MAX: requests in flight per replica that Serve's autoscaler aims "
                         "for (more: it adds replicas, up to MAX; fewer: it removes them, down to MIN). Default 8")
     s.add_argument("--cache-mb", type=float, default=256.0,
-                   help="with --replicas: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
+                   help="with --replicas or --ray: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
     s.add_argument("--cache-file", default=None,
-                   help="with --replicas: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
+                   help="with --replicas or --ray: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
                         "saved at shutdown, loaded at start if the checker is the same)")
     s.add_argument("--verdict-store", default=None,
                    help="answer checks from this shared on-disk verdict store (SQLite, created 0600) and fill it with "
                         "what the checker computes (never faults): the store curate jobs and other workers use "
-                        "(docs/scale.md); with --replicas it replaces the front's in-memory cache")
+                        "(docs/scale.md); with --replicas or --ray it replaces the front's in-memory cache")
     s.add_argument("--verdict-store-mb", type=float, default=10 * 1024,
                    help="with --verdict-store: its bound in MiB; least recently used verdicts go first (default 10240)")
     s.add_argument("--curve-dir", default=None,
