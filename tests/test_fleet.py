@@ -123,6 +123,19 @@ def test_the_fleet_shares_the_load_and_says_so_in_stats_and_metrics(fleet):
     assert "safety_worker_fleet_replicas 2.0" in text and 'safety_worker_checks_total{replica="' in text
 
 
+def test_a_training_run_attached_to_the_fleet_accounts_for_every_sample(fleet, tiny_models, tmp_path):
+    from test_train import run_in_process
+
+    with SafetyClient(fleet.endpoint, timeout=60) as c:
+        before = c.stats()["proxy"]
+        summary = run_in_process(tmp_path / "run", tiny_models, fleet.endpoint, "--max-steps", "4")
+        after = c.stats()["proxy"]
+    assert summary["trainer_grad_enabled"] and summary["accounting_holds"]
+    assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"] and summary["trained"] > 0
+    assert summary["errors"] == 0
+    assert after["dispatched"][0] > before["dispatched"][0]  # the samples were checked by the fleet
+
+
 def test_a_replica_killed_under_load_is_restarted_and_every_request_is_answered_once_checked(fleet):
     rng = np.random.default_rng(3)
     videos = [rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(120)]
