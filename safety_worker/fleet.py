@@ -459,6 +459,33 @@ class Fleet:
             ray.shutdown()
 
 
+def _watch_parent_while_starting(parent_pid: int | None) -> threading.Event:
+    """Until the returned event is set, exit if `--parent-pid` dies: starting Ray and the replicas takes
+    ~30-60 s (minutes on a loaded machine) before the front's loop, which watches the parent, runs; a
+    spawner killed meanwhile must not leave a fleet starting for nobody."""
+    started = threading.Event()
+
+    def watch() -> None:
+        while not started.wait(0.5):
+            if os.getppid() != parent_pid:
+                logger.warning("parent process %d is gone while the fleet starts; stopping", parent_pid)
+                stopping = threading.Thread(target=_stop_local_ray, daemon=True)
+                stopping.start()
+                stopping.join(_STOP_TIMEOUT_S)
+                os._exit(2)
+
+    if parent_pid is not None:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return started
+
+
+def _stop_local_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # a Ray this process started goes with it; a cluster it joined stays
+
+
 def serve_fleet(args, owner_token: str | None, limits: P.Limits) -> int:
     """`serve --ray [ADDRESS] --replicas N|MIN,MAX`: start (or join) Ray, deploy the fleet, run the front."""
     from .curate import preset_arguments
@@ -469,6 +496,7 @@ def serve_fleet(args, owner_token: str | None, limits: P.Limits) -> int:
     from .verdict_store import VerdictStoreError
 
     fleet = None
+    started = _watch_parent_while_starting(args.parent_pid)
     try:
         replicas = parse_replicas("1" if args.replicas == "0" else args.replicas)
         if replicas[1] == 0:
@@ -488,6 +516,8 @@ def serve_fleet(args, owner_token: str | None, limits: P.Limits) -> int:
             fleet.stop()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        started.set()  # from here the front's own loop watches the parent
     if args.insecure and args.endpoint.startswith("tcp://"):
         logger.warning("INSECURE: %s accepts unauthenticated clients from the network (--insecure)", args.endpoint)
     install_signal_handlers(front)
