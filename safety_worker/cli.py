@@ -107,9 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --ray: CPUs Ray reserves per replica (default 1; the guard runs --torch-threads threads)")
     s.add_argument("--replica-gpus", type=float, default=0.0,
                    help="with --ray: GPUs per replica (e.g. 1, or 0.5 to share one); the guard then runs on cuda (default 0)")
-    s.add_argument("--target-ongoing", type=int, default=8,
-                   help="with --ray and --replicas MIN,MAX: requests in flight per replica that Serve's autoscaler aims "
-                        "for (more: it adds replicas, up to MAX; fewer: it removes them, down to MIN). Default 8")
+    s.add_argument("--target-ongoing", type=int, default=2,
+                   help="with --ray and --replicas MIN,MAX: calls in flight per replica that Serve's autoscaler aims for "
+                        "(the front sends the requests that arrived together as one call per replica); above it for "
+                        "30 s Serve adds replicas, up to MAX, below it for 10 min it removes them, down to MIN. Default 2")
     s.add_argument("--cache-mb", type=float, default=256.0,
                    help="with --replicas or --ray: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
     s.add_argument("--cache-file", default=None,
@@ -231,7 +232,7 @@ def serve(args) -> int:
         return serve_fleet(args, token, limits)
     fleet_only = [flag for flag, value, default in (("--num-cpus", args.num_cpus, None), ("--replica-cpus", args.replica_cpus, 1.0),
                                                     ("--replica-gpus", args.replica_gpus, 0.0),
-                                                    ("--target-ongoing", args.target_ongoing, 8)) if value != default]
+                                                    ("--target-ongoing", args.target_ongoing, 2)) if value != default]
     if fleet_only:
         print(f"error: {', '.join(fleet_only)} apply to a Ray fleet only: add --ray [ADDRESS]", file=sys.stderr)
         return EXIT_ERROR
