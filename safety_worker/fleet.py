@@ -64,7 +64,7 @@ _RESENDS = 3  # times a check is sent again after the replica checking it died
 # much CPU as a small check, so what one loop turn received goes out in a few calls, not one per request
 # (measured: one call per request, 8 clients got 83 req/s from a fleet of 1 against 225 from a single worker).
 _CALL_MAX = 16
-_REPLICA_POLL_S = 0.1  # how often a waiting request looks at its check timeout (the worker's loop: 100 ms)
+_REPLICA_POLL_S = 0.1  # how often a replica looks for checks past their timeout (the worker's loop: 100 ms)
 _START_TIMEOUT_S = 600.0  # deploying: Ray start, replicas importing and loading the guard
 _STOP_TIMEOUT_S = 20.0  # deleting the application and stopping a local Ray
 
@@ -148,6 +148,7 @@ class GuardReplica(CheckerCore):
 
         self._grad_enabled = torch.is_grad_enabled()  # this thread's, after the guard's import: off
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._expiry: asyncio.Task | None = None
         self._checker_thread.start()
         self.report = {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
                        "node": ray.get_runtime_context().get_node_id(), "grad_enabled": self._grad_enabled,
@@ -194,12 +195,20 @@ class GuardReplica(CheckerCore):
         except queue.Full:  # not with Serve's bound on calls (see __init__); a worker's answer all the same
             del self._waiting[id(job)]
             return P.error_reply(0, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
-        while not done.done():
-            await asyncio.wait({done}, timeout=_REPLICA_POLL_S)
-            overran = self._overran(job)  # answered blocked at check_timeout, as a single worker does
-            if overran is not None:
-                return overran
-        return done.result()
+        if self._expiry is None:  # on the loop Serve runs our requests on (the first request's)
+            self._expiry = loop.create_task(self._expire_overrun())
+        return await done
+
+    async def _expire_overrun(self) -> None:
+        """Answer blocked each running check that overran `check_timeout`, as a single worker's loop does:
+        one task for the replica (a timer per waiting request cost the checker thread the GIL)."""
+        while True:
+            await asyncio.sleep(_REPLICA_POLL_S)
+            for job in self._running:
+                overran = self._overran(job)
+                waiting = self._waiting.get(id(job)) if overran is not None else None
+                if waiting is not None and not waiting[1].done():
+                    waiting[1].set_result(overran)
 
     def _deliver(self, finished) -> None:
         for job, reply in finished:  # on the checker thread: hand each reply to its request's loop
