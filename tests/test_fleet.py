@@ -123,19 +123,6 @@ def test_the_fleet_shares_the_load_and_says_so_in_stats_and_metrics(fleet):
     assert "safety_worker_fleet_replicas 2.0" in text and 'safety_worker_checks_total{replica="' in text
 
 
-def test_a_training_run_attached_to_the_fleet_accounts_for_every_sample(fleet, tiny_models, tmp_path):
-    from test_train import run_in_process
-
-    with SafetyClient(fleet.endpoint, timeout=60) as c:
-        before = c.stats()["proxy"]
-        summary = run_in_process(tmp_path / "run", tiny_models, fleet.endpoint, "--max-steps", "4")
-        after = c.stats()["proxy"]
-    assert summary["trainer_grad_enabled"] and summary["accounting_holds"]
-    assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"] and summary["trained"] > 0
-    assert summary["errors"] == 0
-    assert after["dispatched"][0] > before["dispatched"][0]  # the samples were checked by the fleet
-
-
 def test_a_replica_killed_under_load_is_restarted_and_every_request_is_answered_once_checked(fleet):
     rng = np.random.default_rng(3)
     videos = [rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(120)]
@@ -173,6 +160,38 @@ def test_a_replica_killed_under_load_is_restarted_and_every_request_is_answered_
             time.sleep(0.5)
         assert proxy["replicas_lost"] >= 1 and proxy["replicas_started"] >= 3 and proxy["failed"] == 0
         assert c.check_text(BLOCKED_PHRASE).safe is False
+
+
+def test_a_training_run_attached_to_the_fleet_loses_nothing_when_a_replica_is_killed(fleet, tiny_models, tmp_path):
+    """The trainer's safety filter on the fleet; a replica killed with SIGKILL once the run is checking: every
+    sample is still trained, blocked or ledgered (exact accounting), none is an error."""
+    import threading
+
+    from test_train import run_in_process
+
+    with SafetyClient(fleet.endpoint, timeout=60) as c:
+        before = c.stats()
+    victim = before["fleet"]["roster"][0]["pid"]
+    killed = threading.Event()
+
+    def kill_once_checking():
+        with SafetyClient(fleet.endpoint, timeout=60) as watcher:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if watcher.stats()["proxy"]["dispatched"][0] > before["proxy"]["dispatched"][0] + 2:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_once_checking, daemon=True)
+    killer.start()
+    summary = run_in_process(tmp_path / "run", tiny_models, fleet.endpoint, "--max-steps", "4")
+    killer.join(5)
+    assert killed.is_set(), "the run ended before a replica could be killed"
+    assert summary["trainer_grad_enabled"] and summary["accounting_holds"]
+    assert summary["seen"] == summary["trained"] + summary["blocked"] + summary["errors"] and summary["trained"] > 0
+    assert summary["errors"] == 0  # the checks the dead replica owed were resent, not failed
 
 
 def test_the_owner_stops_the_fleet_and_its_replicas_with_it(fleet):
