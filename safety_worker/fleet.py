@@ -47,7 +47,6 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
 
 from . import protocol as P
 from .client import WorkerTimeout
