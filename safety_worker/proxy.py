@@ -1,5 +1,10 @@
 """`serve --replicas N`: N checker processes behind one endpoint, with a verdict cache.
 
+What does not depend on where the checkers run (the cache, identical checks computed once, error
+replies for a lost back end, `stats` with the front's `proxy` section) is `ForwardingFront`, which
+`ReplicaProxy` (local processes, below) and `fleet.FleetFront` (a Ray Serve deployment, `serve --ray`)
+extend.
+
 The front process (no torch, no cosmos_guardrail) binds the client endpoint with the same defences
 as a single worker (private ipc directory + lock, CURVE on tcp, size cap) and validates every
 request with `protocol.decode_request` (a malformed one is answered here and never reaches a
