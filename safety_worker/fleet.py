@@ -50,7 +50,7 @@ from concurrent.futures import Future
 
 from . import protocol as P
 from .client import WorkerTimeout
-from .proxy import _REPLY_WAIT_S, ForwardingFront
+from .proxy import REPLY_WAIT_S, ForwardingFront
 from .server import CheckerCore
 
 logger = logging.getLogger("safety_worker.fleet")
@@ -184,10 +184,10 @@ class GuardReplica(CheckerCore):
         return reply
 
     async def _check_queued(self, req: P.Request) -> P.Reply:
-        from .server import _Job
+        from .server import CheckJob
 
         loop = asyncio.get_running_loop()
-        job, done = _Job(None, req, time.monotonic()), loop.create_future()
+        job, done = CheckJob(None, req, time.monotonic()), loop.create_future()
         self._waiting[id(job)] = (loop, done)
         try:
             self._jobs.put_nowait(job)
@@ -301,7 +301,7 @@ class FleetFront(ForwardingFront):
         import ray
         from ray.serve.exceptions import BackPressureError
 
-        wait = max(self._deadlines(req).get("timeout", _REPLY_WAIT_S) for req, _ in chunk)
+        wait = max(self._deadlines(req).get("timeout", REPLY_WAIT_S) for req, _ in chunk)
         deadline = time.monotonic() + wait
         for attempt in range(_RESENDS + 1):
             response = self.fleet.handle.handle_many.remote([(r.op, r.args, r.arrays, r.timeout_ms) for r, _ in chunk])
@@ -361,13 +361,13 @@ class Fleet:
         import ray
         from ray import serve
 
-        from .curate import _ACTOR_MARKER_ENV, _describe_preset
+        from .curate import GUARD_ACTOR_ENV, describe_preset
         from .proxy import checker_identity
         from .server import checker_description
 
         self.address = address
         self.target = {"min": replicas[0], "max": replicas[1]}
-        models = _describe_preset(preset)  # the front loads no model: the preset's description only
+        models = describe_preset(preset)  # the front loads no model: the preset's description only
         self.identity = checker_identity(checker_description(models, controversial))
         self._started_ray = not ray.is_initialized() and address is None
         try:
@@ -394,7 +394,7 @@ class Fleet:
             max_ongoing_requests=limits.queue_size, max_queued_requests=limits.queue_size * replicas[1],
             ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus,
                                # workers of their own: a process that ran Ray tasks never hosts the guard
-                               "runtime_env": {"env_vars": {_ACTOR_MARKER_ENV: "1"}}},
+                               "runtime_env": {"env_vars": {GUARD_ACTOR_ENV: "1"}}},
             health_check_period_s=2.0, health_check_timeout_s=30.0,
             # The front stops the fleet only once it has answered every request: nothing to drain.
             graceful_shutdown_timeout_s=5.0,

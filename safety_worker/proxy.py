@@ -48,7 +48,7 @@ from .front import WorkerFront, install_signal_handlers
 
 logger = logging.getLogger("safety_worker.proxy")
 
-_REPLY_WAIT_S = 3600.0  # how long the front waits for a replica's reply to a request without timeout_ms
+REPLY_WAIT_S = 3600.0  # how long the front waits for a replica's reply to a request without timeout_ms
 _REPLY_MARGIN_S = 10.0  # beyond timeout_ms + the check timeout: a batch's wait, the loop's poll, the link
 
 
@@ -300,7 +300,7 @@ class ReplicaProxy(ForwardingFront):
         the replicas were started."""
         self.replicas = list(replicas)
         super().__init__(endpoint, self.replicas[0].hello, **front)
-        self.clients = [r.client(timeout=_REPLY_WAIT_S) for r in self.replicas]
+        self.clients = [r.client(timeout=REPLY_WAIT_S) for r in self.replicas]
         self.counts["dispatched"] = [0] * len(self.replicas)
         self._scrape_clients = []
         if metrics_port is not None:

@@ -514,8 +514,11 @@ class BatchGatherer:
 
 
 @dataclasses.dataclass
-class _Job:
-    envelope: list
+class CheckJob:
+    """A check request on its way through `CheckerCore`: queued, running, answered exactly once (`claim`).
+    `envelope`: where its reply goes (a worker's ROUTER envelope; None in a fleet replica)."""
+
+    envelope: list | None
     request: Request
     received: float
     key: str | None = None  # its content key in the verdict store (None: no store)
@@ -551,12 +554,12 @@ class CheckerCore:
         self.check_timeout = check_timeout
         self.store = store
         self.metrics = WorkerMetrics()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
-        self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
+        self._jobs: queue.Queue[CheckJob | None] = queue.Queue(maxsize=queue_size)
+        self._running: list[CheckJob] = []  # the checker's current batch (replaced, never mutated)
         self._gatherer = BatchGatherer(self._jobs, batching)
         self._checker_thread = threading.Thread(target=self._checker_loop, name="checker", daemon=True)
 
-    def _deliver(self, done: list[tuple[_Job, Reply | None]]) -> None:
+    def _deliver(self, done: list[tuple[CheckJob, Reply | None]]) -> None:
         """Hand a finished batch back (reply None: the job was answered already, at its check timeout)."""
         raise NotImplementedError
 
@@ -578,7 +581,7 @@ class CheckerCore:
         s.update(queued=self._jobs.qsize(), running=bool(running), running_checks=len(running))
         return s
 
-    def _overran(self, job: _Job) -> Reply | None:
+    def _overran(self, job: CheckJob) -> Reply | None:
         """The blocked reply for `job` if it has run past `check_timeout` and nobody answered it yet."""
         if job.started is None or time.monotonic() - job.started <= self.check_timeout or not job.claim():
             return None
@@ -600,7 +603,7 @@ class CheckerCore:
             # Every job comes back (reply None if it was answered already).
             self._deliver(list(zip(jobs, self._run_batch(jobs))))
 
-    def _run_batch(self, jobs: list[_Job]) -> list[Reply | None]:
+    def _run_batch(self, jobs: list[CheckJob]) -> list[Reply | None]:
         """Replies for `jobs` (None for a job answered already): skip expired ones, check the rest
         together, and if that raises, check each alone so each verdict fails closed on its own."""
         replies: list[Reply | None] = [None] * len(jobs)
@@ -655,7 +658,7 @@ class CheckerCore:
     def _check_batch(self, reqs: list[Request]) -> list[Reply]:
         return check_requests(self.guard, reqs)
 
-    def _store(self, job: _Job, reply: Reply) -> None:
+    def _store(self, job: CheckJob, reply: Reply) -> None:
         """Put a computed verdict in the verdict store (it refuses faults); a store that fails costs the
         reuse, never the reply."""
         if job.key is None or self.store is None or reply.status != P.STATUS_OK:
@@ -665,7 +668,7 @@ class CheckerCore:
         except Exception:
             logger.exception("verdict store %s: could not store a verdict", self.store.path)
 
-    def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
+    def _record_verdicts(self, job: CheckJob, reply: Reply, timed_out: bool = False) -> None:
         latency = time.monotonic() - job.received
         if reply.status != P.STATUS_OK:
             return
@@ -723,7 +726,7 @@ class SafetyWorker(CheckerCore, WorkerFront):
                            check_timeout, store)
         self.models = models
         self.device = device
-        self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[CheckJob, Reply]] = queue.SimpleQueue()
         # Jobs queued, running, or finished but not yet handed back: serving thread only. Draining
         # waits for this to reach 0 (queue and _running alone miss a job between the two).
         self._outstanding = 0
@@ -754,11 +757,11 @@ class SafetyWorker(CheckerCore, WorkerFront):
                 if stored is not None:  # checked before, by this worker or any other user of the store
                     self.answered_from_store += 1
                     reply = Reply(req.id, P.STATUS_OK, result=stored[0], arrays=stored[1])
-                    self._record_verdicts(_Job(envelope, req, time.monotonic()), reply)
+                    self._record_verdicts(CheckJob(envelope, req, time.monotonic()), reply)
                     self._send(envelope, reply, req.op)
                     return
             try:
-                self._jobs.put_nowait(_Job(envelope, req, time.monotonic(), key=key))
+                self._jobs.put_nowait(CheckJob(envelope, req, time.monotonic(), key=key))
                 self._outstanding += 1
             except queue.Full:
                 self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
@@ -805,7 +808,7 @@ class SafetyWorker(CheckerCore, WorkerFront):
                                       checker_identity=self.identity)
         return s
 
-    def _deliver(self, done: list[tuple[_Job, Reply | None]]) -> None:
+    def _deliver(self, done: list[tuple[CheckJob, Reply | None]]) -> None:
         # Runs on the checker thread: only the serving thread sends on the ROUTER.
         for pair in done:
             self._done.put(pair)
