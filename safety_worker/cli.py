@@ -89,20 +89,37 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://127.0.0.1:P/metrics (0: any free port, shown in `hello`); "
                         "names start with safety_worker_ (docs/safety_worker.md). Default: off")
-    s.add_argument("--replicas", type=int, default=0,
-                   help="run N checker processes behind a load-balancing proxy on ENDPOINT, with a verdict cache "
-                        "and a supervisor per replica (restarted if it dies or hangs); the endpoint answers as one worker "
-                        "(hello's pid and metrics_url are this process's; the replicas' pids are in stats.proxy.replica_pids); "
-                        "default 0: one in-process checker")
+    s.add_argument("--replicas", default="0", metavar="N|MIN,MAX",
+                   help="N checker processes behind a load-balancing front on ENDPOINT, with a verdict cache; the "
+                        "endpoint answers as one worker (hello's pid and metrics_url are the front's; the replicas' "
+                        "pids are in stats.proxy.replica_pids). Without --ray: N local processes, each restarted by a "
+                        "supervisor if it dies or hangs. With --ray: N Ray Serve replicas, or MIN,MAX to let Serve "
+                        "autoscale between them (docs/scale.md). Default 0: one in-process checker (with --ray: 1)")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="serve the checker as a Ray Serve deployment (a guard fleet) behind this same front: join the "
+                        "Ray cluster at ADDRESS (HEAD:6379 from `ray start --head`, or auto), or with no ADDRESS start "
+                        "a local Ray for this worker. Each replica is a Ray actor process holding the guard with this "
+                        "command's checker options; clients see protocol 1.1 unchanged, and hello.fleet / stats.fleet "
+                        "describe the fleet")
+    s.add_argument("--num-cpus", type=int, default=None,
+                   help="with --ray and no ADDRESS: CPUs of the local Ray (default: all of this machine's)")
+    s.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="with --ray: CPUs Ray reserves per replica (default 1; the guard runs --torch-threads threads)")
+    s.add_argument("--replica-gpus", type=float, default=0.0,
+                   help="with --ray: GPUs per replica (e.g. 1, or 0.5 to share one); the guard then runs on cuda (default 0)")
+    s.add_argument("--target-ongoing", type=int, default=2,
+                   help="with --ray and --replicas MIN,MAX: calls in flight per replica that Serve's autoscaler aims for "
+                        "(the front sends the requests that arrived together as one call per replica); above it for "
+                        "30 s Serve adds replicas, up to MAX, below it for 10 min it removes them, down to MIN. Default 2")
     s.add_argument("--cache-mb", type=float, default=256.0,
-                   help="with --replicas: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
+                   help="with --replicas or --ray: verdict cache size in MiB, keyed by content hash and checker identity (0: off)")
     s.add_argument("--cache-file", default=None,
-                   help="with --replicas: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
+                   help="with --replicas or --ray: keep the verdict cache across restarts in this file (msgpack, mode 0600; "
                         "saved at shutdown, loaded at start if the checker is the same)")
     s.add_argument("--verdict-store", default=None,
                    help="answer checks from this shared on-disk verdict store (SQLite, created 0600) and fill it with "
                         "what the checker computes (never faults): the store curate jobs and other workers use "
-                        "(docs/scale.md); with --replicas it replaces the front's in-memory cache")
+                        "(docs/scale.md); with --replicas or --ray it replaces the front's in-memory cache")
     s.add_argument("--verdict-store-mb", type=float, default=10 * 1024,
                    help="with --verdict-store: its bound in MiB; least recently used verdicts go first (default 10240)")
     s.add_argument("--curve-dir", default=None,
@@ -209,6 +226,21 @@ def serve(args) -> int:
     from .verdict_store import VerdictStoreError
 
     limits = P.Limits(queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
+    if args.ray is not None:
+        from .fleet import serve_fleet
+
+        return serve_fleet(args, token, limits)
+    fleet_only = [flag for flag, value, default in (("--num-cpus", args.num_cpus, None), ("--replica-cpus", args.replica_cpus, 1.0),
+                                                    ("--replica-gpus", args.replica_gpus, 0.0),
+                                                    ("--target-ongoing", args.target_ongoing, 2)) if value != default]
+    if fleet_only:
+        print(f"error: {', '.join(fleet_only)} apply to a Ray fleet only: add --ray [ADDRESS]", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.replicas.isdigit():
+        print(f"error: --replicas {args.replicas}: without --ray it is a number of local replicas; "
+              "MIN,MAX (autoscaling) needs --ray [ADDRESS]", file=sys.stderr)
+        return EXIT_ERROR
+    args.replicas = int(args.replicas)
     if args.replicas:
         from .proxy import serve_replicas
 

@@ -56,7 +56,7 @@ RUN_FILE = "run.json"
 MANIFEST_FORMAT = "theworld-curated/1"
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_STORE_MB = 10 * 1024
-_ACTOR_MARKER_ENV = "SAFETY_WORKER_GUARD_ACTOR"  # a runtime_env of their own: actors never share a process with tasks
+GUARD_ACTOR_ENV = "SAFETY_WORKER_GUARD_ACTOR"  # a runtime_env of their own: actors never share a process with tasks
 
 
 class CurateError(RuntimeError):
@@ -211,7 +211,7 @@ class GuardActor:
                  torch_threads: int, identity: str, store: str | None, store_bytes: int, roll: str | None = None):
         from .presets import use_preset
         from .proxy import checker_identity
-        from .server import _CPU_PASS_PIXELS, Batching, GuardedChecker, checker_description, load_checker
+        from .server import Batching, checker_description, guarded_checker, load_checker
 
         models = use_preset(**preset)
         self.identity = checker_identity(checker_description(models, controversial))
@@ -220,9 +220,7 @@ class GuardActor:
                               "its models or package versions differ; install the same versions on every node")
         self.batching = Batching(max_batch, max_batch_frames)
         checker = load_checker(device, preset.get("guardrail_repo", "nvidia/Cosmos-1.0-Guardrail"), torch_threads)
-        self.guard = GuardedChecker(checker, controversial=controversial,
-                                    frame_batch=max_batch_frames if max_batch > 1 else 1,
-                                    pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
+        self.guard = guarded_checker(checker, controversial, self.batching, device)
         import torch
 
         from .verdict_store import VerdictStore
@@ -444,7 +442,7 @@ def curate(input_spec: str, output: str | os.PathLike, *, preset: dict, controve
     from .server import checker_description
 
     out = Path(output)
-    models = _describe_preset(preset)
+    models = describe_preset(preset)
     description = checker_description(models, controversial)
     identity = checker_identity(description)
     units, files = plan_units(input_spec, columns=data_columns, split=data_split, shard_size=shard_size)
@@ -484,7 +482,7 @@ def curate(input_spec: str, output: str | os.PathLike, *, preset: dict, controve
     return _finish(out, units, committed, description, identity, plan, run, store_path)
 
 
-def _describe_preset(preset: dict) -> dict:
+def describe_preset(preset: dict) -> dict:
     """The `models` a checker of `preset` reports, without leaving the preset's environment (HF_HOME)
     in the driver: the driver loads no model, and may be a trainer's process."""
     from .presets import use_preset
@@ -531,7 +529,7 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
                                "identity": identity, "store": store_path, "store_bytes": store_bytes,
                                "roll": roll_name},
         # Workers of their own: a process that ran read tasks (theworld imported) never hosts the guard.
-        runtime_env={"env_vars": {_ACTOR_MARKER_ENV: "1"}},
+        runtime_env={"env_vars": {GUARD_ACTOR_ENV: "1"}},
     )
     by_unit = {u.unit: u for u in todo}
     open_units: dict[int, _UnitWriter] = {}

@@ -192,22 +192,53 @@ class _SnapshotCollector:
         return prometheus_families(self._sources())
 
 
-def proxy_families(snapshot: dict[str, Any]):
-    """The front process's own counters under `serve --replicas` (cache hits never reach a replica)."""
+def _front_families(snapshot: dict[str, Any]) -> list:
+    """Counters of a front that forwards checks (`--replicas`, `--ray`): cache hits never reach a checker."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     requests = CounterMetricFamily(PREFIX + "proxy_requests", "Well-formed requests the front process received")
     requests.add_metric([], snapshot["requests"])
     cached = CounterMetricFamily(PREFIX + "proxy_answered_from_cache", "Checks answered from the verdict cache")
     cached.add_metric([], snapshot["answered_from_cache"])
+    cache = GaugeMetricFamily(PREFIX + "proxy_cache_bytes", "Bytes held by the verdict cache")
+    cache.add_metric([], snapshot["cache"]["bytes"])
+    return [requests, cached, cache]
+
+
+def proxy_families(snapshot: dict[str, Any]):
+    """The front process's own counters under `serve --replicas` (cache hits never reach a replica)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     dispatched = CounterMetricFamily(PREFIX + "proxy_dispatched", "Requests sent to each replica", labels=["replica"])
     outstanding = GaugeMetricFamily(PREFIX + "proxy_outstanding", "Requests a replica owes the front", labels=["replica"])
     for i, (d, o) in enumerate(zip(snapshot["dispatched"], snapshot["outstanding"])):
         dispatched.add_metric([str(i)], d)
         outstanding.add_metric([str(i)], o)
-    cache = GaugeMetricFamily(PREFIX + "proxy_cache_bytes", "Bytes held by the verdict cache")
-    cache.add_metric([], snapshot["cache"]["bytes"])
-    return [requests, cached, dispatched, outstanding, cache]
+    return _front_families(snapshot) + [dispatched, outstanding]
+
+
+def fleet_families(snapshot: dict[str, Any]):
+    """The front's own counters under `serve --ray` (the replicas' own come with a `replica` label)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def one(kind, name, doc, value):
+        family = kind(PREFIX + name, doc)
+        family.add_metric([], value)
+        return family
+
+    return _front_families(snapshot) + [
+        one(GaugeMetricFamily, "fleet_replicas", "Replicas of the fleet serving now", snapshot["replicas"]),
+        one(CounterMetricFamily, "fleet_replicas_started", "Replicas that loaded the guard since the front started",
+            snapshot["replicas_started"]),
+        one(CounterMetricFamily, "fleet_replicas_lost", "Replicas that died without being stopped (Serve restarted them)",
+            snapshot["replicas_lost"]),
+        one(CounterMetricFamily, "fleet_dispatched", "Requests sent to the fleet", snapshot["dispatched"][0]),
+        one(GaugeMetricFamily, "fleet_outstanding", "Requests the fleet owes the front", snapshot["outstanding"][0]),
+        one(CounterMetricFamily, "fleet_resent", "Requests sent again after the replica checking them died",
+            snapshot["resent"]),
+        one(CounterMetricFamily, "fleet_failed", "Requests answered with an error after every resend failed",
+            snapshot["failed"]),
+    ]
 
 
 class _FunctionCollector:

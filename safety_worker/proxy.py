@@ -1,5 +1,10 @@
 """`serve --replicas N`: N checker processes behind one endpoint, with a verdict cache.
 
+What does not depend on where the checkers run (the cache, identical checks computed once, error
+replies for a lost back end, `stats` with the front's `proxy` section) is `ForwardingFront`, which
+`ReplicaProxy` (local processes, below) and `fleet.FleetFront` (a Ray Serve deployment, `serve --ray`)
+extend.
+
 The front process (no torch, no cosmos_guardrail) binds the client endpoint with the same defences
 as a single worker (private ipc directory + lock, CURVE on tcp, size cap) and validates every
 request with `protocol.decode_request` (a malformed one is answered here and never reaches a
@@ -43,7 +48,7 @@ from .front import WorkerFront, install_signal_handlers
 
 logger = logging.getLogger("safety_worker.proxy")
 
-_REPLY_WAIT_S = 3600.0  # how long the front waits for a replica's reply to a request without timeout_ms
+REPLY_WAIT_S = 3600.0  # how long the front waits for a replica's reply to a request without timeout_ms
 _REPLY_MARGIN_S = 10.0  # beyond timeout_ms + the check timeout: a batch's wait, the loop's poll, the link
 
 
@@ -142,24 +147,28 @@ class VerdictCache:
         return len(data["entries"])
 
 
-class ReplicaProxy(WorkerFront):
-    """Serve `endpoint` with the replicas' endpoints behind it; see the module docstring."""
+class ForwardingFront(WorkerFront):
+    """A front that checks nothing itself: it forwards requests to checkers elsewhere, with the verdict cache.
 
-    name = "replica proxy"
+    What it does is the module docstring's, for any back end: the cache (or the verdict store) answers a
+    check it has seen, identical checks in flight at once are computed once, a back end's failure is
+    answered as an error reply (never a pass), and `stats` comes back from a checker with the front's
+    `proxy` section. Subclasses say where requests go (`_dispatch`, a future of the reply), whether
+    anything is still owed (`_back_end_idle`), what to add to `stats` and the snapshot, and how to stop
+    (`_stop_back_end`): `ReplicaProxy` (local replica processes) and `fleet.FleetFront` (a Ray Serve
+    deployment)."""
 
-    def __init__(self, endpoint: str, replicas: Sequence, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
-                 owner_token: str | None = None, curve_dir: str | None = None, insecure: bool = False,
-                 parent_pid: int | None = None, lock_file=None, cache_file: str | None = None,
-                 metrics_port: int | None = None, verdict_store: str | None = None,
+    def __init__(self, endpoint: str, checker_hello: dict, *, limits: P.Limits = P.Limits(), cache_bytes: int = 256 << 20,
+                 owner_token: str | None = None, curve_dir: str | None = None, parent_pid: int | None = None,
+                 lock_file=None, cache_file: str | None = None, verdict_store: str | None = None,
                  verdict_store_bytes: int = 10 << 30):
-        """`lock_file`: the endpoint's claim (`endpoint.claim_endpoint`), taken before the replicas were started."""
+        """`checker_hello`: `hello`'s checker fields, the back end's (all its checkers run the same command)."""
         super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
                          curve_dir=curve_dir, lock_file=lock_file)
-        self.replicas = list(replicas)
-        self.clients = [r.client(timeout=_REPLY_WAIT_S) for r in self.replicas]
-        self.identity = checker_identity(self.replicas[0].hello)
+        self.checker_hello = dict(checker_hello)
+        self.identity = checker_identity(self.checker_hello)
         # A check that started is answered within its check timeout (blocked if it overran).
-        self._check_time_s = float(self.replicas[0].hello.get("limits", {}).get("check_timeout_s", 60.0))
+        self._check_time_s = float(self.checker_hello.get("limits", {}).get("check_timeout_s", 60.0))
         if verdict_store:  # the verdict store shared with other workers, curate jobs and experiments
             from .verdict_store import VerdictStore
 
@@ -172,7 +181,127 @@ class ReplicaProxy(WorkerFront):
             logger.info("verdict cache: %d entries loaded from %s", self.cache.load(cache_file, self.identity), cache_file)
         self._inflight: dict[str, list] = {}  # content key -> waiting (envelope, request id)
         self._done: collections.deque = collections.deque()
-        self.counts = {"requests": 0, "answered_here": 0, "dispatched": [0] * len(self.replicas)}
+        self.counts = {"requests": 0, "answered_here": 0}
+
+    # -- what a forwarding front says differently (subclasses)
+
+    def _dispatch(self, req: P.Request) -> Future:
+        """Send `req` to a checker; a future of its `P.Reply` (or of the exception that lost it)."""
+        raise NotImplementedError
+
+    def _back_end_idle(self) -> bool:
+        """True when no request sent to the back end is still owed."""
+        raise NotImplementedError
+
+    def _back_end_snapshot(self) -> dict:
+        """The back end's part of the `proxy` section."""
+        return {}
+
+    def _stats_sections(self) -> dict:
+        """What this front adds to a checker's `stats`."""
+        return {"proxy": self.snapshot()}
+
+    def _stop_back_end(self) -> None:
+        pass
+
+    def _error_detail(self, exc: BaseException) -> str:
+        """Words put before the message of a back-end failure."""
+        return ""
+
+    # -- the front's hooks
+
+    def _checker_hello(self) -> dict:
+        return dict(self.checker_hello)
+
+    def _count_request(self, op: str) -> None:
+        self.counts["requests"] += 1
+
+    def _drained(self) -> bool:
+        return not self._inflight and self._back_end_idle() and not self._done
+
+    def _close_back_end(self) -> None:
+        if self.cache_file:
+            self.cache.save(self.cache_file, self.identity)
+        self._stop_back_end()
+
+    def _handle(self, envelope: list, req: P.Request) -> None:
+        key = None
+        if req.op in P.CHECK_OPS:
+            key = content_key(self.identity, req.op, req.args, req.arrays)
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.counts["answered_here"] += 1
+                self._send(envelope, P.Reply(req.id, P.STATUS_OK, result=cached[0], arrays=cached[1]), req.op)
+                return
+            if key in self._inflight:  # the same content is being checked now: wait for that verdict
+                self._inflight[key].append((envelope, req.id))
+                return
+            self._inflight[key] = [(envelope, req.id)]
+        try:
+            future = self._dispatch(req)
+        except Exception as e:  # the back end cannot take it (a dead replica client, a stopped fleet)
+            self._finish(envelope, req, key, None, e)
+            return
+        future.add_done_callback(lambda f, env=envelope, r=req, k=key: self._queue_done(env, r, k, f))
+
+    def _deadlines(self, req: P.Request) -> dict:
+        """The back end's deadlines: `timeout_ms` keeps its meaning at a single worker (the time the
+        request may wait to be *started*) and passes on unchanged; the front waits for the reply that
+        long plus a check's run time (any value, 2^64-1 ms included, is fine)."""
+        if req.timeout_ms is None:
+            return {}
+        start = req.timeout_ms / 1000
+        return {"start_within": start, "timeout": start + self._check_time_s + _REPLY_MARGIN_S}
+
+    def _queue_done(self, envelope, req, key, future: Future) -> None:
+        # Runs on the back end's I/O thread: hand over to the serving thread, which owns the socket.
+        self._done.append((envelope, req, key, future))
+        self.wake()
+
+    def _send_done(self) -> None:
+        while self._done:
+            envelope, req, key, future = self._done.popleft()
+            try:
+                self._finish(envelope, req, key, future.result(), None)
+            except Exception as e:
+                self._finish(envelope, req, key, None, e)
+
+    def _finish(self, envelope, req: P.Request, key, reply: P.Reply | None, exc: BaseException | None) -> None:
+        if exc is not None:
+            code = (exc.code if isinstance(exc, WorkerError) and exc.code in P.ERROR_CODES else
+                    P.DEADLINE_EXCEEDED if isinstance(exc, WorkerTimeout) else P.INTERNAL)
+            # A checker's own error is passed on as a single worker would word it.
+            message = exc.message if isinstance(exc, WorkerError) else str(exc)
+            reply = P.error_reply(req.id, code, f"{self._error_detail(exc)}{message}")
+        elif req.op == "stats":
+            reply.result = dict(reply.result, **self._stats_sections())
+        if key is not None:
+            if exc is None and _cacheable(reply):
+                self.cache.put(key, reply.result, reply.arrays)
+            waiters = self._inflight.pop(key, [(envelope, req.id)])
+        else:
+            waiters = [(envelope, req.id)]
+        for env, rid in waiters:
+            self._send(env, P.Reply(rid, reply.status, result=reply.result, error=reply.error, arrays=reply.arrays), req.op)
+
+    def snapshot(self) -> dict:
+        return {**self._back_end_snapshot(), "requests": self.counts["requests"],
+                "answered_from_cache": self.counts["answered_here"], "cache": self.cache.snapshot(),
+                "checker_identity": self.identity}
+
+
+class ReplicaProxy(ForwardingFront):
+    """Serve `endpoint` with the replicas' endpoints behind it; see the module docstring."""
+
+    name = "replica proxy"
+
+    def __init__(self, endpoint: str, replicas: Sequence, *, metrics_port: int | None = None, **front):
+        """`front`: `ForwardingFront`'s options; its `lock_file` (`endpoint.claim_endpoint`) was taken before
+        the replicas were started."""
+        self.replicas = list(replicas)
+        super().__init__(endpoint, self.replicas[0].hello, **front)
+        self.clients = [r.client(timeout=REPLY_WAIT_S) for r in self.replicas]
+        self.counts["dispatched"] = [0] * len(self.replicas)
         self._scrape_clients = []
         if metrics_port is not None:
             self._serve_replica_metrics(metrics_port)
@@ -195,21 +324,19 @@ class ReplicaProxy(WorkerFront):
 
         return self.serve_metrics(port, sources, lambda: proxy_families(self.snapshot()))
 
-    # -- the front's hooks
+    def _dispatch(self, req: P.Request) -> Future:
+        # Load balancing by queue depth, not round robin.
+        i = min(range(len(self.clients)), key=lambda j: self.clients[j].outstanding)
+        self.counts["dispatched"][i] += 1
+        return self.clients[i].request(req.op, req.args, req.arrays, **self._deadlines(req))
 
-    def _checker_hello(self) -> dict:
-        # The replicas' checker (they run the same command); the front adds its own pid and endpoint.
-        return dict(self.replicas[0].hello)
+    def _back_end_idle(self) -> bool:
+        return not any(c.outstanding for c in self.clients)
 
-    def _count_request(self, op: str) -> None:
-        self.counts["requests"] += 1
+    def _error_detail(self, exc: BaseException) -> str:
+        return "a replica is dead: " if isinstance(exc, WorkerDead) else ""
 
-    def _drained(self) -> bool:
-        return not self._inflight and not any(c.outstanding for c in self.clients) and not self._done
-
-    def _close_back_end(self) -> None:
-        if self.cache_file:
-            self.cache.save(self.cache_file, self.identity)
+    def _stop_back_end(self) -> None:
         for client in self.clients + self._scrape_clients:
             client.close()
         # Side by side: each drains for a while, and whoever stops this front waits only so long
@@ -217,74 +344,9 @@ class ReplicaProxy(WorkerFront):
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             list(pool.map(lambda replica: replica.stop(), self.replicas))
 
-    def _handle(self, envelope: list, req: P.Request) -> None:
-        key = None
-        if req.op in P.CHECK_OPS:
-            key = content_key(self.identity, req.op, req.args, req.arrays)
-            cached = self.cache.get(key)
-            if cached is not None:
-                self.counts["answered_here"] += 1
-                self._send(envelope, P.Reply(req.id, P.STATUS_OK, result=cached[0], arrays=cached[1]), req.op)
-                return
-            if key in self._inflight:  # the same content is being checked now: wait for that verdict
-                self._inflight[key].append((envelope, req.id))
-                return
-            self._inflight[key] = [(envelope, req.id)]
-        i = min(range(len(self.clients)), key=lambda j: self.clients[j].outstanding)
-        self.counts["dispatched"][i] += 1
-        try:
-            future = self.clients[i].request(req.op, req.args, req.arrays, **self._deadlines(req))
-        except Exception as e:  # the replica client is dead (restart budget spent)
-            self._finish(envelope, req, key, None, e)
-            return
-        future.add_done_callback(lambda f, env=envelope, r=req, k=key: self._queue_done(env, r, k, f))
-
-    def _deadlines(self, req: P.Request) -> dict:
-        """The replica link's deadlines: `timeout_ms` keeps its meaning at a single worker (the time
-        the request may wait to be *started*) and passes on unchanged; the front waits for the reply
-        that long plus a check's run time (any value, 2^64-1 ms included, is fine)."""
-        if req.timeout_ms is None:
-            return {}
-        start = req.timeout_ms / 1000
-        return {"start_within": start, "timeout": start + self._check_time_s + _REPLY_MARGIN_S}
-
-    def _queue_done(self, envelope, req, key, future: Future) -> None:
-        # Runs on the replica client's I/O thread: hand over to the serving thread, which owns the socket.
-        self._done.append((envelope, req, key, future))
-        self.wake()
-
-    def _send_done(self) -> None:
-        while self._done:
-            envelope, req, key, future = self._done.popleft()
-            try:
-                self._finish(envelope, req, key, future.result(), None)
-            except Exception as e:
-                self._finish(envelope, req, key, None, e)
-
-    def _finish(self, envelope, req: P.Request, key, reply: P.Reply | None, exc: BaseException | None) -> None:
-        if exc is not None:
-            code = (exc.code if isinstance(exc, WorkerError) and exc.code in P.ERROR_CODES else
-                    P.DEADLINE_EXCEEDED if isinstance(exc, WorkerTimeout) else P.INTERNAL)
-            # A replica's own error is passed on as a single worker would word it.
-            message = exc.message if isinstance(exc, WorkerError) else str(exc)
-            detail = "a replica is dead: " if isinstance(exc, WorkerDead) else ""
-            reply = P.error_reply(req.id, code, f"{detail}{message}")
-        elif req.op == "stats":
-            reply.result = dict(reply.result, proxy=self.snapshot())
-        if key is not None:
-            if exc is None and _cacheable(reply):
-                self.cache.put(key, reply.result, reply.arrays)
-            waiters = self._inflight.pop(key, [(envelope, req.id)])
-        else:
-            waiters = [(envelope, req.id)]
-        for env, rid in waiters:
-            self._send(env, P.Reply(rid, reply.status, result=reply.result, error=reply.error, arrays=reply.arrays), req.op)
-
-    def snapshot(self) -> dict:
+    def _back_end_snapshot(self) -> dict:
         return {"replicas": len(self.replicas), "replica_pids": [r.pid for r in self.replicas],
-                "outstanding": [c.outstanding for c in self.clients], "dispatched": list(self.counts["dispatched"]),
-                "requests": self.counts["requests"], "answered_from_cache": self.counts["answered_here"],
-                "cache": self.cache.snapshot(), "checker_identity": self.identity}
+                "outstanding": [c.outstanding for c in self.clients], "dispatched": list(self.counts["dispatched"])}
 
 
 # Options of `serve` that belong to the front process, not to its replicas (value-taking ones first).
@@ -308,6 +370,13 @@ def replica_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def front_options(args, owner_token: str | None, limits: P.Limits) -> dict:
+    """`ForwardingFront`'s options from `serve`'s arguments (the lock file aside)."""
+    return {"limits": limits, "cache_bytes": int(args.cache_mb * 2**20), "owner_token": owner_token,
+            "curve_dir": args.curve_dir, "parent_pid": args.parent_pid, "cache_file": args.cache_file,
+            "verdict_store": args.verdict_store, "verdict_store_bytes": int(args.verdict_store_mb * 2**20)}
+
+
 def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
     """`serve --replicas N`: spawn N supervised replicas on private ipc endpoints, then run the proxy."""
     import sys
@@ -328,11 +397,7 @@ def serve_replicas(args, owner_token: str | None, limits: P.Limits) -> int:
                     error = e
         if error is not None:
             raise error
-        proxy = ReplicaProxy(args.endpoint, replicas, limits=limits, cache_bytes=int(args.cache_mb * 2**20),
-                             owner_token=owner_token, curve_dir=args.curve_dir, insecure=args.insecure,
-                             parent_pid=args.parent_pid, lock_file=lock, cache_file=args.cache_file,
-                             metrics_port=args.metrics_port, verdict_store=args.verdict_store,
-                             verdict_store_bytes=int(args.verdict_store_mb * 2**20))
+        proxy = ReplicaProxy(args.endpoint, replicas, metrics_port=args.metrics_port, lock_file=lock, **front_options(args, owner_token, limits))
     except Exception as e:  # WorkerStartError (endpoint, metrics port) or a replica that did not start
         for r in replicas:
             r.stop(timeout=5)

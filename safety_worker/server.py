@@ -514,8 +514,11 @@ class BatchGatherer:
 
 
 @dataclasses.dataclass
-class _Job:
-    envelope: list
+class CheckJob:
+    """A check request on its way through `CheckerCore`: queued, running, answered exactly once (`claim`).
+    `envelope`: where its reply goes (a worker's ROUTER envelope; None in a fleet replica)."""
+
+    envelope: list | None
     request: Request
     received: float
     key: str | None = None  # its content key in the verdict store (None: no store)
@@ -532,184 +535,60 @@ class _Job:
             return True
 
 
-class SafetyWorker(WorkerFront):
-    """A worker that checks in this process: a checker thread behind the front (`front.WorkerFront`)."""
+class CheckerCore:
+    """The checker half of a worker: a bounded queue of check jobs and the checker thread that checks them.
 
-    def __init__(
-        self,
-        endpoint: str,
-        load_checker: Callable[[], Any],
-        *,
-        models: dict[str, Any],
-        limits: Limits = Limits(),
-        check_timeout: float = 60.0,
-        owner_token: str | None = None,
-        device: str = "cpu",
-        insecure: bool = False,
-        controversial: str = "block",
-        parent_pid: int | None = None,
-        curve_dir: str | None = None,
-        batching: Batching = Batching(),
-        metrics_port: int | None = None,
-        verdict_store: str | None = None,
-        verdict_store_bytes: int = 10 << 30,
-    ):
-        """`verdict_store`: the shared on-disk store (`verdict_store.VerdictStore`) to answer checks from
-        before queueing them and to fill with what the checker computes (never faults)."""
-        # Claim the endpoint (and open the store) before the slow checker load, so a bad or taken one fails fast.
-        lock_file = claim_endpoint(endpoint, curve_dir, insecure)
-        store = identity = None
-        if verdict_store:  # the store shared with curate jobs, replica fronts and other workers
-            from .proxy import checker_identity
-            from .verdict_store import VerdictStore
+    Batches are cut by `BatchGatherer` and checked together (`check_requests`); a batch that raises is
+    checked again item by item, so each verdict fails closed on its own. A job not started within its
+    `timeout_ms` is skipped (`deadline_exceeded`), one running past `check_timeout` is answered blocked
+    (`_overran`; its late verdict is dropped), and `metrics` counts batches and verdicts. `SafetyWorker`
+    runs it behind its ZeroMQ front and each replica of a Ray Serve fleet (`fleet.GuardReplica`) runs it
+    behind Serve, so the two check, batch and fail closed the same way. Subclasses say how finished jobs
+    go back to whoever waits for them (`_deliver`, called on the checker thread)."""
 
-            store = VerdictStore(verdict_store, verdict_store_bytes)
-            # The same keys as the replica front and curate: the identity of the same description.
-            identity = checker_identity(checker_description(models, controversial))
-        checker = load_checker()
-        super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
-                         curve_dir=curve_dir, lock_file=lock_file)
+    def _init_checker(self, guard: GuardedChecker, batching: Batching, queue_size: int, check_timeout: float,
+                      store=None) -> None:
+        """`store`: the verdict store that computed verdicts go into (a job's `key` says where)."""
+        self.guard = guard
         self.batching = batching
-        self.guard = GuardedChecker(checker, controversial=controversial,
-                                    frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1,
-                                    pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
-        self.models = models
         self.check_timeout = check_timeout
-        self.device = device
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.queue_size)
-        self._done: queue.SimpleQueue[tuple[_Job, Reply]] = queue.SimpleQueue()
-        self._running: list[_Job] = []  # the checker's current batch (replaced, never mutated)
-        self._gatherer = BatchGatherer(self._jobs, batching)
-        # Jobs queued, running, or finished but not yet handed back: serving thread only. Draining
-        # waits for this to reach 0 (queue and _running alone miss a job between the two).
-        self._outstanding = 0
+        self.store = store
         self.metrics = WorkerMetrics()
-        self._grad_enabled = _grad_enabled()
+        self._jobs: queue.Queue[CheckJob | None] = queue.Queue(maxsize=queue_size)
+        self._running: list[CheckJob] = []  # the checker's current batch (replaced, never mutated)
+        self._gatherer = BatchGatherer(self._jobs, batching)
         self._checker_thread = threading.Thread(target=self._checker_loop, name="checker", daemon=True)
-        self.store, self.identity = store, identity
-        self.answered_from_store = 0
-        if metrics_port is not None:
-            self.serve_metrics(metrics_port, lambda: [({}, self.snapshot_stats())])
 
-    # -- the front's hooks
+    def _deliver(self, done: list[tuple[CheckJob, Reply | None]]) -> None:
+        """Hand a finished batch back (reply None: the job was answered already, at its check timeout)."""
+        raise NotImplementedError
 
-    def serve(self) -> None:
-        self._checker_thread.start()
-        super().serve()
-
-    def _handle(self, envelope: list, req: Request) -> None:
-        if req.op in P.CHECK_OPS:
-            key = None
-            if self.store is not None:
-                from .proxy import content_key
-
-                key = content_key(self.identity, req.op, req.args, req.arrays)
-                try:
-                    stored = self.store.get(key)
-                except Exception:  # a store that fails costs the reuse, never the check
-                    logger.exception("verdict store %s: could not read a verdict; checking", self.store.path)
-                    stored = None
-                if stored is not None:  # checked before, by this worker or any other user of the store
-                    self.answered_from_store += 1
-                    reply = Reply(req.id, P.STATUS_OK, result=stored[0], arrays=stored[1])
-                    self._record_verdicts(_Job(envelope, req, time.monotonic()), reply)
-                    self._send(envelope, reply, req.op)
-                    return
-            try:
-                self._jobs.put_nowait(_Job(envelope, req, time.monotonic(), key=key))
-                self._outstanding += 1
-            except queue.Full:
-                self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
-        elif req.op == "stats":
-            self._send(envelope, Reply(req.id, P.STATUS_OK, result=self.snapshot_stats()), req.op)
-        elif req.op == "echo":  # transport only: the received buffers go straight back
-            self._send(envelope, Reply(req.id, P.STATUS_OK, result={}, arrays=req.arrays), req.op)
-        else:
-            raise AssertionError(f"op {req.op} has no handler")
-
-    def _checker_hello(self) -> dict[str, Any]:
-        # The checker's own description is shared with curate's actors (`checker_description`), so both
-        # have one identity (`proxy.checker_identity`).
-        described = checker_description(self.models, self.guard.controversial)
-        return {
-            "versions": described["versions"],
-            "device": self.device,
-            "models": described["models"],
-            "policy": described["policy"],
-            "limits": {**self.limits.to_dict(), "check_timeout_s": self.check_timeout},
-            "batching": self.batching.to_dict(),
-            "grad_enabled": self._grad_enabled,
-            "modules_loaded": {m: m in sys.modules for m in ("cosmos_guardrail", "retinaface")},
-        }
-
-    def _tick(self) -> None:
-        self._expire_running()
-
-    def _drained(self) -> bool:
-        return self._outstanding == 0 or self._only_abandoned_job_left()
-
-    def _close_back_end(self) -> None:
+    def _stop_checker(self, timeout: float = 1.0) -> bool:
+        """Stop the checker thread once it is idle; True if it stopped within `timeout`."""
         try:
-            self._jobs.put_nowait(None)  # stops the checker thread once it is idle
+            self._jobs.put_nowait(None)
         except queue.Full:
             pass  # leaving after an error with a full queue: the daemon thread dies with us
         if self._checker_thread.is_alive():
-            self._checker_thread.join(timeout=1.0)
-        if self.store is not None and not self._checker_thread.is_alive():
-            self.store.close()
+            self._checker_thread.join(timeout=timeout)
+        return not self._checker_thread.is_alive()
 
-    def _count_request(self, op: str) -> None:
-        self.metrics.request(op)
-
-    def _count_reply(self, op: str | None, reply: Reply) -> None:
-        self.metrics.replied(op, None if reply.status == P.STATUS_OK else reply.error["code"])
-
-    def _count_unroutable(self) -> None:
-        self.metrics.unroutable()
-
-    # -- serving thread
-
-    def snapshot_stats(self) -> dict[str, Any]:
+    def _checker_stats(self) -> dict[str, Any]:
+        """The checker's part of `stats`."""
         s = self.metrics.snapshot()
         running = self._running
         s["batching"].update(self.batching.to_dict())
-        s.update(queued=self._jobs.qsize(), running=bool(running), running_checks=len(running),
-                 uptime_s=time.time() - self.started_at, instance_id=self.instance_id)
-        if self.store is not None:
-            s["verdict_store"] = dict(self.store.snapshot(), answered=self.answered_from_store,
-                                      checker_identity=self.identity)
+        s.update(queued=self._jobs.qsize(), running=bool(running), running_checks=len(running))
         return s
 
-    def _expire_running(self) -> None:
-        """Answer blocked each running check that overran `check_timeout` (its own clock, batched or not)."""
-        now = time.monotonic()
-        for job in self._running:
-            if job.started is None or now - job.started <= self.check_timeout:
-                continue
-            if job.claim():
-                logger.error("check id=%s overran %.1fs; answered blocked (fail closed)", job.request.id, self.check_timeout)
-                reply = self._blocked_reply(job.request, f"checker timed out after {self.check_timeout:g}s, blocked (fail closed)")
-                self._record_verdicts(job, reply, timed_out=True)
-                self._send(job.envelope, reply, job.request.op)
-
-    def _send_done(self) -> None:
-        while True:
-            try:
-                job, reply = self._done.get_nowait()
-            except queue.Empty:
-                return
-            self._outstanding -= 1
-            if reply is not None:  # None: already answered (timed out while running)
-                self._send(job.envelope, reply, job.request.op)
-
-    def _only_abandoned_job_left(self) -> bool:
-        """Hung checks that were already answered blocked must not keep a draining worker alive."""
-        running = self._running
-        return (bool(running) and self._outstanding == len(running) and self._jobs.empty()
-                and all(job._answered for job in running))
-
-    def _error(self, envelope, req: Request, code: str, message: str) -> None:
-        self._send(envelope, P.error_reply(req.id, code, message), req.op)
+    def _overran(self, job: CheckJob) -> Reply | None:
+        """The blocked reply for `job` if it has run past `check_timeout` and nobody answered it yet."""
+        if job.started is None or time.monotonic() - job.started <= self.check_timeout or not job.claim():
+            return None
+        logger.error("check id=%s overran %.1fs; answered blocked (fail closed)", job.request.id, self.check_timeout)
+        reply = self._blocked_reply(job.request, f"checker timed out after {self.check_timeout:g}s, blocked (fail closed)")
+        self._record_verdicts(job, reply, timed_out=True)
+        return reply
 
     # -- checker thread
 
@@ -721,12 +600,10 @@ class SafetyWorker(WorkerFront):
             jobs = self._gatherer.next_batch()
             if jobs is None:
                 return
-            # Every job comes back through _done (reply None if it was answered already).
-            for job, reply in zip(jobs, self._run_batch(jobs)):
-                self._done.put((job, reply))
-            self.wake()
+            # Every job comes back (reply None if it was answered already).
+            self._deliver(list(zip(jobs, self._run_batch(jobs))))
 
-    def _run_batch(self, jobs: list[_Job]) -> list[Reply | None]:
+    def _run_batch(self, jobs: list[CheckJob]) -> list[Reply | None]:
         """Replies for `jobs` (None for a job answered already): skip expired ones, check the rest
         together, and if that raises, check each alone so each verdict fails closed on its own."""
         replies: list[Reply | None] = [None] * len(jobs)
@@ -781,17 +658,17 @@ class SafetyWorker(WorkerFront):
     def _check_batch(self, reqs: list[Request]) -> list[Reply]:
         return check_requests(self.guard, reqs)
 
-    def _store(self, job: _Job, reply: Reply) -> None:
+    def _store(self, job: CheckJob, reply: Reply) -> None:
         """Put a computed verdict in the verdict store (it refuses faults); a store that fails costs the
         reuse, never the reply."""
-        if job.key is None or reply.status != P.STATUS_OK:
+        if job.key is None or self.store is None or reply.status != P.STATUS_OK:
             return
         try:
             self.store.put(job.key, reply.result, reply.arrays)
         except Exception:
             logger.exception("verdict store %s: could not store a verdict", self.store.path)
 
-    def _record_verdicts(self, job: _Job, reply: Reply, timed_out: bool = False) -> None:
+    def _record_verdicts(self, job: CheckJob, reply: Reply, timed_out: bool = False) -> None:
         latency = time.monotonic() - job.received
         if reply.status != P.STATUS_OK:
             return
@@ -806,6 +683,181 @@ class SafetyWorker(WorkerFront):
         if req.op == "check_text":
             return _texts_reply(req, [verdict] * len(req.args["texts"]))
         return _verdict_reply(req, verdict)
+
+
+class SafetyWorker(CheckerCore, WorkerFront):
+    """A worker that checks in this process: the checker thread (`CheckerCore`) behind the front (`front.WorkerFront`)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        load_checker: Callable[[], Any],
+        *,
+        models: dict[str, Any],
+        limits: Limits = Limits(),
+        check_timeout: float = 60.0,
+        owner_token: str | None = None,
+        device: str = "cpu",
+        insecure: bool = False,
+        controversial: str = "block",
+        parent_pid: int | None = None,
+        curve_dir: str | None = None,
+        batching: Batching = Batching(),
+        metrics_port: int | None = None,
+        verdict_store: str | None = None,
+        verdict_store_bytes: int = 10 << 30,
+    ):
+        """`verdict_store`: the shared on-disk store (`verdict_store.VerdictStore`) to answer checks from
+        before queueing them and to fill with what the checker computes (never faults)."""
+        # Claim the endpoint (and open the store) before the slow checker load, so a bad or taken one fails fast.
+        lock_file = claim_endpoint(endpoint, curve_dir, insecure)
+        store = identity = None
+        if verdict_store:  # the store shared with curate jobs, replica fronts and other workers
+            from .proxy import checker_identity
+            from .verdict_store import VerdictStore
+
+            store = VerdictStore(verdict_store, verdict_store_bytes)
+            # The same keys as the replica front and curate: the identity of the same description.
+            identity = checker_identity(checker_description(models, controversial))
+        checker = load_checker()
+        super().__init__(endpoint, limits=limits, owner_token=owner_token, parent_pid=parent_pid,
+                         curve_dir=curve_dir, lock_file=lock_file)
+        self._init_checker(guarded_checker(checker, controversial, batching, device), batching, limits.queue_size,
+                           check_timeout, store)
+        self.models = models
+        self.device = device
+        self._done: queue.SimpleQueue[tuple[CheckJob, Reply]] = queue.SimpleQueue()
+        # Jobs queued, running, or finished but not yet handed back: serving thread only. Draining
+        # waits for this to reach 0 (queue and _running alone miss a job between the two).
+        self._outstanding = 0
+        self._grad_enabled = _grad_enabled()
+        self.identity = identity
+        self.answered_from_store = 0
+        if metrics_port is not None:
+            self.serve_metrics(metrics_port, lambda: [({}, self.snapshot_stats())])
+
+    # -- the front's hooks
+
+    def serve(self) -> None:
+        self._checker_thread.start()
+        super().serve()
+
+    def _handle(self, envelope: list, req: Request) -> None:
+        if req.op in P.CHECK_OPS:
+            key = None
+            if self.store is not None:
+                from .proxy import content_key
+
+                key = content_key(self.identity, req.op, req.args, req.arrays)
+                try:
+                    stored = self.store.get(key)
+                except Exception:  # a store that fails costs the reuse, never the check
+                    logger.exception("verdict store %s: could not read a verdict; checking", self.store.path)
+                    stored = None
+                if stored is not None:  # checked before, by this worker or any other user of the store
+                    self.answered_from_store += 1
+                    reply = Reply(req.id, P.STATUS_OK, result=stored[0], arrays=stored[1])
+                    self._record_verdicts(CheckJob(envelope, req, time.monotonic()), reply)
+                    self._send(envelope, reply, req.op)
+                    return
+            try:
+                self._jobs.put_nowait(CheckJob(envelope, req, time.monotonic(), key=key))
+                self._outstanding += 1
+            except queue.Full:
+                self._error(envelope, req, P.BUSY, f"{self.limits.queue_size} checks are queued; retry later")
+        elif req.op == "stats":
+            self._send(envelope, Reply(req.id, P.STATUS_OK, result=self.snapshot_stats()), req.op)
+        elif req.op == "echo":  # transport only: the received buffers go straight back
+            self._send(envelope, Reply(req.id, P.STATUS_OK, result={}, arrays=req.arrays), req.op)
+        else:
+            raise AssertionError(f"op {req.op} has no handler")
+
+    def _checker_hello(self) -> dict[str, Any]:
+        return checker_hello(self.models, self.guard.controversial, self.device, self.limits, self.check_timeout,
+                             self.batching, self._grad_enabled)
+
+    def _tick(self) -> None:
+        for job in self._running:
+            reply = self._overran(job)
+            if reply is not None:
+                self._send(job.envelope, reply, job.request.op)
+
+    def _drained(self) -> bool:
+        return self._outstanding == 0 or self._only_abandoned_job_left()
+
+    def _close_back_end(self) -> None:
+        if self._stop_checker() and self.store is not None:
+            self.store.close()
+
+    def _count_request(self, op: str) -> None:
+        self.metrics.request(op)
+
+    def _count_reply(self, op: str | None, reply: Reply) -> None:
+        self.metrics.replied(op, None if reply.status == P.STATUS_OK else reply.error["code"])
+
+    def _count_unroutable(self) -> None:
+        self.metrics.unroutable()
+
+    # -- serving thread
+
+    def snapshot_stats(self) -> dict[str, Any]:
+        s = self._checker_stats()
+        s.update(uptime_s=time.time() - self.started_at, instance_id=self.instance_id)
+        if self.store is not None:
+            s["verdict_store"] = dict(self.store.snapshot(), answered=self.answered_from_store,
+                                      checker_identity=self.identity)
+        return s
+
+    def _deliver(self, done: list[tuple[CheckJob, Reply | None]]) -> None:
+        # Runs on the checker thread: only the serving thread sends on the ROUTER.
+        for pair in done:
+            self._done.put(pair)
+        self.wake()
+
+    def _send_done(self) -> None:
+        while True:
+            try:
+                job, reply = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._outstanding -= 1
+            if reply is not None:  # None: already answered (timed out while running)
+                self._send(job.envelope, reply, job.request.op)
+
+    def _only_abandoned_job_left(self) -> bool:
+        """Hung checks that were already answered blocked must not keep a draining worker alive."""
+        running = self._running
+        return (bool(running) and self._outstanding == len(running) and self._jobs.empty()
+                and all(job._answered for job in running))
+
+    def _error(self, envelope, req: Request, code: str, message: str) -> None:
+        self._send(envelope, P.error_reply(req.id, code, message), req.op)
+
+
+def guarded_checker(checker, controversial: str, batching: Batching, device: str) -> GuardedChecker:
+    """`checker` wrapped as every worker-like process wraps it: the face filter's forward passes follow the
+    batching (`max_batch_frames` frames; on a CPU at most `_CPU_PASS_PIXELS` pixels per pass)."""
+    return GuardedChecker(checker, controversial=controversial,
+                          frame_batch=batching.max_batch_frames if batching.max_batch > 1 else 1,
+                          pass_pixels=_CPU_PASS_PIXELS if device == "cpu" else None)
+
+
+def checker_hello(models: dict[str, Any], controversial: str, device: str, limits: Limits, check_timeout: float,
+                  batching: Batching, grad_enabled: bool) -> dict[str, Any]:
+    """`hello`'s description of a checker in this process (a worker, or a fleet replica)."""
+    # The checker's own description is shared with curate's actors (`checker_description`), so all have
+    # one identity (`proxy.checker_identity`).
+    described = checker_description(models, controversial)
+    return {
+        "versions": described["versions"],
+        "device": device,
+        "models": described["models"],
+        "policy": described["policy"],
+        "limits": {**limits.to_dict(), "check_timeout_s": check_timeout},
+        "batching": batching.to_dict(),
+        "grad_enabled": grad_enabled,
+        "modules_loaded": {m: m in sys.modules for m in ("cosmos_guardrail", "retinaface")},
+    }
 
 
 def _texts_reply(req: Request, verdicts: Sequence[Verdict]) -> Reply:

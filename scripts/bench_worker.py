@@ -14,9 +14,14 @@ Prints, side by side from the same run:
    (one request at a time): single-client p50 latency of check_sample (text + one 32x32 frame;
    target <= 1.2x), and check_sample requests/s with 1 and 8 client processes for one 32x32 frame
    (target: 8 clients batched >= 3x one client unbatched), 9-frame 32x32 clips and one 240x320 frame.
+6. a guard fleet on Ray Serve (`serve --ray --replicas N`, a local Ray of 2 CPUs, verdict cache off so every
+   request is checked): check_sample (text + one 32x32 frame) requests/s from 8 client processes with 2
+   replicas vs 1 (target >= 1.7x), beside the single worker; and the Ray hop's added latency at one client,
+   one request in flight: p50 of the 1-replica fleet vs the single worker (target <= 1.5x).
 This process imports cosmos_guardrail for part 3 (it is a benchmark, not a trainer).
 
     python scripts/bench_worker.py --batching-only   # part 5 alone (~2 minutes on 2 CPU cores)
+    python scripts/bench_worker.py --fleet-only      # part 6 alone (~3 minutes on 2 CPU cores: two Ray starts)
     python scripts/bench_worker.py --batching-only --device cuda   # the same with the guard models on a GPU
 """
 from __future__ import annotations
@@ -91,29 +96,33 @@ def bare_echo(endpoint):
 WINDOW = 8  # requests in flight per client (4 clients x 8 stay below the worker's queue of 64)
 
 
-def client_proc(endpoint, n, queue, start, shape=(1, 32, 32, 3), window=WINDOW, seed=0):
+def client_proc(endpoint, n, queue, start, shape=(1, 32, 32, 3), window=WINDOW, seed=0, distinct=False):
     frames = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     with SafetyClient(endpoint, timeout=300) as c:
         c.check_sample(SAFE_EXAMPLE, frames)
         queue.put("ready")
         start.wait()  # all clients begin together: process start-up is not part of the measurement
         in_flight = []
-        for _ in range(n):
+        for i in range(n):
             if len(in_flight) == window:
                 in_flight.pop(0).result()
+            if distinct:  # a front that forwards computes identical checks in flight once: make each one new
+                frames = frames.copy()
+                frames[0, 0, 0, :2] = (i % 256, i // 256 % 256)
             in_flight.append(c.submit_sample(SAFE_EXAMPLE, frames))
         for f in in_flight:
             f.result()
         queue.put(time.monotonic())  # CLOCK_MONOTONIC: one clock for all processes of the machine
 
 
-def throughput(endpoint, clients, n_per_client, shape=(1, 32, 32, 3), window=WINDOW, on_start=None):
+def throughput(endpoint, clients, n_per_client, shape=(1, 32, 32, 3), window=WINDOW, on_start=None, distinct=False):
     """Requests/s of `clients` processes, each keeping `window` check_sample requests in flight,
     from the moment all of them start sending to the moment the last one has all its verdicts.
-    `on_start` is called once all clients are connected and warmed up, just before they start."""
+    `on_start` is called once all clients are connected and warmed up, just before they start.
+    `distinct`: every request's frames differ (else each client sends the same one again and again)."""
     ctx = mp.get_context("spawn")
     q, start = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=client_proc, args=(endpoint, n_per_client, q, start, shape, window, k))
+    procs = [ctx.Process(target=client_proc, args=(endpoint, n_per_client, q, start, shape, window, k, distinct))
              for k in range(clients)]
     for p in procs:
         p.start()
@@ -184,10 +193,48 @@ def batching_section(tiny_root, quick: bool, device: str = "cpu") -> None:
                   f"| x {r8:.2f}{target}")
 
 
+def fleet_section(tiny_root, quick: bool) -> None:
+    """Part 6: the single worker, a 1-replica fleet and a 2-replica fleet on the same requests."""
+    scale = 0.5 if quick else 1.0
+    extra = ["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]
+    # Every request new (`distinct`) and no verdict cache: a verdict from the cache, or shared with an
+    # identical request in flight, is no check.
+    fleet = [*extra, "--ray", "--num-cpus", "2", "--cache-mb", "0"]
+    shape, window, per_client = (1, 32, 32, 3), 4, max(8, int(100 * scale))
+    load_before = os.getloadavg()
+    frame = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    rates = {}
+    with spawn_worker(preset="tiny", extra_args=extra) as single, SafetyClient(single.endpoint, timeout=300) as c_single:
+        with spawn_worker(preset="tiny", extra_args=[*fleet, "--replicas", "1"], startup_timeout=600) as one, \
+                SafetyClient(one.endpoint, timeout=300) as c_one:
+            t_single, t_fleet = timed_pair(lambda: c_single.check_sample(SAFE_EXAMPLE, frame),
+                                           lambda: c_one.check_sample(SAFE_EXAMPLE, frame), int(100 * scale), warmup=5)
+            rates["single"], _ = throughput(single.endpoint, 8, per_client, shape, window, distinct=True)
+            rates[1], _ = throughput(one.endpoint, 8, per_client, shape, window, distinct=True)
+        with spawn_worker(preset="tiny", extra_args=[*fleet, "--replicas", "2"], startup_timeout=600) as two, \
+                SafetyClient(two.endpoint, timeout=300) as c_two:
+            rates[2], _ = throughput(two.endpoint, 8, per_client, shape, window, distinct=True)
+            time.sleep(2.5)  # replicas report their load every second
+            roster = c_two.stats()["fleet"]["roster"]
+    load_after = os.getloadavg()
+    r_lat = statistics.median(t_fleet) / statistics.median(t_single)
+    r_tp = rates[2] / rates[1]
+    print("\n## 6. guard fleet on Ray Serve (serve --ray --replicas N, local Ray of 2 CPUs, --cache-mb 0), tiny "
+          f"checkpoint, faces all; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"one client, one request in flight, check_sample text + 1x32x32: p50 {ms(statistics.median(t_single))} single "
+          f"worker  {ms(statistics.median(t_fleet))} fleet of 1  p99 {ms(pct(t_single, 99))} / {ms(pct(t_fleet, 99))}  "
+          f"ratio {r_lat:.2f}x (target <= 1.5x: {'met' if r_lat <= 1.5 else 'MISSED'})")
+    print(f"8 clients x window {window}, check_sample text + 1x32x32 requests/s: single worker {rates['single']:6.1f}  "
+          f"fleet of 1 {rates[1]:6.1f}  fleet of 2 {rates[2]:6.1f}  2 / 1 replicas {r_tp:.2f}x "
+          f"(target >= 1.7x: {'met' if r_tp >= 1.7 else 'MISSED'}); checks per replica of 2 (warm-up included): "
+          f"{[r['load']['checks'] for r in roster]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--batching-only", action="store_true", help="run part 5 (batching on vs --max-batch 1) alone")
+    ap.add_argument("--fleet-only", action="store_true", help="run part 6 (a Ray Serve fleet of 1 and 2 replicas) alone")
     ap.add_argument("--device", default="cpu", help="the workers' (and part 3's in-process checker's) torch device: "
                                                     "cpu (default) or cuda[:N]")
     args = ap.parse_args()
@@ -198,6 +245,9 @@ def main():
     print(f"# bench_worker: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, zmq {zmq.zmq_version()}")
     if args.batching_only:
         batching_section(tiny_root, args.quick, args.device)
+        return
+    if args.fleet_only:
+        fleet_section(tiny_root, args.quick)
         return
     with spawn_worker(preset="tiny", device=args.device,
                       extra_args=["--tiny-dir", str(tiny_root), "--tiny-faces", "all"]) as worker, \
@@ -253,6 +303,7 @@ def main():
             print(f"{k} client(s): {rps:7.1f} req/s   ({rps / base:.2f}x of 1 client)")
 
     batching_section(tiny_root, args.quick, args.device)
+    fleet_section(tiny_root, args.quick)
 
 
 if __name__ == "__main__":
