@@ -137,6 +137,17 @@ def test_only_the_transformer_learns_and_the_loss_reaches_it(tiny_models):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainee.transformer.parameters())
 
 
+def test_the_new_transformers_statistics_take_the_resized_clips_shape(tiny_models):
+    """`--world-image-size` resizes the clips before the VAE: the statistics must be of the resized latents."""
+    args = ["--cosmos-model", str(tiny_models[1]), "--world-image-size", "48,64"]
+    model_args, data_args, _ = parse_args(args, ARGUMENT_CLASSES, DESCRIPTION)
+    assert synthetic_clip_shape(data_args) == (9, (32, 32))
+    trainee, _ = build_trainee(model_args, seed=0, clip_shape=synthetic_clip_shape(data_args, (48, 64)))
+    batch = collate_clips([SyntheticMotionTask(size=2)[i] for i in range(2)], (48, 64))
+    trainee(**batch).loss.backward()  # statistics of another shape would fail to broadcast here
+    assert tuple(trainee.statistics.mean.shape[-2:]) == (6, 8)
+
+
 def test_lora_trains_adapters_only_and_saves_a_plain_transformer(tiny_models, tmp_path):
     from diffusers import CosmosTransformer3DModel
 

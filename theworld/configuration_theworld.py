@@ -34,6 +34,20 @@ def check_clip_length(num_frames: int) -> None:
         )
 
 
+def check_world_image_size(size) -> list[int]:
+    """`[height, width]` of a world image as ints; raise unless both are positive multiples of 16.
+
+    The one rule for the size the Cosmos VAE sees: TheWorld's configuration and `theworld.train_world`'s
+    `--world-image-size` both apply it."""
+    size = [int(v) for v in size]
+    if len(size) != 2 or any(v <= 0 or v % 16 for v in size):
+        raise ValueError(
+            f"world_image_size must be [height, width], both positive multiples of 16 (the Cosmos VAE "
+            f"downsamples by 8 and the transformer patches by 2), got {size}"
+        )
+    return size
+
+
 class TheWorldConfig(Gemma3Config):
     r"""
     Everything `Gemma3Config` holds (the language and vision towers), plus where the base models come
@@ -132,12 +146,7 @@ class TheWorldConfig(Gemma3Config):
         if self.world_tokens_per_side is not None and self.world_tokens_per_side < 1:
             raise ValueError(f"world_tokens_per_side must be >= 1 or None, got {self.world_tokens_per_side}")
         if self.world_image_size is not None:
-            self.world_image_size = [int(v) for v in self.world_image_size]
-            if len(self.world_image_size) != 2 or any(v <= 0 or v % 16 for v in self.world_image_size):
-                raise ValueError(
-                    f"world_image_size must be [height, width], both positive multiples of 16 (the Cosmos VAE "
-                    f"downsamples by 8 and the transformer patches by 2), got {self.world_image_size}"
-                )
+            self.world_image_size = check_world_image_size(self.world_image_size)
 
     @property
     def resolved_world_image_size(self) -> tuple[int, int]:
@@ -166,4 +175,5 @@ def saved_theworld_config(path) -> TheWorldConfig | None:
 
 AutoConfig.register("theworld", TheWorldConfig)
 
-__all__ = ["TheWorldConfig", "saved_theworld_config", "latent_frames", "check_clip_length", "VAE_TEMPORAL_FACTOR"]
+__all__ = ["TheWorldConfig", "saved_theworld_config", "latent_frames", "check_clip_length", "check_world_image_size",
+           "VAE_TEMPORAL_FACTOR"]

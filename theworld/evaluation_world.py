@@ -49,11 +49,12 @@ class CounterfactualSet:
         return self.candidates[:, 0]
 
 
-def _encode(encoder, clips: list[list]) -> torch.Tensor:
-    """Normalised latents `[B, C, T, h, w]` of equally long clips (posterior mode, no grad)."""
+def _encode(encoder, clips: list[list], image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Normalised latents `[B, C, T, h, w]` of equally long clips (posterior mode, no grad), resized to
+    `image_size` `(H, W)` when given (the size the model trained at: `--world-image-size`)."""
     from theworld.video_processing_theworld import preprocess_world_clips
 
-    height, width = clips[0][0].shape[:2]
+    height, width = image_size or clips[0][0].shape[:2]
     out = []
     with torch.no_grad():
         for start in range(0, len(clips), ENCODE_BATCH):
@@ -68,8 +69,10 @@ def _observed_latent_frames(num_frames: int, future_frames: int) -> int:
     return (observed - 1) // 4 + 1
 
 
-def encode_counterfactuals(task, encoder, size: int, future_frames: int = FUTURE_FRAMES) -> CounterfactualSet:
-    """Render and encode the first `size` clips of `task` (a `SyntheticMotionTask`) with every continuation."""
+def encode_counterfactuals(task, encoder, size: int, future_frames: int = FUTURE_FRAMES,
+                           image_size: tuple[int, int] | None = None) -> CounterfactualSet:
+    """Render and encode the first `size` clips of `task` (a `SyntheticMotionTask`) with every continuation
+    (resized to `image_size` for the VAE when given)."""
     from theworld.data.synthetic import CONTINUATIONS
 
     observed_frames = _observed_latent_frames(task.num_frames, future_frames)
@@ -78,16 +81,17 @@ def encode_counterfactuals(task, encoder, size: int, future_frames: int = FUTURE
     for index in range(min(size, len(task))):
         rendered = task.counterfactual_clips(index, future_frames)
         clips.extend(rendered[name] for name in names)
-    latents = _encode(encoder, clips)
+    latents = _encode(encoder, clips, image_size)
     latents = latents.view(-1, len(names), *latents.shape[1:])
     # The VAE is causal: the observed latents are the same in every continuation; take the true clip's.
     return CounterfactualSet(latents[:, 0, :, :observed_frames], latents[:, :, :, observed_frames:], names)
 
 
-def encode_training_pairs(task, encoder, size: int, future_frames: int = FUTURE_FRAMES) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_training_pairs(task, encoder, size: int, future_frames: int = FUTURE_FRAMES,
+                          image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(observed, future)` latents of the first `size` training clips of `task`, for the ridge baseline."""
     observed_frames = _observed_latent_frames(task.num_frames, future_frames)
-    latents = _encode(encoder, [task[i]["images"] for i in range(min(size, len(task)))])
+    latents = _encode(encoder, [task[i]["images"] for i in range(min(size, len(task)))], image_size)
     return latents[:, :, :observed_frames], latents[:, :, observed_frames:]
 
 
@@ -171,8 +175,9 @@ def evaluate_world_model(transformer, encoder, task_record: dict, *, eval_size: 
     """`{"rollout_eval": rollout_eval(...), "rollout_eval_baselines": baseline_forced_choice(...)}`: the
     counterfactual table of a world model trained on the synthetic motion task of `task_record`
     (`theworld.training.data.task_record`): held-out clips at seed + `EVAL_SEED_OFFSET`, the ridge baseline
-    fit on the first `train_size` training clips of the task's own seed. `statistics`: the transformer's
-    `WorldLatentStatistics` (saved with it by `theworld.train_world`), or None."""
+    fit on the first `train_size` training clips of the task's own seed; clips reach the VAE at the record's
+    `world_image_size` when the model was trained at one (`--world-image-size`), else at the task's size.
+    `statistics`: the transformer's `WorldLatentStatistics` (saved with it by `theworld.train_world`), or None."""
     from theworld.data.synthetic import SyntheticMotionTask
 
     if task_record.get("data") != "synthetic":
@@ -182,8 +187,9 @@ def evaluate_world_model(transformer, encoder, task_record: dict, *, eval_size: 
     train_task = SyntheticMotionTask(split="train", size=train_size, seed=task_record["seed"], **common)
     heldout = SyntheticMotionTask(split="heldout", size=eval_size, seed=task_record["seed"] + EVAL_SEED_OFFSET,
                                   **common)
-    ridge = RidgePredictor.fit(*encode_training_pairs(train_task, encoder, train_size))
-    counterfactuals = encode_counterfactuals(heldout, encoder, eval_size)
+    image_size = task_record.get("world_image_size")
+    ridge = RidgePredictor.fit(*encode_training_pairs(train_task, encoder, train_size, image_size=image_size))
+    counterfactuals = encode_counterfactuals(heldout, encoder, eval_size, image_size=image_size)
     return {"rollout_eval": rollout_eval(transformer, counterfactuals, ridge, steps, seed=task_record["seed"],
                                          statistics=statistics),
             "rollout_eval_baselines": baseline_forced_choice(counterfactuals, ridge)}

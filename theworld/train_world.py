@@ -110,6 +110,13 @@ class WorldModelArguments:
                           "task only); empty: none."},
     )
     rollout_eval_size: int = field(default=256, metadata={"help": "Held-out clips of the rollout evaluation."})
+    world_image_size: Optional[str] = field(
+        default=None,
+        metadata={"help": "'H,W' every clip (training, held-out and the rollout evaluation's) is resized to for the "
+                          "Cosmos VAE, both multiples of 16, as theworld.train's --world-image-size (e.g. 480,640, the "
+                          "real model's resolution; after the safety check, which sees the clips as they are). "
+                          "Default: the clips' own size."},
+    )
 
 
 @dataclass
@@ -177,10 +184,10 @@ def new_transformer(cosmos: str, shape: str):
     return CosmosTransformer3DModel.from_config(config)
 
 
-def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[int, int] | None = None):
+def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[int, tuple[int, int]] | None = None):
     """`(trainee, cosmos_dir)`: the transformer (new, loaded, or with LoRA adapters), the frozen VAE and the
-    latent statistics it trains in. `clip_shape` `(frames, side)`: the training clips' shape, which the
-    statistics need (known for the synthetic tasks: `synthetic_clip_shape`)."""
+    latent statistics it trains in. `clip_shape` `(frames, (H, W))`: the shape of the clips the VAE encodes,
+    which the statistics need (known for the synthetic tasks: `synthetic_clip_shape`)."""
     from diffusers import CosmosTransformer3DModel
     from transformers import set_seed
 
@@ -223,8 +230,8 @@ def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[
     encoder = CosmosWorldEncoder.from_pretrained(cosmos).eval()
     statistics = saved_statistics  # fixed when loaded: they define the space the loaded weights denoise in
     if measure_statistics:
-        side = clip_shape[1] // encoder.spatial_factor
-        statistics = WorldLatentStatistics(encoder.latent_channels, latent_frames(clip_shape[0]), (side, side),
+        height, width = (side // encoder.spatial_factor for side in clip_shape[1])
+        statistics = WorldLatentStatistics(encoder.latent_channels, latent_frames(clip_shape[0]), (height, width),
                                            max_clips=model_args.latent_statistics_clips)
     trainee = VideoToWorldTrainee(transformer, encoder, model_args.condition_frames, model_args.loss_weighting,
                                   model_args.sigma_mean, model_args.sigma_std, model_args.sigma_frame_scaling,
@@ -232,31 +239,40 @@ def build_trainee(model_args: WorldModelArguments, seed: int, clip_shape: tuple[
     return trainee, cosmos
 
 
-def synthetic_clip_shape(data_args) -> tuple[int, int] | None:
-    """`(frames, side)` of the training clips when the data fixes it (the synthetic motion task), else None."""
-    return (data_args.synthetic_frames, data_args.synthetic_image_size) if data_args.data == "synthetic" else None
+def synthetic_clip_shape(data_args, image_size: tuple[int, int] | None = None) -> tuple[int, tuple[int, int]] | None:
+    """`(frames, (H, W))` of the clips the VAE encodes when the data fixes it (the synthetic motion task): its
+    square side, or `image_size` when `--world-image-size` resizes them; else None."""
+    if data_args.data != "synthetic":
+        return None
+    side = data_args.synthetic_image_size
+    return data_args.synthetic_frames, image_size or (side, side)
 
 
-def collate_clips(samples: list[dict]) -> dict:
-    """Checked samples -> the trainee's input (their sanitised frames, oldest first, at their own size)."""
+def collate_clips(samples: list[dict], image_size: tuple[int, int] | None = None) -> dict:
+    """Checked samples -> the trainee's input (their sanitised frames, oldest first, resized to `image_size`
+    `(H, W)` when given, as theworld.train's processor resizes for the VAE; else at their own size)."""
     from theworld.video_processing_theworld import preprocess_world_clips
 
-    height, width = samples[0]["images"][0].shape[:2] if hasattr(samples[0]["images"][0], "shape") else \
-        samples[0]["images"][0].size[::-1]
-    if height % 16 or width % 16:
-        raise ValueError(f"clip frames are {height}x{width}; the Cosmos VAE needs sides divisible by 16: resize "
-                         "the data (e.g. --synthetic-image-size 32)")
+    if image_size is not None:
+        height, width = image_size
+    else:
+        first = samples[0]["images"][0]
+        height, width = first.shape[:2] if hasattr(first, "shape") else first.size[::-1]
+        if height % 16 or width % 16:
+            raise ValueError(f"clip frames are {height}x{width}; the Cosmos VAE needs sides divisible by 16: resize "
+                             "them with --world-image-size H,W or resize the data (e.g. --synthetic-image-size 32)")
     pixels, num_frames = preprocess_world_clips([s["images"] for s in samples], height, width)
     return {"world_pixel_values": pixels, "num_frames": num_frames}
 
 
-def heldout_batches(samples: list[dict], trainee, batch_size: int, seed: int) -> list[dict]:
+def heldout_batches(samples: list[dict], trainee, batch_size: int, seed: int,
+                    image_size: tuple[int, int] | None = None) -> list[dict]:
     """The held-out clips collated once, each with fixed noise and sigmas: every evaluation scores the same
     noisy inputs, so the held-out loss moves only with the model."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, len(samples), batch_size):
-        batch = collate_clips(samples[start : start + batch_size])
+        batch = collate_clips(samples[start : start + batch_size], image_size)
         latents = trainee.encode(**batch)
         batch["sigma"] = trainee.sample_sigma(latents.shape[0], latents.shape[2], generator=generator)
         batch["noise"] = torch.randn(latents.shape, generator=generator)
@@ -283,6 +299,7 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     from theworld.training.data import TASK_FILE, task_record
     from theworld.training.heldout import check_heldout_samples
     from theworld.training.loop import open_run, open_run_data, open_training_samples, resume_state, run_steps
+    from theworld.training.arguments import parse_world_image_size
     from theworld.training.reporting import (peak_memory_mb, reduce_sample_counts, sample_accounting,
                                              worker_and_run_fields, write_json_atomic, write_loss_curve)
     from theworld.training.state import build_train_state
@@ -293,11 +310,13 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
     if train_args.fsdp:
         raise ValueError("--fsdp is not supported by theworld.train_world: shard with --lora-r and DDP "
                          "(accelerate launch -m theworld.train_world) instead")
+    # The resize step: every clip reaches the VAE at this size (None: its own), checked before anything is built.
+    image_size = parse_world_image_size(model_args.world_image_size) if model_args.world_image_size else None
     run = open_run(train_args)
     accelerator, output_dir = run.accelerator, run.output_dir
     max_bad_samples, train_data, heldout_data, stream = open_run_data(run, data_args, train_args)
 
-    trainee, cosmos = build_trainee(model_args, train_args.seed, synthetic_clip_shape(data_args))
+    trainee, cosmos = build_trainee(model_args, train_args.seed, synthetic_clip_shape(data_args, image_size))
     if train_args.gradient_checkpointing:
         trainee.transformer.enable_gradient_checkpointing()
     if train_args.latent_cache_mb > 0:  # the VAE is frozen: a clip seen again is not encoded again
@@ -314,14 +333,14 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
         eval_samples = check_heldout_samples(heldout_data, worker, data_args, train_args, ledger_suffix)
         if not eval_samples:
             raise ValueError("no held-out clip passed the safety check; see the .eval ledgers in --output-dir")
-        heldout = heldout_batches(eval_samples, unwrapped, train_args.batch_size, train_args.seed)
+        heldout = heldout_batches(eval_samples, unwrapped, train_args.batch_size, train_args.seed, image_size)
 
         _, samples = open_training_samples(stack, run, state, stream, worker, data_args, train_args, ledger_suffix,
                                            max_bad_samples)
         run.start_trackers(model_args, data_args, train_args)
 
         def next_batch() -> dict:
-            return collate_clips([next(samples)[1] for _ in range(train_args.batch_size)])
+            return collate_clips([next(samples)[1] for _ in range(train_args.batch_size)], image_size)
 
         def evaluate(at_step: int) -> None:
             state.evals.append({"step": at_step, "eval_loss": heldout_loss(state.model, heldout, accelerator)})
@@ -337,6 +356,8 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
         stats = worker.client.stats()
 
     task = task_record(data_args, train_args.seed)
+    if image_size is not None:  # the rollout evaluation (here and scripts/eval_world_model.py) encodes at it too
+        task["world_image_size"] = image_size
     steps = tuple(int(s) for s in model_args.rollout_eval_steps.split(",") if s.strip())
     rollout = {"rollout_eval": None, "rollout_eval_baselines": None}
     eval_seconds = None
@@ -369,6 +390,10 @@ def train_world(model_args: WorldModelArguments, data_args: WorldDataArguments, 
         "cosmos_model": cosmos,
         **worker_and_run_fields(worker, stats, accelerator, run.world_size, model_args.lora_r),
         **peak_memory_mb(accelerator.device),
+        # The transformer's own switch (through peft's wrapper with --lora-r), not the flag: it says the flag acted.
+        "gradient_checkpointing": bool(getattr(unwrapped.transformer, "gradient_checkpointing", False)),
+        "world_image_size": image_size,
+        "world_latent_shape": list(heldout[0]["noise"].shape[1:]),  # [C, T, h, w]: what the resize gave the VAE
     }
     if accelerator.is_main_process:
         write_loss_curve(state.history, state.evals, output_dir / "loss_curve.png",

@@ -283,6 +283,18 @@ def load_config_file(path: str, classes: tuple = ARGUMENT_CLASSES, command: str 
     return values
 
 
+def parse_world_image_size(value: str) -> list[int]:
+    """``--world-image-size 'H,W'`` -> ``[H, W]``, checked now (before anything slow is built) by the
+    configuration's rule (``check_world_image_size``)."""
+    from theworld.configuration_theworld import check_world_image_size
+
+    try:
+        return check_world_image_size(value.split(","))
+    except ValueError:
+        raise ValueError(f"--world-image-size must be 'H,W', both positive multiples of 16 (e.g. 480,640), "
+                         f"got {value!r}") from None
+
+
 def parse_report_to(value: str) -> list[str]:
     """Tracker names of --report-to (``[]`` for 'none'); an unknown or uninstalled tracker is an error now,
     not after the model is built."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from theworld.modeling.modeling_theworld import DEFAULT_LORA_TARGET_MODULES
-from theworld.training.arguments import ModelArguments
+from theworld.training.arguments import ModelArguments, parse_world_image_size
 
 
 def build_model(model_args: ModelArguments, seed: int):
@@ -30,7 +30,7 @@ def build_model(model_args: ModelArguments, seed: int):
     if model_args.world_tokens_per_side is not None:
         options["world_tokens_per_side"] = model_args.world_tokens_per_side
     if model_args.world_image_size:
-        options["world_image_size"] = [int(v) for v in model_args.world_image_size.split(",")]
+        options["world_image_size"] = parse_world_image_size(model_args.world_image_size)
     if is_saved_theworld(gemma):
         # A TheWorld saved by an earlier run (its model/ folder) fixes its world settings; only freezing may change.
         model = load_model(gemma, freeze_gemma_language=model_args.freeze_gemma_language,
