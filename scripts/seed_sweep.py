@@ -3,7 +3,7 @@
     python scripts/seed_sweep.py --seeds 0-9 --json sweep.json
     python scripts/seed_sweep.py --seeds 0,6 --runs-dir runs/sweep --json sweep.json -- --cosmos-model OUT/cosmos
 
-For each seed, in sequence, the script runs `python -m theworld.train --seed S --output-dir RUNS_DIR/seed-S`
+For each seed, in sequence, the script runs `python -m theworld.train --seed S --output-dir DIR/seed-S`
 with the flags after `--` passed through unchanged (`--cosmos-model`, `--max-steps`, ...), prints a progress
 line per seed, and reads the run's `summary.json`. It resumes: a seed whose `summary.json` exists is read,
 not run again, and a seed whose run stopped midway continues from its last checkpoint (`--resume`). From the
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", required=True, help="seeds to run: a range (0-9), a list (0,3,6) or both (0-3,6)")
-    parser.add_argument("--runs-dir", default="runs/seed_sweep",
-                        help="each seed's run goes to RUNS_DIR/seed-S (default runs/seed_sweep); runs already "
+    parser.add_argument("--runs-dir", default="runs/seed_sweep", metavar="DIR",
+                        help="each seed's run goes to DIR/seed-S (default runs/seed_sweep); runs already "
                              "there are read or resumed, not repeated")
-    parser.add_argument("--json", default=None, help="also write the table to this file (layout above)")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the table to this file (layout above)")
     args = parser.parse_args(own)
     try:
         seeds = parse_seeds(args.seeds)
