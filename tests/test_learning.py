@@ -51,6 +51,7 @@ def short_no_world_arm(tmp_path_factory, tiny_models, caching_worker):
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # each 600-step arm takes minutes on 2 cores; a loaded machine passed 600 s in one
 @pytest.mark.parametrize("seed", SEEDS)
 def test_world_model_reads_motion_that_the_no_world_model_cannot(seed, tmp_path, tiny_models, caching_worker,
                                                                  short_no_world_arm):
@@ -67,6 +68,7 @@ def test_world_model_reads_motion_that_the_no_world_model_cannot(seed, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_default_runs_meet_the_motion_task_targets(seed, tmp_path, tiny_models, caching_worker):
     world = run_arm(tmp_path / "world", tiny_models, caching_worker.endpoint, "--seed", str(seed))["eval_by_question"]
