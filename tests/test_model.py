@@ -384,6 +384,17 @@ def test_the_frame_projection_whitens_each_latent_frame_with_running_statistics(
         WorldProjector(16, (16, 16), 64, projection="frame")  # a 128x128 world image: 8.7 s per step in eigh
 
 
+
+def test_the_mlp_projector_is_never_narrower_than_its_input():
+    """A hidden layer narrower than the `frame` input is a bottleneck that lost the motion on seed 6
+    (docs/training.md, "Every seed"); where the language model is wider than the input, it sets the width."""
+    from theworld.modeling.projector import WorldProjector
+
+    frame = WorldProjector(16, (4, 4), 64, max_frames=3, projection="frame", frame_tokens=4)
+    assert [layer.weight.shape for layer in frame.proj[::2]] == [(512, 512), (256, 512)]  # 2 x 16 x 4 x 4 values in
+    spatial = WorldProjector(16, (4, 4), 64, projection="spatial")
+    assert [layer.weight.shape for layer in spatial.proj[::2]] == [(64, 16), (64, 64)]
+
 def test_projector_stays_float32_in_a_bfloat16_model(tiny_models):
     model = load_tiny_world(tiny_models, dtype=torch.bfloat16)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16

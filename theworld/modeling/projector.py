@@ -250,8 +250,12 @@ class WorldProjector(nn.Module):
         else:
             self.standardizer = LatentStandardizer(latent_channels, max_frames, grid)
         if projector_type == "mlp":
+            # The MLP is never narrower than its input: a hidden layer narrower than a "frame" input (the tiny
+            # model's 64 for 2 x 256 whitened values) is a bottleneck that training fills with what is learnt
+            # first (the colour) and the motion is squeezed out (docs/training.md, "Every seed").
+            width = max(hidden_size, in_features)
             self.proj = nn.Sequential(
-                nn.Linear(in_features, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, out_features)
+                nn.Linear(in_features, width), nn.GELU(approximate="tanh"), nn.Linear(width, out_features)
             )
         elif projector_type == "linear":
             self.proj = nn.Sequential(nn.Linear(in_features, out_features))
