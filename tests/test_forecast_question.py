@@ -101,3 +101,41 @@ def test_the_forecast_question_refuses_scenes_its_zones_do_not_tile():
     with pytest.raises(ValueError, match="'future' question needs image_size a multiple of 4 \\* cell"):
         SyntheticMotionTask(image_size=48, questions=FORECAST_TASK)
     SyntheticMotionTask(image_size=48)  # without the forecast question the scene is fine
+
+
+def test_question_types_flag_sets_the_mix_of_both_splits_and_is_recorded_for_evaluation():
+    from theworld.data.sources import DataError
+    from theworld.train import parse_args
+    from theworld.training import open_datasets, synthetic_task, task_record
+
+    _, data_args, _ = parse_args(["--question-types", "direction,colour,future", "--synthetic-size", "64",
+                                  "--synthetic-eval-size", "32"])
+    train, heldout = open_datasets(data_args, seed=0)
+    assert train.questions == heldout.questions == FORECAST_TASK
+    record = task_record(data_args, seed=0)
+    assert record["questions"] == list(FORECAST_TASK)
+    rebuilt = synthetic_task(json.loads(json.dumps(record)), "heldout", 32)  # as scripts/eval_world.py does
+    assert rebuilt == heldout
+    # The default run records no questions and asks the default ones.
+    _, default_args, _ = parse_args([])
+    assert "questions" not in task_record(default_args, seed=0)
+    assert open_datasets(default_args, seed=0)[0].questions == DEFAULT_MOTION_QUESTIONS
+    for bad, message in ((["--question-types", "direction,when"], "--question-types direction,when: questions must"),
+                         (["--question-types", "future", "--data", "x.jsonl", "--eval-data", "y.jsonl"],
+                          "leave --question-types out")):
+        with pytest.raises(DataError, match=message):
+            open_datasets(parse_args(bad)[1], seed=0)
+
+
+def test_eval_by_question_reports_the_forecast_like_the_other_questions(tiny_world_model):
+    from theworld.evaluation import evaluate_by_question, format_table
+
+    task = SyntheticMotionTask(split="heldout", size=12, questions=FORECAST_TASK)
+    samples = [task[i] for i in range(len(task))]
+    result = evaluate_by_question(tiny_world_model, samples, batch_size=12)
+    assert set(result) == set(FORECAST_TASK)
+    future = result["future"]
+    assert set(future) == {"accuracy", "ci_low", "ci_high", "majority", "n", "shuffled_world"}
+    assert future["n"] == sum(s["question_type"] == "future" for s in samples)
+    assert "reversed_flips" in result["direction"]  # only the direction has an answer that a reversal flips
+    assert "future" in format_table([("held-out", result)])

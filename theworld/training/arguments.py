@@ -94,7 +94,7 @@ class DataArguments:
     data: str = field(
         default="synthetic",
         metadata={"help": "Training data: 'synthetic' (the built-in motion task: clips of a moving square, asked "
-                          "its direction or colour), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
+                          "its direction or colour, see --question-types), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
                           "(image or clip frame paths, or a video path, + chat messages, see theworld.data.sources), "
                           "a glob of local parquet or webdataset .tar shards read as a stream (quote it; see "
                           "theworld.data.shards), a directory written by datasets' save_to_disk, or a folder written "
@@ -135,6 +135,15 @@ class DataArguments:
     synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
     synthetic_frames: int = field(
         default=9, metadata={"help": "Frames per clip of the motion task (1 + 4k: 9 frames are 3 Cosmos latent frames)."}
+    )
+    question_types: Optional[str] = field(
+        default=None,
+        metadata={"help": "Question kinds of the synthetic task, comma-separated (e.g. direction,colour,future). "
+                          "'synthetic': any of direction, colour and future (the forecast: in which zone A-D the "
+                          "square will be 4 frames after the last one; docs/imagination.md); default "
+                          "direction,colour. 'synthetic-arrow': any of colour, position, direction; default all "
+                          "three. The training split asks direction and future three times as often as colour, "
+                          "the held-out split each kind equally often."},
     )
     blocked_fraction: float = field(
         default=0.05,
