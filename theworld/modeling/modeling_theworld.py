@@ -16,6 +16,7 @@ Without world inputs, or with `enable_world=False`, it is exactly `Gemma3ForCond
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from theworld.modeling.fusion import IGNORE_INDEX
 from theworld.modeling.latent_statistics import WorldLatentStatistics
 from theworld.modeling.projector import LatentStandardizer, LatentWhitener, WorldProjector
 from theworld.modeling.rollout import RolloutConfig, rollout_world_latents
-from theworld.modeling.world_encoder import CosmosWorldEncoder
+from theworld.modeling.world_encoder import CosmosWorldEncoder, LatentCache, module_digest
 
 TRAINABLE_WEIGHTS_NAME = "theworld_trainable.safetensors"
 # peft's file name for a LoRA configuration: the language model's adapter, when it has one.
@@ -90,6 +91,10 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.language_adapter_config = None
         # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting).
         self.rollout_config = RolloutConfig()
+        # Set to a `LatentCache` to reuse the rollouts of clips rolled out before (`roll_out`: only while the
+        # Cosmos transformer is frozen); None rolls every batch out with one seeded noise draw.
+        self.rollout_cache: LatentCache | None = None
+        self._world_model_digest: bytes | None = None
         if config.enable_world:
             height, width = config.resolved_world_image_size
             self.world_projector = WorldProjector(
@@ -251,6 +256,7 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.world_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(repo, subfolder="scheduler")
         # A transformer post-trained by theworld.train_world may denoise standardised latents: roll out in its space.
         self.world_latent_statistics = WorldLatentStatistics.load(repo)
+        self._world_model_digest = None  # another world model: rollout cache keys change with it
 
     def _load_trainable_weights(self, weights_file: Path) -> None:
         if not weights_file.is_file():
@@ -361,10 +367,44 @@ class TheWorld(Gemma3ForConditionalGeneration):
         if self.world_transformer is None:
             self.load_world_rollout_components()
         steps = self.config.num_world_steps if steps is None else steps
-        rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents, steps,
-                                       config=config or self.rollout_config, statistics=self.world_latent_statistics)
+        config = config or self.rollout_config
+        frozen = not any(p.requires_grad for p in self.world_transformer.parameters())
+        if self.rollout_cache is not None and frozen:
+            future = self._roll_out_cached(latents, steps, config)
+        else:
+            future = rollout_world_latents(self.world_transformer, self.world_scheduler, latents, steps, config=config,
+                                           statistics=self.world_latent_statistics)[:, :, latents.shape[2]:]
         # The sampler leaves the observed frames at sigma_min noise: keep their exact (differentiable) latents.
-        return torch.cat([latents, rolled[:, :, latents.shape[2]:].to(latents.dtype)], dim=2)
+        return torch.cat([latents, future.to(latents.dtype)], dim=2)
+
+    def _roll_out_cached(self, latents: torch.Tensor, steps: int, config: RolloutConfig) -> torch.Tensor:
+        """The future latent frames `[B, C, steps, h, w]` of each clip, from `rollout_cache` or rolled out.
+
+        With the cache, a clip's rollout is a function of the clip alone, so that reusing it is exact: its
+        noise is drawn from a generator seeded by the cache key (the clip's latents, the world model's
+        weights and latent statistics, `steps` and every field of `config`, the seed included), not from
+        one draw for the whole batch (which would give a clip other noise in another batch), and each clip
+        missing from the cache is rolled out alone (the transformer rounds differently with the batch
+        size, as the VAE does: `LatentCache`). A resumed run, whose cache starts empty, therefore rolls
+        out exactly what the uninterrupted run cached."""
+        if self._world_model_digest is None:
+            self._world_model_digest = module_digest(self.world_transformer, self.world_latent_statistics)
+        context = self._world_model_digest + repr((steps, dataclasses.astuple(config))).encode()
+        rows = []
+        for row in range(latents.shape[0]):
+            key = LatentCache.key(latents[row], context)
+            future = self.rollout_cache.get(key)
+            if future is None:
+                generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+                shape = (1, latents.shape[1], latents.shape[2] + steps, *latents.shape[3:])
+                noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+                rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents[row : row + 1],
+                                               steps, config=config, noise=noise,
+                                               statistics=self.world_latent_statistics)
+                future = rolled[0, :, latents.shape[2]:]
+                self.rollout_cache.put(key, future)
+            rows.append(future)
+        return torch.stack(rows)
 
     def world_latent_frames(self, world_num_frames: torch.Tensor) -> torch.Tensor:
         """Latent frames of each row's world (its clip's plus the rollout's) from its video frame counts."""

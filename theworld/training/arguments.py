@@ -60,6 +60,12 @@ class ModelArguments:
     num_world_steps: int = field(
         default=0, metadata={"help": "Future latent frames rolled out by the Cosmos transformer and added as world tokens."}
     )
+    world_rollout_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sampling steps of the world rollout when --num-world-steps > 0 (default: the pipeline's "
+                          "35). The rollout is the Video2World pipeline's loop, whose last step moves nothing: N "
+                          "steps make N - 1 moves, so N must be at least 2."},
+    )
     freeze_gemma_language: bool = field(
         default=False,
         metadata={"help": "Freeze Gemma's language model (embeddings, decoder, LM head). The world projector "
@@ -222,6 +228,14 @@ class TrainArguments:
         default=1024,
         metadata={"help": "Memory for the Cosmos latents of clips already encoded (a frozen VAE encodes a clip the "
                           "same way every time, so later epochs and evaluations reuse them); 0 turns it off."},
+    )
+    rollout_cache_mb: float = field(
+        default=256,
+        metadata={"help": "Memory for the world rollouts of clips already rolled out (--num-world-steps > 0): a frozen "
+                          "Cosmos transformer with noise seeded per clip rolls a clip out the same way every time, so "
+                          "later epochs and evaluations reuse it (keyed on the clip's latents, the world model and the "
+                          "sampling settings, seed included; each new clip is rolled out alone). 0 turns it off: "
+                          "every batch is then rolled out with one seeded noise draw."},
     )
     safety_endpoint: Optional[str] = field(
         default=None,
