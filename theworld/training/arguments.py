@@ -234,7 +234,7 @@ class TrainArguments:
         metadata={"help": "Memory for the world rollouts of clips already rolled out (--num-world-steps > 0): a frozen "
                           "Cosmos transformer with noise seeded per clip rolls a clip out the same way every time, so "
                           "later epochs and evaluations reuse it (keyed on the clip's latents, the world model and the "
-                          "sampling settings, seed included; each new clip is rolled out alone). 0 turns it off: "
+                          "sampling settings, seed included). 0 turns it off: "
                           "every batch is then rolled out with one seeded noise draw."},
     )
     safety_endpoint: Optional[str] = field(
