@@ -238,9 +238,10 @@ class SyntheticMotionTask(_BlockedSet):
     The scene is a torus (the square leaving one edge re-enters at the other) and the last frame's
     top/left lies on a lattice of ``cell`` pixels, uniform over it. With the default 9 frames the square
     travels 8 px, one cell, so the first frame is uniform over the same lattice and a time-reversed clip
-    is exactly a clip this task draws (the opposite direction, ending where the original started): no
-    frame alone says anything about the direction, and reading a reversed clip needs nothing the model
-    was not trained on. Why a lattice of 8 px and a faint background (pixels in ``[0, 4)``; was
+    is exactly a clip this task draws (the opposite direction, ending where the original started):
+    neither the first nor the last frame alone says anything about the direction (a middle frame's
+    offset from the lattice does; docs/imagination.md), and reading a reversed clip needs nothing the
+    model was not trained on. Why a lattice of 8 px and a faint background (pixels in ``[0, 4)``; was
     ``[0, 48)``): the tiny Cosmos VAE downsamples by 8 and mixes every pixel into every latent cell (a
     square in one cell changes all 16 cells' latents), so motion at arbitrary sub-cell positions, or a
     per-clip background at the square's scale, make the latents of one motion unlike each other.
