@@ -18,7 +18,8 @@ probe, stay at chance. A middle frame is another matter, for this question as fo
 (the task's design, not the forecast's): the last position lies on the 8-px lattice, so a middle frame's
 offset from it (1-7 px along the axis of motion) says the direction, and with its position the answer;
 only the middle frame (offset 4 both ways) reads half. No single Cosmos latent frame after the first
-holds one frame alone: the causal VAE's later latent frames each cover four frames.
+holds one frame alone: the causal VAE's later latent frames each cover four frames. The script prints
+every frame's probe for both questions.
 """
 from __future__ import annotations
 
@@ -70,21 +71,37 @@ def fit_lookup(features: list, answers: list[str]):
     return lambda feature: table.get(feature, fallback)
 
 
+def question_rows(question: str, split: str, size: int, seed: int) -> list[tuple[dict, str]]:
+    """``(clip_features, answer)`` of ``size`` samples of the motion task asking ``question`` only."""
+    from theworld.data.synthetic import SyntheticMotionTask
+
+    task = SyntheticMotionTask(split=split, size=size, seed=seed, questions=(question,))
+    return [(clip_features(task[i]), task[i]["answer"]) for i in range(len(task))]
+
+
+def probe_accuracy(read, train_rows, eval_rows) -> float:
+    """Held-out accuracy of a lookup probe of the feature ``read(features)`` fit on ``train_rows``."""
+    predict = fit_lookup([read(f) for f, _ in train_rows], [a for _, a in train_rows])
+    return float(np.mean([predict(read(f)) == a for f, a in eval_rows]))
+
+
 def measure(train_size: int = 2048, eval_size: int = 1024, seed: int = 0) -> dict:
-    """Held-out accuracy of every baseline on the forecast question; see the module docstring."""
+    """Held-out accuracy of every baseline on the forecast question, and of the same single-frame probes
+    on the direction question (``direction_question_frames``); see the module docstring."""
     from theworld.data.synthetic import SyntheticMotionTask, forecast_zone
 
-    train = SyntheticMotionTask(split="train", size=train_size, seed=seed, questions=("future",))
     heldout = SyntheticMotionTask(split="heldout", size=eval_size, seed=seed, questions=("future",))
-    train_rows = [(clip_features(train[i]), train[i]["answer"]) for i in range(len(train))]
-    eval_rows = [(clip_features(heldout[i]), heldout[i]["answer"]) for i in range(len(heldout))]
+    train_rows = question_rows("future", "train", train_size, seed)
+    eval_rows = question_rows("future", "heldout", eval_size, seed)
     num_frames = heldout.num_frames
 
     def probe(read) -> float:
-        predict = fit_lookup([read(f) for f, _ in train_rows], [a for _, a in train_rows])
-        return float(np.mean([predict(read(f)) == a for f, a in eval_rows]))
+        return probe_accuracy(read, train_rows, eval_rows)
 
     frame_probes = [probe(lambda f, t=t: f["positions"][t]) for t in range(num_frames)]
+    direction_rows = (question_rows("direction", "train", train_size, seed),
+                      question_rows("direction", "heldout", eval_size, seed))
+    direction_frames = [probe_accuracy(lambda f, t=t: f["positions"][t], *direction_rows) for t in range(num_frames)]
     ahead = heldout.forecast_frames
 
     def rule(f) -> str:
@@ -102,6 +119,7 @@ def measure(train_size: int = 2048, eval_size: int = 1024, seed: int = 0) -> dic
         "frames": frame_probes,
         "direction": probe(lambda f: f["step"]),
         "position_and_direction": float(np.mean([rule(f) == a for f, a in eval_rows])),
+        "direction_question_frames": direction_frames,
     }
 
 
@@ -117,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({result['n_eval']} held-out samples, probes fit on {result['n_train']})")
     for key in ("majority", "last_frame", "first_frame", "best_middle_frame", "direction", "position_and_direction"):
         print(f"  {key:<24} {result[key]:.3f}")
+    print("single-frame probes, frame 0 (first) to the last:")
+    print("  forecast question       ", " ".join(f"{v:.3f}" for v in result["frames"]))
+    print("  direction question      ", " ".join(f"{v:.3f}" for v in result["direction_question_frames"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
