@@ -404,7 +404,9 @@ class TheWorld(Gemma3ForConditionalGeneration):
             rolled = rollout_world_latents(self.world_transformer, self.world_scheduler, latents[missing], steps,
                                            config=config, noise=noise, statistics=self.world_latent_statistics)
             for k, row in enumerate(missing):
-                rows[row] = rolled[k, :, latents.shape[2]:]
+                # A copy: a view would keep the whole batch's rollout, observed frames included, alive in
+                # the cache while it counts only the future frames' bytes against its bound.
+                rows[row] = rolled[k, :, latents.shape[2]:].clone()
                 self.rollout_cache.put(keys[row], rows[row])
         return torch.stack(rows)
 
