@@ -124,6 +124,9 @@ class WorldDataArguments(DataArguments):
     eval_size: int = field(
         default=64, metadata={"help": "Held-out clips (checked by the worker once) whose denoising loss is evaluated."}
     )
+    question_types: Optional[str] = field(
+        default=None, metadata={"help": "Not used by train_world (it trains on the clips; their questions are ignored)."}
+    )
 
 
 @dataclass
@@ -139,6 +142,8 @@ class WorldTrainArguments(TrainArguments):
     fsdp: bool = field(default=False, metadata={"help": "Not supported by train_world (an error): use --lora-r, "
                                                         "with DDP across processes."})
     heldout_examples: int = field(default=0, metadata={"help": "Not used by train_world (it has no answers to show)."})
+    rollout_cache_mb: float = field(default=0, metadata={"help": "Not used by train_world (it trains the transformer "
+                                                                 "whose rollouts theworld.train caches)."})
 
 
 ARGUMENT_CLASSES = (WorldModelArguments, WorldDataArguments, WorldTrainArguments)

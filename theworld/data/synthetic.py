@@ -2,7 +2,8 @@
 
 - ``SyntheticMotionTask`` (the default of ``python -m theworld.train``): a clip of a coloured square
   moving over a static noisy background. Its direction can only be read *across* frames (the last
-  frame's position is drawn independently of the direction), its colour from any frame.
+  frame's position is drawn independently of the direction), its colour from any frame; the forecast
+  question ("future", not asked by default) needs the last position *and* the motion.
 - ``SyntheticWorldTask`` (``--data synthetic-arrow``): one image of an arrow.
 
 The arrow task: each image shows one coloured arrow-shaped triangle in one quadrant of a noisy
@@ -37,7 +38,13 @@ STEPS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 MOTION_QUESTIONS = {
     "direction": "Which way is the square moving?",
     "colour": "What colour is the square?",
+    "future": "In which zone will the square be {frames} frames after the last one?",
 }
+# What SyntheticMotionTask asks unless told otherwise: the forecast question is opt-in, so the default
+# task (and every run, cache and result built on it) stays what it was before "future" existed.
+DEFAULT_MOTION_QUESTIONS = ("direction", "colour")
+# The answers of the forecast question, in zone order (see `forecast_zone`).
+ZONES = ("A", "B", "C", "D")
 QUESTIONS = {
     "colour": "What colour is the arrow?",
     "position": "Where is the arrow?",
@@ -144,8 +151,15 @@ def draw_motion_clip(image_size: int, num_frames: int, colour: str, direction: s
     ``cell`` pixels, and a time-reversed clip is then exactly a clip of the opposite direction that the
     task draws as well. Background pixels are uniform in ``[0, background)``.
     """
+    return _motion_clip(image_size, num_frames, colour, direction, square, rng, cell, background)[0]
+
+
+def _motion_clip(image_size: int, num_frames: int, colour: str, direction: str, square: int,
+                 rng: np.random.Generator, cell: int, background: int) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """``draw_motion_clip``'s frames and the last frame's top/left (the forecast question's start)."""
     background_pixels, last = _motion_scene(image_size, square, rng, cell, background)
-    return _draw_square_path(background_pixels, colour, square, _straight_path(last, STEPS[direction], num_frames))
+    frames = _draw_square_path(background_pixels, colour, square, _straight_path(last, STEPS[direction], num_frames))
+    return frames, last
 
 
 def _motion_scene(image_size: int, square: int, rng: np.random.Generator, cell: int,
@@ -176,6 +190,26 @@ def _draw_square_path(background_pixels: np.ndarray, colour: str, square: int,
     return frames
 
 
+def forecast_zone(top: int, left: int, image_size: int, square: int, cell: int = 8) -> str:
+    """The zone (one of ``ZONES``) of a square at ``top``/``left`` half a cell off the lattice along one axis:
+    where the forecast question's square is ``cell // 2`` frames after the last one.
+
+    Its centre then lies on the midpoint of an edge of the ``cell``-pixel grid. With ``(a, b)`` its
+    column and row in half cells (odd ``b``: the centre lies on a horizontal grid line), the zone is
+    ``((a + 1) // 2 + (b + 1) // 2 + 2 * (b % 2)) % 4``. Why this map and not quadrants: from a last cell
+    ``(i, j)`` it gives zone ``(i + j + k) % 4`` with ``k`` = 0, 1, 2, 3 for left, right, up, down, so the four
+    directions lead to four different zones (the last frame alone is at chance, 1 in 4) and, the map being
+    balanced, so does one direction from every cell (the motion alone is at chance too); quadrants put two
+    of the four moves in the square's own quadrant (a last-frame probe reads 50 %). On a 32-px scene with
+    9-frame clips the first frame is at chance as well; a middle frame is not, as for the direction
+    question (its offset from the lattice says the direction; ``scripts/forecast_baselines.py``).
+    """
+    half = cell // 2
+    offset = (cell - square) // 2
+    a, b = ((left - offset) % image_size) // half, ((top - offset) % image_size) // half
+    return ZONES[((a + 1) // 2 + (b + 1) // 2 + 2 * (b % 2)) % 4]
+
+
 # What the square does after the observed frames in the counterfactual rollout evaluation: its step per
 # frame as a function of its step so far (rows, columns; rows grow downwards). "continues" is the truth.
 CONTINUATIONS = {
@@ -194,14 +228,20 @@ class SyntheticMotionTask(_BlockedSet):
     Each sample is a clip of ``num_frames`` frames (oldest first) of a square of one of four colours
     moving up, down, left or right by one pixel per frame over a static noisy background, and one
     question: its direction of motion (answerable only across frames: the last frame's position is
-    drawn independently of the direction) or its colour (a control, answerable from the last frame).
+    drawn independently of the direction), its colour (a control, answerable from the last frame) or,
+    when ``questions`` includes ``"future"``, the forecast: in which zone (``ZONES``, see
+    ``forecast_zone``) the square will be ``forecast_frames`` (half a cell: 4) frames after the last one,
+    were it to move on. Every zone is equally likely; neither the last position nor the direction alone
+    says anything about it, both together say everything, and 4 frames are one Cosmos latent frame, so
+    a correct one-step rollout shows it.
 
     The scene is a torus (the square leaving one edge re-enters at the other) and the last frame's
     top/left lies on a lattice of ``cell`` pixels, uniform over it. With the default 9 frames the square
     travels 8 px, one cell, so the first frame is uniform over the same lattice and a time-reversed clip
-    is exactly a clip this task draws (the opposite direction, ending where the original started): no
-    frame alone says anything about the direction, and reading a reversed clip needs nothing the model
-    was not trained on. Why a lattice of 8 px and a faint background (pixels in ``[0, 4)``; was
+    is exactly a clip this task draws (the opposite direction, ending where the original started):
+    neither the first nor the last frame alone says anything about the direction (a middle frame's
+    offset from the lattice does; docs/imagination.md), and reading a reversed clip needs nothing the
+    model was not trained on. Why a lattice of 8 px and a faint background (pixels in ``[0, 4)``; was
     ``[0, 48)``): the tiny Cosmos VAE downsamples by 8 and mixes every pixel into every latent cell (a
     square in one cell changes all 16 cells' latents), so motion at arbitrary sub-cell positions, or a
     per-clip background at the square's scale, make the latents of one motion unlike each other.
@@ -223,19 +263,23 @@ class SyntheticMotionTask(_BlockedSet):
         background: background pixels are uniform in ``[0, background)``, static over the clip.
         blocked_fraction: fraction of samples whose user text carries the tiny guard's blocked phrase;
             exactly ``round(blocked_fraction * size)`` samples, listed by ``blocked_ids``.
-        questions: which question kinds to ask, a subset of ``MOTION_QUESTIONS``.
+        questions: which question kinds to ask, a subset of ``MOTION_QUESTIONS``; default
+            ``DEFAULT_MOTION_QUESTIONS`` (direction and colour: the samples are those of the task before
+            the forecast question existed, bit for bit). ``"future"`` needs a scene of a multiple of 4
+            cells per side and an even ``cell - square``.
         question_weights: how often each of ``questions`` is asked, relative to the others. Default: the
             held-out split asks each equally often (each type is measured on as many samples as the
             other); the training split asks the direction three times as often as the colour
             (``TRAIN_QUESTION_WEIGHTS``): the direction is the hard question and the colour is learnt
             from the image anyway. Measured with an ad-hoc in-process loop at the trainer's defaults (1200 steps of 16, seeds 1-3):
             direction 77 / 62 / 87 % with equal shares, 96 / 98 / 98 % with 3 : 1; colour 100 % in both
-            (seeds 0-6 with 3 : 1 in docs/training.md: five of seven learn the direction).
+            (seeds 0-6 with 3 : 1 in docs/training.md: five of seven learn the direction). The forecast
+            question, when asked, gets the direction's weight, 3 (by analogy, not measured yet).
 
     Each sample is ``{"id", "images": [F uint8 HxWx3 frames], "messages", "question_type", "answer"}``.
     """
 
-    TRAIN_QUESTION_WEIGHTS = {"direction": 3.0, "colour": 1.0}
+    TRAIN_QUESTION_WEIGHTS = {"direction": 3.0, "colour": 1.0, "future": 3.0}
 
     split: str = "train"
     size: int = 2048
@@ -244,7 +288,7 @@ class SyntheticMotionTask(_BlockedSet):
     image_size: int = 32
     square: int = 6
     blocked_fraction: float = 0.0
-    questions: tuple[str, ...] = tuple(MOTION_QUESTIONS)
+    questions: tuple[str, ...] = DEFAULT_MOTION_QUESTIONS
     cell: int = 8
     background: int = 4
     question_weights: tuple[float, ...] | None = None
@@ -265,6 +309,10 @@ class SyntheticMotionTask(_BlockedSet):
             raise ValueError(f"image_size must be a multiple of cell={self.cell}, got {self.image_size}")
         if not 1 <= self.background <= 256:
             raise ValueError(f"background must be between 1 and 256, got {self.background}")
+        if "future" in self.questions and ((self.image_size // self.cell) % 4 or (self.cell - self.square) % 2):
+            raise ValueError(f"the 'future' question needs image_size a multiple of 4 * cell = {4 * self.cell} and an "
+                             f"even cell - square (its zones repeat every 4 cells and sit on half cells), got "
+                             f"image_size={self.image_size}, cell={self.cell}, square={self.square}")
         # On a torus a clip must travel less than half way round: otherwise the shorter way from its first
         # position to its last is not its direction of motion.
         if 2 * (self.num_frames - 1) >= self.image_size:
@@ -288,6 +336,12 @@ class SyntheticMotionTask(_BlockedSet):
             weights = [1.0] * len(self.questions)
         return {q: w / sum(weights) for q, w in zip(self.questions, weights)}
 
+    @property
+    def forecast_frames(self) -> int:
+        """How many frames after the last one the forecast question asks about: half a cell, so the square
+        is then off the lattice along its axis of motion, centred on a cell edge (see ``forecast_zone``)."""
+        return self.cell // 2
+
     def sample_id(self, index: int) -> str:
         return f"motion-{self.split}-{index:06d}"
 
@@ -296,10 +350,17 @@ class SyntheticMotionTask(_BlockedSet):
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
         kind = self.questions[rng.choice(len(self.questions), p=list(self.question_shares.values()))]
-        frames = draw_motion_clip(self.image_size, self.num_frames, colour, direction, self.square, rng,
-                                  self.cell, self.background)
-        answer = {"colour": colour, "direction": direction}[kind]
-        return self._sample(index, MOTION_QUESTIONS[kind], kind, answer, frames)
+        frames, last = _motion_clip(self.image_size, self.num_frames, colour, direction, self.square, rng,
+                                    self.cell, self.background)
+        if kind == "future":
+            step = STEPS[direction]
+            ahead = self.forecast_frames
+            answer = forecast_zone(last[0] + step[0] * ahead, last[1] + step[1] * ahead, self.image_size,
+                                   self.square, self.cell)
+        else:
+            answer = {"colour": colour, "direction": direction}[kind]
+        question = MOTION_QUESTIONS[kind].format(frames=self.forecast_frames)
+        return self._sample(index, question, kind, answer, frames)
 
     def counterfactual_clips(self, index: int, future_frames: int = 4) -> dict[str, list[np.ndarray]]:
         """Sample ``index``'s clip and its alternatives: ``{continuation: frames}`` for every key of

@@ -44,9 +44,12 @@ class LatentCache:
         self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @staticmethod
-    def key(pixels: torch.Tensor) -> bytes:
+    def key(pixels: torch.Tensor, context: bytes = b"") -> bytes:
+        """Digest of a tensor's values and shape; ``context`` (e.g. the model and settings that turn it into
+        what is cached) is hashed with it, so that one cache class serves latents and rollouts alike."""
         data = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        return hashlib.blake2b(data.tobytes(), digest_size=16, person=str(tuple(data.shape)).encode()[:16]).digest()
+        return hashlib.blake2b(data.tobytes() + context, digest_size=16,
+                               person=str(tuple(data.shape)).encode()[:16]).digest()
 
     def get(self, key: bytes) -> torch.Tensor | None:
         latents = self._entries.get(key)
@@ -70,6 +73,18 @@ class LatentCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def module_digest(*modules: nn.Module | None) -> bytes:
+    """Digest of the names, dtypes, shapes and values of the modules' parameters and buffers (None counts as
+    a module of its own): the identity of a frozen model in cache keys."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        digest.update(b"<module>" if module is not None else b"<none>")
+        for name, tensor in (module.state_dict() if module is not None else {}).items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()
 
 
 class CosmosWorldEncoder(nn.Module):

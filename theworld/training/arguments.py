@@ -60,6 +60,12 @@ class ModelArguments:
     num_world_steps: int = field(
         default=0, metadata={"help": "Future latent frames rolled out by the Cosmos transformer and added as world tokens."}
     )
+    world_rollout_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sampling steps of the world rollout when --num-world-steps > 0 (default: the pipeline's "
+                          "35). The rollout is the Video2World pipeline's loop, whose last step moves nothing: N "
+                          "steps make N - 1 moves, so N must be at least 2."},
+    )
     freeze_gemma_language: bool = field(
         default=False,
         metadata={"help": "Freeze Gemma's language model (embeddings, decoder, LM head). The world projector "
@@ -94,7 +100,7 @@ class DataArguments:
     data: str = field(
         default="synthetic",
         metadata={"help": "Training data: 'synthetic' (the built-in motion task: clips of a moving square, asked "
-                          "its direction or colour), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
+                          "its direction or colour, see --question-types), 'synthetic-arrow' (the single-image arrow task), a .jsonl file "
                           "(image or clip frame paths, or a video path, + chat messages, see theworld.data.sources), "
                           "a glob of local parquet or webdataset .tar shards read as a stream (quote it; see "
                           "theworld.data.shards), a directory written by datasets' save_to_disk, or a folder written "
@@ -135,6 +141,15 @@ class DataArguments:
     synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
     synthetic_frames: int = field(
         default=9, metadata={"help": "Frames per clip of the motion task (1 + 4k: 9 frames are 3 Cosmos latent frames)."}
+    )
+    question_types: Optional[str] = field(
+        default=None,
+        metadata={"help": "Question kinds of the synthetic task, comma-separated (e.g. direction,colour,future). "
+                          "'synthetic': any of direction, colour and future (the forecast: in which zone A-D the "
+                          "square will be 4 frames after the last one; docs/imagination.md); default "
+                          "direction,colour. 'synthetic-arrow': any of colour, position, direction; default all "
+                          "three. The training split asks direction and future three times as often as colour, "
+                          "the held-out split each kind equally often."},
     )
     blocked_fraction: float = field(
         default=0.05,
@@ -213,6 +228,14 @@ class TrainArguments:
         default=1024,
         metadata={"help": "Memory for the Cosmos latents of clips already encoded (a frozen VAE encodes a clip the "
                           "same way every time, so later epochs and evaluations reuse them); 0 turns it off."},
+    )
+    rollout_cache_mb: float = field(
+        default=256,
+        metadata={"help": "Memory for the world rollouts of clips already rolled out (--num-world-steps > 0): a frozen "
+                          "Cosmos transformer with noise seeded per clip rolls a clip out the same way every time, so "
+                          "later epochs and evaluations reuse it (keyed on the clip's latents, the world model and the "
+                          "sampling settings, seed included). 0 turns it off: "
+                          "every batch is then rolled out with one seeded noise draw."},
     )
     safety_endpoint: Optional[str] = field(
         default=None,

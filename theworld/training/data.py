@@ -20,11 +20,19 @@ def open_datasets(data_args: DataArguments, seed: int):
     from theworld.data.shards import ShardSource, is_shard_spec
     from theworld.data.sources import DataError, DiskDataset, JsonlDataset
 
+    if data_args.question_types is not None and data_args.data not in SYNTHETIC_TASKS:
+        raise DataError(f"--question-types chooses the questions of the synthetic tasks ({', '.join(SYNTHETIC_TASKS)}); "
+                        f"{data_args.data} brings its own questions: leave --question-types out")
+
     def open_one(spec: str, split: str):
         if spec in SYNTHETIC_TASKS:
             size = data_args.synthetic_size if split == "train" else data_args.synthetic_eval_size
             fraction = data_args.blocked_fraction if split == "train" else 0.0
-            return synthetic_task({**task_record(data_args, seed), "data": spec}, split, size, fraction)
+            try:
+                return synthetic_task({**task_record(data_args, seed), "data": spec}, split, size, fraction)
+            except ValueError as e:  # e.g. an unknown question type: a start-up error naming the flag
+                raise DataError(f"--question-types {data_args.question_types}: {e}" if data_args.question_types
+                                else str(e)) from None
         if spec.endswith(".jsonl"):
             return JsonlDataset(spec)
         if is_curated(spec):
@@ -75,12 +83,15 @@ def synthetic_task(record: dict, split: str, size: int, blocked_fraction: float 
     """The synthetic task of a `task_record` (``data`` "synthetic" or "synthetic-arrow"), one split of it."""
     from theworld.data.synthetic import SyntheticMotionTask, SyntheticWorldTask
 
+    # A record without "questions" (the default, and every record older than --question-types) asks the
+    # task's default questions.
+    questions = {"questions": tuple(record["questions"])} if "questions" in record else {}
     if record["data"] == "synthetic-arrow":
         return SyntheticWorldTask(split=split, size=size, seed=record["seed"], image_size=record["image_size"],
-                                  blocked_fraction=blocked_fraction)
+                                  blocked_fraction=blocked_fraction, **questions)
     if record["data"] == "synthetic":
         return SyntheticMotionTask(split=split, size=size, seed=record["seed"], num_frames=record["num_frames"],
-                                   image_size=record["image_size"], blocked_fraction=blocked_fraction)
+                                   image_size=record["image_size"], blocked_fraction=blocked_fraction, **questions)
     raise ValueError(f"{record['data']!r} is not a synthetic task ({', '.join(SYNTHETIC_TASKS)})")
 
 
@@ -90,7 +101,14 @@ def task_record(data_args: DataArguments, seed: int) -> dict:
     if data_args.data in SYNTHETIC_TASKS:
         record.update(image_size=data_args.synthetic_image_size, eval_size=data_args.synthetic_eval_size,
                       num_frames=data_args.synthetic_frames if data_args.data == "synthetic" else 1)
+        if data_args.question_types is not None:
+            record["questions"] = parse_question_types(data_args.question_types)
     return record
+
+
+def parse_question_types(value: str) -> list[str]:
+    """``--question-types 'direction,colour,future'`` -> the names in order (the task checks them)."""
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def is_curated(spec: str) -> bool:

@@ -23,7 +23,7 @@ from theworld.training.arguments import DataArguments, ModelArguments, TrainArgu
 from theworld.training.checkpoints import CHECKPOINT_DIR, checkpoint_dirs
 from theworld.training.data import TASK_FILE, check_curated_identity, open_datasets, task_record, training_stream
 from theworld.training.heldout import EVAL_BATCH_SIZE, check_heldout_samples, prepare_heldout, to_device
-from theworld.training.model import build_model, world_projector_parameters
+from theworld.training.model import build_model, configure_rollout, world_projector_parameters
 from theworld.training.reporting import (MetricsLog, build_summary, log_heldout_examples, peak_memory_mb,
                                          reduce_sample_counts, worker_and_run_fields, write_json_atomic,
                                          write_loss_curve)
@@ -240,6 +240,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if model.world_encoder is not None and model.config.freeze_cosmos_vae and train_args.latent_cache_mb > 0:
         # A frozen VAE encodes a clip the same way every time: later epochs and evaluations reuse it.
         model.world_encoder.cache = LatentCache(max_bytes=int(train_args.latent_cache_mb * 2**20))
+    configure_rollout(model, model_args.world_rollout_steps, train_args.rollout_cache_mb)
     collator = TheWorldCollator(model)
     # `--fsdp`, or an accelerate config with FSDP (GPUs: accelerate runs a CPU launch as DDP): one sharding.
     fsdp = train_args.fsdp or accelerator.distributed_type == DistributedType.FSDP

@@ -47,6 +47,24 @@ def build_model(model_args: ModelArguments, seed: int):
     return model
 
 
+def configure_rollout(model, rollout_steps: int | None, cache_mb: float) -> None:
+    """The world rollout's sampling steps (``--world-rollout-steps``) and its cache (``--rollout-cache-mb``)."""
+    from theworld.modeling.world_encoder import LatentCache
+
+    if model.config.num_world_steps < 1:
+        if rollout_steps is not None:
+            raise ValueError("--world-rollout-steps sets the sampling steps of the world rollout, and this model rolls "
+                             "nothing out: add --num-world-steps K (K >= 1), or drop --world-rollout-steps")
+        return
+    if rollout_steps is not None:
+        if rollout_steps < 2:
+            raise ValueError(f"--world-rollout-steps must be at least 2, got {rollout_steps}: the rollout is the "
+                             "Video2World pipeline's loop, whose last step moves nothing (1 step returns the noise)")
+        model.rollout_config.num_inference_steps = rollout_steps
+    if cache_mb > 0:
+        model.rollout_cache = LatentCache(max_bytes=int(cache_mb * 2**20))
+
+
 def lora_config(model_args: ModelArguments):
     """The peft `LoraConfig` of the --lora-* flags."""
     from peft import LoraConfig

@@ -1,0 +1,141 @@
+"""The motion task's forecast question ("future"): opt-in, balanced, and answerable only from the last
+position and the motion together (issue 23)."""
+import hashlib
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from theworld.data.synthetic import (DEFAULT_MOTION_QUESTIONS, DIRECTIONS, STEPS, ZONES, SyntheticMotionTask,
+                                     forecast_zone)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from forecast_baselines import measure  # noqa: E402
+
+# sha256 of the first 64 samples of the default task (seed 0, blocked_fraction 0.05) and of 8 samples'
+# counterfactual clips (seed 3), computed with the task as it was before the forecast question existed.
+BEFORE_FORECAST = {
+    "train": "c726ed59b57a0876a8a518201126285ba266a44b708583552baba4a0307765c0",
+    "heldout": "d79cc05c99c862b3106801f294db46053d6aa2383d7207e5d5fe454fc320d4a9",
+    "counterfactual": "f9cf7e8b1b7be7d8bbfd9a1d4686aa8d744deffef8fb59cd44b4dfee7b566df3",
+}
+FORECAST_TASK = ("direction", "colour", "future")
+
+
+def samples_digest(task: SyntheticMotionTask, count: int) -> str:
+    digest = hashlib.sha256()
+    for i in range(count):
+        sample = task[i]
+        digest.update(json.dumps({k: sample[k] for k in ("id", "messages", "question_type", "answer")},
+                                 sort_keys=True).encode())
+        for frame in sample["images"]:
+            digest.update(np.ascontiguousarray(frame).tobytes())
+    return digest.hexdigest()
+
+
+def test_the_default_task_is_unchanged_bit_for_bit():
+    assert SyntheticMotionTask().questions == DEFAULT_MOTION_QUESTIONS == ("direction", "colour")
+    for split in ("train", "heldout"):
+        task = SyntheticMotionTask(split=split, size=64, seed=0, blocked_fraction=0.05)
+        assert samples_digest(task, 64) == BEFORE_FORECAST[split], split
+    task, digest = SyntheticMotionTask(size=64, seed=3), hashlib.sha256()
+    for i in range(8):
+        for name, frames in task.counterfactual_clips(i).items():
+            digest.update(name.encode())
+            for frame in frames:
+                digest.update(frame.tobytes())
+    assert digest.hexdigest() == BEFORE_FORECAST["counterfactual"]
+
+
+def test_from_every_last_cell_the_four_directions_lead_to_the_four_zones_and_each_direction_is_balanced():
+    task = SyntheticMotionTask(size=1, questions=FORECAST_TASK)
+    cells = task.image_size // task.cell
+    offset = (task.cell - task.square) // 2
+    per_direction = {d: Counter() for d in DIRECTIONS}
+    for i in range(cells):
+        for j in range(cells):
+            top, left = i * task.cell + offset, j * task.cell + offset
+            zones = []
+            for direction in DIRECTIONS:
+                dy, dx = STEPS[direction]
+                zone = forecast_zone(top + dy * task.forecast_frames, left + dx * task.forecast_frames,
+                                     task.image_size, task.square, task.cell)
+                zones.append(zone)
+                per_direction[direction][zone] += 1
+            assert sorted(zones) == sorted(ZONES), (i, j, zones)
+    assert all(set(c.values()) == {cells * cells // 4} for c in per_direction.values()), per_direction
+
+
+def test_forecast_samples_ask_about_the_zone_frames_ahead_and_keep_the_clip_and_its_counterfactuals():
+    mixed = SyntheticMotionTask(size=400, questions=FORECAST_TASK)
+    plain = SyntheticMotionTask(size=400)
+    kinds = Counter(mixed[i]["question_type"] for i in range(400))
+    assert set(kinds) == set(FORECAST_TASK) and abs(kinds["future"] / 400 - 3 / 7) < 0.07  # train weights 3:1:3
+    assert SyntheticMotionTask(split="heldout", questions=FORECAST_TASK).question_shares["future"] == pytest.approx(1 / 3)
+    for i in range(16):
+        sample = mixed[i]
+        # The clip does not depend on the question asked: the same index draws the same scene.
+        for a, b in zip(sample["images"], plain[i]["images"]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.stack(mixed.counterfactual_clips(i)["continues"]), np.stack(sample["images"]))
+        if sample["question_type"] == "future":
+            assert sample["answer"] in ZONES
+            assert sample["messages"][0]["content"][1]["text"] == "In which zone will the square be 4 frames after the last one?"
+
+
+def test_forecast_baselines_stay_at_chance_while_position_and_direction_answer_everything():
+    result = measure(train_size=2048, eval_size=512, seed=0)
+    assert all(abs(share - 0.25) < 0.05 for share in result["answer_shares"].values()), result["answer_shares"]
+    assert result["majority"] <= 0.30
+    # What Gemma sees (the last frame), the first frame and the motion alone: chance, 1 in 4.
+    for probe in ("last_frame", "first_frame", "direction"):
+        assert result[probe] <= 0.31, (probe, result[probe])
+    assert result["position_and_direction"] == 1.0
+
+
+def test_the_forecast_question_refuses_scenes_its_zones_do_not_tile():
+    with pytest.raises(ValueError, match="'future' question needs image_size a multiple of 4 \\* cell"):
+        SyntheticMotionTask(image_size=48, questions=FORECAST_TASK)
+    SyntheticMotionTask(image_size=48)  # without the forecast question the scene is fine
+
+
+def test_question_types_flag_sets_the_mix_of_both_splits_and_is_recorded_for_evaluation():
+    from theworld.data.sources import DataError
+    from theworld.train import parse_args
+    from theworld.training import open_datasets, synthetic_task, task_record
+
+    _, data_args, _ = parse_args(["--question-types", "direction,colour,future", "--synthetic-size", "64",
+                                  "--synthetic-eval-size", "32"])
+    train, heldout = open_datasets(data_args, seed=0)
+    assert train.questions == heldout.questions == FORECAST_TASK
+    record = task_record(data_args, seed=0)
+    assert record["questions"] == list(FORECAST_TASK)
+    rebuilt = synthetic_task(json.loads(json.dumps(record)), "heldout", 32)  # as scripts/eval_world.py does
+    assert rebuilt == heldout
+    # The default run records no questions and asks the default ones.
+    _, default_args, _ = parse_args([])
+    assert "questions" not in task_record(default_args, seed=0)
+    assert open_datasets(default_args, seed=0)[0].questions == DEFAULT_MOTION_QUESTIONS
+    for bad, message in ((["--question-types", "direction,when"], "--question-types direction,when: questions must"),
+                         (["--question-types", "future", "--data", "x.jsonl", "--eval-data", "y.jsonl"],
+                          "leave --question-types out")):
+        with pytest.raises(DataError, match=message):
+            open_datasets(parse_args(bad)[1], seed=0)
+
+
+def test_eval_by_question_reports_the_forecast_like_the_other_questions(tiny_world_model):
+    from theworld.evaluation import evaluate_by_question, format_table
+
+    task = SyntheticMotionTask(split="heldout", size=12, questions=FORECAST_TASK)
+    samples = [task[i] for i in range(len(task))]
+    result = evaluate_by_question(tiny_world_model, samples, batch_size=12)
+    assert set(result) == set(FORECAST_TASK)
+    future = result["future"]
+    assert set(future) == {"accuracy", "ci_low", "ci_high", "majority", "n", "shuffled_world"}
+    assert future["n"] == sum(s["question_type"] == "future" for s in samples)
+    assert "reversed_flips" in result["direction"]  # only the direction has an answer that a reversal flips
+    assert "future" in format_table([("held-out", result)])
