@@ -124,6 +124,7 @@ def test_ready_reports_the_safety_worker_and_the_model_replicas(ray_server, tiny
     deployment = body["model_deployment"]
     assert deployment["engine"] == "ray-serve" and deployment["replicas"] == 2
     assert len(set(deployment["replica_pids"])) == 2 and os.getpid() not in deployment["replica_pids"]
+    assert deployment["guard_loaded"] == {"ingress": False, "replicas": [False, False]}
 
 
 @pytest.mark.long

@@ -21,6 +21,8 @@
   and Serve routes it to a live replica while its controller starts a replacement. A job that still finds no
   replica is answered 503 `model_unavailable`. Either way the request gets one answer, and an answer is
   returned only after the guard checked it.
+- **Where.** The ingress runs on the node of this process (the driver), where a spawned worker's ipc endpoint
+  is; Serve's HTTP proxy on the head node (`--host/--port`); the replicas wherever Ray places them.
 - **What serves.** Replicas enrol in a roll call (`safety_worker.fleet.FleetRoll`, the guard fleet's) once
   their model is loaded; `/ready` reports the live replicas' pids (and 503 `not_ready` with none).
 """
@@ -48,7 +50,7 @@ APPLICATION = "theworld"  # the Serve application; its ingress answers at route 
 _RESENDS = 3  # times a job is sent again after the replica generating it died
 _RESEND_PAUSE_S = 0.5  # before the first resend; doubled each time (a replacement loads the model meanwhile)
 _HEARTBEAT_S = 1.0  # how often a replica tells the roll call it lives
-_START_TIMEOUT_S = 600.0  # Ray start, replicas loading the model
+_GUARD_MODULE = "cosmos_guardrail"
 _STOP_TIMEOUT_S = 30.0
 
 
@@ -69,7 +71,7 @@ class ModelReplica:
         self.engine = BatchingEngine(model, **engine_options)
         self.report = {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
                        "node": ray.get_runtime_context().get_node_id(), "device": device,
-                       "guard_loaded": "cosmos_guardrail" in sys.modules, "started_at": time.time()}
+                       "guard_loaded": _GUARD_MODULE in sys.modules, "started_at": time.time()}
         from safety_worker.fleet import NAMESPACE
 
         self._roll = ray.get_actor(roll, namespace=NAMESPACE)
@@ -172,7 +174,10 @@ class DeploymentEngine:
             raise ApiError("not_ready", "no model replica is serving (starting, or restarting after a fault)")
         return {"engine": "ray-serve", "application": APPLICATION, "replicas": len(roster["live"]),
                 "replica_pids": [r["pid"] for r in roster["live"]], "replicas_started": roster["started"],
-                "replicas_lost": roster["lost"], "resent": self.resent}
+                "replicas_lost": roster["lost"], "resent": self.resent,
+                # Neither side ever holds the guard (its import switches autograd off): the worker does.
+                "guard_loaded": {"ingress": _GUARD_MODULE in sys.modules,
+                                 "replicas": [r["guard_loaded"] for r in roster["live"]]}}
 
     def close(self) -> None:
         pass
@@ -262,8 +267,10 @@ def run_ray_server(args: argparse.Namespace, limits, endpoint: str, model_name: 
         options = {"safety_endpoint": endpoint, "request_timeout": args.request_timeout, "demo": not args.no_demo,
                    "model": args.model, "model_name": model_name, "limits": limits, "api_key": args.api_key,
                    "fps": args.fps}
-        # The ingress is asyncio and light: no CPU reserved, so that N model replicas fit N CPUs.
-        app = serve.deployment(ModelIngress, name="ModelIngress", ray_actor_options={"num_cpus": 0},
+        # The ingress is asyncio and light: no CPU reserved, so that N model replicas fit N CPUs. It runs on this
+        # node: a spawned worker's endpoint (ipc, in a private directory) exists only here.
+        here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+        app = serve.deployment(ModelIngress, name="ModelIngress", ray_actor_options={"num_cpus": 0, "resources": here},
                                max_ongoing_requests=max(100, 2 * args.max_queue)).bind(model_app, options, roll_name)
         serve.run(app, name=APPLICATION, route_prefix="/")
         url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{port}"
