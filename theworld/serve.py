@@ -130,11 +130,15 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         return
     if args.num_cpus is not None and args.ray != "local":
         parser.error(f"--num-cpus sizes a local Ray; the cluster at --ray {args.ray} has its own")
-    parts = (args.model_replicas or "1").split(",")
-    if not (all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2) and
-            1 <= int(parts[0]) <= int(parts[-1])):
-        parser.error(f"--model-replicas must be N or MIN,MAX with 1 <= MIN <= MAX, got {args.model_replicas!r}")
-    args.model_replicas = (int(parts[0]), int(parts[-1]))
+    from safety_worker.fleet import FleetError, parse_replicas  # the guard fleet's rule for --replicas (light)
+
+    given = args.model_replicas or "1"
+    try:
+        args.model_replicas = parse_replicas(given)
+    except FleetError:
+        args.model_replicas = (0, 0)
+    if args.model_replicas[0] < 1:
+        parser.error(f"--model-replicas must be N or MIN,MAX with 1 <= MIN <= MAX, got {given!r}")
     for flag, value in (("--num-cpus", args.num_cpus), ("--model-replica-cpus", args.model_replica_cpus),
                         ("--model-replica-gpus", args.model_replica_gpus)):
         if value is not None and value < 0:
