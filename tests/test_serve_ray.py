@@ -2,7 +2,7 @@
 deployment of replicas, the safety worker in front as without Ray.
 
 The flag tests are quick. The rest are `long`: one server on a local Ray of 2 CPUs with two model replicas
-(~30-60 s to start on 2 cores) and one plain server, both attached to the session's tiny worker, serve the
+and the demo (~30-70 s to start on 2 cores) and one plain server without it, both attached to the session's tiny worker, serve the
 module; it compares their answers, reads `/ready`, and kills a model replica with SIGKILL under load.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safety_worker.tiny import BLOCKED_PHRASE
 from test_serve import chat, metric, scene, serving
 
 RAY_FLAGS = ["--ray", "--num-cpus", "2", "--model-replicas", "2"]
-FLAGS = ["--no-demo", "--served-model-name", "theworld-tiny", "--batch-wait-ms", "100", "--request-timeout", "120"]
+FLAGS = ["--served-model-name", "theworld-tiny", "--batch-wait-ms", "100", "--request-timeout", "120"]
 
 
 # ------------------------------------------------------------------------------------------- the flags
@@ -83,7 +83,7 @@ def test_ray_flags_parse_to_replica_bounds():
 def ray_server(tiny_models, tiny_safety_worker):
     gemma_dir, cosmos_dir = tiny_models
     with serving("--model", str(gemma_dir), "--cosmos", str(cosmos_dir), "--safety-endpoint",
-                 tiny_safety_worker.endpoint, *FLAGS, *RAY_FLAGS) as url:
+                 tiny_safety_worker.endpoint, *FLAGS, *RAY_FLAGS) as url:  # with the demo
         yield url
 
 
@@ -91,7 +91,7 @@ def ray_server(tiny_models, tiny_safety_worker):
 def plain_server(tiny_models, tiny_safety_worker):
     gemma_dir, cosmos_dir = tiny_models
     with serving("--model", str(gemma_dir), "--cosmos", str(cosmos_dir), "--safety-endpoint",
-                 tiny_safety_worker.endpoint, *FLAGS) as url:
+                 tiny_safety_worker.endpoint, *FLAGS, "--no-demo") as url:
         yield url
 
 
@@ -111,6 +111,13 @@ def test_the_ray_served_api_answers_as_the_plain_server(ray_server, plain_server
         assert blocked.status_code == 400 and blocked.json()["error"]["stage"] == "prompt"  # the guard in front
         bad = ray.post("/v1/chat/completions", json=chat(max_tokens="ten"))
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_type"  # the same validation
+
+
+@pytest.mark.long
+def test_the_demo_page_is_served_through_the_ingress(ray_server):
+    with httpx.Client(base_url=ray_server, timeout=60) as api:
+        page = api.get("/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
 
 
 @pytest.mark.long
