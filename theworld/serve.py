@@ -7,10 +7,12 @@ and the answer and any rollout before they are returned (see docs/serve.md).
 
     python -m theworld.serve                        # tiny models, spawned tiny worker, http://127.0.0.1:8000
     python -m theworld.serve --model runs/theworld/model --port 8080
+    python -m theworld.serve --ray --model-replicas 2  # the same API through Ray Serve, two model replicas
 
 Prints `theworld-serve ready http://HOST:PORT` once it accepts requests (with `--port 0` the port is
 chosen by the system). This module parses the arguments; `theworld.serving.server.run_server` serves, over
-the inference pipeline of `theworld.inference` (the one `python -m theworld.generate` runs).
+the inference pipeline of `theworld.inference` (the one `python -m theworld.generate` runs); with `--ray`,
+`theworld.serving.ray_serve` serves the same app through Ray Serve.
 """
 from __future__ import annotations
 
@@ -75,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"largest image, width x height (default: {limits.max_image_pixels})")
     batching.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes,
                           help=f"largest request body (default: {limits.max_request_bytes})")
+    ray = parser.add_argument_group("Ray Serve (past one process: docs/serve.md, docs/scale.md)")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="serve the same API and demo through Ray Serve: the HTTP ingress on --host/--port, the model "
+                     "as a deployment of --model-replicas replicas (each loads the model in its own process and batches "
+                     "as above), the safety worker as without --ray (spawned, or --safety-endpoint: a worker or a guard "
+                     "fleet). ADDRESS: a running Ray cluster (HEAD:6379 from `ray start --head`, or auto); no ADDRESS: "
+                     "start a local Ray, stopped with the server")
+    ray.add_argument("--model-replicas", default=None, metavar="N|MIN,MAX",
+                     help="with --ray: N model replicas, or MIN,MAX to let Serve autoscale between them (aiming at "
+                     "--max-batch requests in flight per replica). Default 1")
+    ray.add_argument("--num-cpus", type=int, default=None,
+                     help="with --ray and no ADDRESS: CPUs of the local Ray (default: all of this machine's)")
+    ray.add_argument("--model-replica-cpus", type=float, default=None,
+                     help="with --ray: CPUs Ray reserves per model replica (default 1)")
+    ray.add_argument("--model-replica-gpus", type=float, default=None,
+                     help="with --ray: GPUs per model replica (e.g. 1, or 0.5 to share one); the model then runs on "
+                     "cuda (a --device other than cpu is kept; default 0)")
     world = parser.add_argument_group("world rollout")
     world.add_argument("--max-rollout", type=int, default=limits.max_rollout,
                        help=f"largest `rollout` a request may ask (default: {limits.max_rollout})")
@@ -102,6 +121,30 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.batch_wait_ms < 0 or args.request_timeout <= 0 or args.max_rollout < 0:
         parser.error("--batch-wait-ms and --max-rollout must be >= 0, --request-timeout > 0")
+    ray_only = {"--model-replicas": args.model_replicas, "--num-cpus": args.num_cpus,
+                "--model-replica-cpus": args.model_replica_cpus, "--model-replica-gpus": args.model_replica_gpus}
+    if args.ray is None:
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} apply to a Ray Serve deployment only: add --ray [ADDRESS]")
+        return
+    if args.num_cpus is not None and args.ray != "local":
+        parser.error(f"--num-cpus sizes a local Ray; the cluster at --ray {args.ray} has its own")
+    from safety_worker.fleet import FleetError, parse_replicas  # the guard fleet's rule for --replicas (light)
+
+    given = args.model_replicas or "1"
+    try:
+        args.model_replicas = parse_replicas(given)
+    except FleetError:
+        args.model_replicas = (0, 0)
+    if args.model_replicas[0] < 1:
+        parser.error(f"--model-replicas must be N or MIN,MAX with 1 <= MIN <= MAX, got {given!r}")
+    for flag, value in (("--num-cpus", args.num_cpus), ("--model-replica-cpus", args.model_replica_cpus),
+                        ("--model-replica-gpus", args.model_replica_gpus)):
+        if value is not None and value < 0:
+            parser.error(f"{flag} must be >= 0")
+    args.model_replica_cpus = 1.0 if args.model_replica_cpus is None else args.model_replica_cpus
+    args.model_replica_gpus = args.model_replica_gpus or 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

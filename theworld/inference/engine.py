@@ -17,6 +17,7 @@ with a model that rolls out (`num_world_steps > 0`), only clips of one length.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import threading
@@ -83,6 +84,23 @@ class Generation:
     completion_tokens: int
     rollout_frames: np.ndarray | None = None  # raw decoded rollout, uint8 [F, H, W, 3]: check before showing
     batch_size: int = 1
+    batch_row: int = 0  # this job's row in its batch (row 0 stands for the batch in the metrics of a remote engine)
+
+
+def resolve_rollout(rollout: int | None, has_frames: bool, *, num_world_steps: int, has_world: bool) -> int:
+    """The rollout a request gets (None: the model's own `num_world_steps`), or `rollout_unavailable` for one
+    a model with `num_world_steps` (and a world path, `has_world`) cannot make."""
+    if rollout is None:
+        return num_world_steps if has_frames else 0
+    if rollout and not has_world:
+        raise InferenceError("rollout_unavailable", "this model has no world path (enable_world=False): no rollout")
+    if rollout and not has_frames:
+        raise InferenceError("rollout_unavailable", "a rollout continues a clip: add at least one image part",
+                             field="rollout")
+    if num_world_steps and rollout not in (0, num_world_steps):
+        raise InferenceError("rollout_unavailable", f"this model was trained with num_world_steps={num_world_steps}: "
+                                                    f"ask rollout {num_world_steps} (or 0 for no video)", field="rollout")
+    return rollout
 
 
 class BatchingEngine:
@@ -140,21 +158,23 @@ class BatchingEngine:
                                                  seed=self.rollout_seed)
         self._model = model
 
+    @property
+    def processor(self):
+        """The model's `TheWorldProcessor` (what the server measures requests with)."""
+        return self.model.processor
+
     def resolve_rollout(self, rollout: int | None, has_frames: bool = True) -> int:
-        """The rollout a request gets (None: the model's own `num_world_steps`); `rollout_unavailable` for
-        one this model cannot make."""
-        steps = self.model.config.num_world_steps
-        if rollout is None:
-            return steps if has_frames else 0
-        if rollout and self.model.world_encoder is None:
-            raise InferenceError("rollout_unavailable", "this model has no world path (enable_world=False): no rollout")
-        if rollout and not has_frames:
-            raise InferenceError("rollout_unavailable", "a rollout continues a clip: add at least one image part",
-                                 field="rollout")
-        if steps and rollout not in (0, steps):
-            raise InferenceError("rollout_unavailable", f"this model was trained with num_world_steps={steps}: ask "
-                                                        f"rollout {steps} (or 0 for no video)", field="rollout")
-        return rollout
+        """The rollout a request gets (`resolve_rollout` for this model)."""
+        return resolve_rollout(rollout, has_frames, num_world_steps=self.model.config.num_world_steps,
+                               has_world=self.model.world_encoder is not None)
+
+    async def generate(self, job: Job) -> Generation:
+        """`submit`, awaited (the pipeline's call: a remote engine answers the same)."""
+        return await asyncio.wrap_future(self.submit(job))
+
+    async def status(self) -> dict | None:
+        """Extra `/ready` facts of the model side: none for a model in this process."""
+        return None
 
     def submit(self, job: Job) -> Future:
         if self._queue.qsize() >= self.max_queue:
@@ -245,6 +265,7 @@ class BatchingEngine:
                 completion_tokens=len(tokens) if ended is None else ended + 1,
                 rollout_frames=self._rollout(job, generated.world_latents, row) if job.rollout else None,
                 batch_size=len(group),
+                batch_row=row,
             ))
         return results
 

@@ -15,7 +15,7 @@ def is_saved_theworld(path: str | Path) -> bool:
 
 
 def load_model(model: str | Path | None = None, cosmos: str | None = None, *, num_world_steps: int | None = None,
-               **options):
+               init_seed: int | None = None, **options):
     """A `TheWorld`, on the CPU, in the mode `from_pretrained` leaves it (the caller moves it and sets eval).
 
     Args:
@@ -27,9 +27,18 @@ def load_model(model: str | Path | None = None, cosmos: str | None = None, *, nu
         num_world_steps: latent frames of world rollout. A saved TheWorld's projector has one temporal
             embedding per frame of the rollout it was trained with: any other value is refused, None keeps it.
             For a base model None means 0.
+        init_seed: seeds what loading initialises at random (a base model's world projector), without touching
+            the caller's random state: processes that load the same model with it hold the same weights (the
+            server's Ray Serve replicas answer alike). None: the process's random state.
         options: other `TheWorldConfig` options for `TheWorld.from_pretrained` (on a saved TheWorld only
             those it lets change on reload, e.g. the freeze flags).
     """
+    if init_seed is not None:
+        import torch
+
+        with torch.random.fork_rng():
+            torch.manual_seed(init_seed)
+            return load_model(model, cosmos, num_world_steps=num_world_steps, **options)
     from theworld import TheWorld
     from theworld.configuration_theworld import saved_theworld_config
 

@@ -32,7 +32,8 @@ class GuardedPipeline:
     before the model does and every output before the user does.
 
     Args:
-        engine: the `BatchingEngine` that runs the model.
+        engine: the `BatchingEngine` that runs the model (or, behind Ray Serve, a
+            `theworld.serving.ray_serve.DeploymentEngine` with the same interface).
         guard: the `Guard` of the safety worker.
         request_timeout: seconds one request may take, safety checks included.
         on_refusal: called with the stage of everything the worker blocked (metrics).
@@ -66,7 +67,7 @@ class GuardedPipeline:
                           "images": [] if frames is None else list(frames)},
                   max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                   seed=request.seed, rollout=rollout)
-        generation: Generation = await self._until(deadline, asyncio.wrap_future(self.engine.submit(job)))
+        generation: Generation = await self._until(deadline, self.engine.generate(job))
         completion = Completion(completion_id, generation.answer, generation.finish_reason, generation.prompt_tokens,
                                 generation.completion_tokens, frames, batch_size=generation.batch_size)
         answer_verdict = await self.guard.check_text(generation.answer, deadline)

@@ -42,7 +42,7 @@ class ServeApp:
         self.model_name, self.limits, self.api_key, self.fps = model_name, limits, api_key, fps
         self.demo_examples = list(demo_examples)
         pipeline.on_refusal = lambda stage: metrics.refusals.labels(stage).inc()
-        processor = pipeline.engine.model.processor
+        processor = pipeline.engine.processor
         # The model thread uses the processor's tokenizer; requests are measured with a copy of their own.
         self._tokenizer = copy.deepcopy(processor.tokenizer)
         self._tokenizer_lock = threading.Lock()
@@ -115,9 +115,13 @@ class ServeApp:
                 hello = await self.pipeline.guard.hello(_READY_TIMEOUT)
             except InferenceError as e:
                 raise ApiError("not_ready", f"the safety worker does not answer: {e.message}") from None
-            return {"status": "ready", "model": self.model_name,
+            body = {"status": "ready", "model": self.model_name,
                     "safety_worker": {"endpoint": self.pipeline.guard.endpoint, "pid": hello.get("pid"),
                                       "instance_id": hello.get("instance_id")}}
+            deployment = await self.pipeline.engine.status()  # behind Ray Serve: not_ready without a live replica
+            if deployment is not None:
+                body["model_deployment"] = deployment
+            return body
 
         @app.get("/metrics")
         async def prometheus():

@@ -43,7 +43,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "image_too_large": (413, "an image over `--max-image-bytes` (encoded) or `--max-image-pixels`"),
     "overloaded": (503, "more than `--max-queue` requests are waiting for the model"),
     "safety_unavailable": (503, "the safety worker did not answer within `--request-timeout` (restarting, or gone); nothing unchecked is returned"),
-    "not_ready": (503, "`/ready`: the safety worker does not answer"),
+    "model_unavailable": (503, "with `--ray`: the model replica answering died and no live replica answered in its place; nothing unchecked is returned"),
+    "not_ready": (503, "`/ready`: the safety worker does not answer, or (with `--ray`) no model replica is serving"),
     "timeout": (503, "the request did not finish within `--request-timeout`"),
     "internal_error": (500, "a bug; the request is refused (fail closed) and the server keeps serving"),
 }
