@@ -55,6 +55,8 @@ HEADLINE_ACCURACY = 0.8
 # forecast question's horizon.
 ORACLE_FRAMES = 4
 ROLLOUT_LATENT_FRAMES = 1
+# Held-out clips whose rollouts are compared with their true future (`rollout_check`).
+ROLLOUT_CHECK_CLIPS = 64
 
 
 def parse_budgets(value: str) -> list[int]:
@@ -177,6 +179,10 @@ def evaluate_arm(arm: str, model_dir: Path, samples: list[dict], args) -> tuple[
     latents = encode(model, samples, args.batch_size)
     result = evaluate_with_world_latents(model, samples, latents, batch_size=args.batch_size)
     ablations = {}
+    if arm in ("imagined", "random_world_model"):
+        check = [i for i, s in enumerate(samples) if s["question_type"] == "future"][:ROLLOUT_CHECK_CLIPS]
+        ablations["rollout_check"] = rollout_check(model, [samples[i] for i in check], [latents[i] for i in check],
+                                                   args.batch_size, args.seed)
     if arm == "imagined":
         future = [i for i, s in enumerate(samples) if s["question_type"] == "future"]
         subset = [samples[i] for i in future]
@@ -192,6 +198,35 @@ def evaluate_arm(arm: str, model_dir: Path, samples: list[dict], args) -> tuple[
         ablations["imagined_reversed"] = evaluate_with_world_latents(model, subset, swapped,
                                                                      batch_size=args.batch_size)
     return result, ablations
+
+
+def rollout_check(model, samples: list[dict], latents: list, batch_size: int, seed: int) -> dict:
+    """How well the arm's rollouts predict the true future latent frame, on the held-out clips: the mean
+    squared error against it next to copying the last observed latent frame and another clip's rollout, and
+    how often a clip's rollout is nearer its own true future than any other clip's (chance 1/n). An
+    imagined arm whose rollouts fail this cannot show that imagination pays, whatever it scores."""
+    import torch
+
+    from theworld.data.collator import TheWorldCollator
+
+    index = [int(s["id"].rsplit("-", 1)[1]) for s in samples]  # the held-out task's sample ids end in their index
+    with_future = heldout(seed, max(index) + 1, ORACLE_FRAMES)
+    told = [with_future[i] for i in index]
+    collate = TheWorldCollator(model, world=True)
+    truth = []
+    with torch.no_grad():
+        for start in range(0, len(told), batch_size):
+            batch = collate(told[start : start + batch_size])
+            encoded, _ = model.world_encoder.encode_clips(batch["world_pixel_values"].to(model.device),
+                                                          batch["world_num_frames"].to(model.device))
+            truth += [encoded[i, :, -ROLLOUT_LATENT_FRAMES:] for i in range(encoded.shape[0])]
+    truth, rolled = torch.stack(truth).float(), torch.stack([r[:, -ROLLOUT_LATENT_FRAMES:] for r in latents]).float()
+    last = torch.stack([r[:, -ROLLOUT_LATENT_FRAMES - 1 : -ROLLOUT_LATENT_FRAMES] for r in latents]).float()
+    distances = ((rolled[:, None] - truth[None]) ** 2).flatten(2).mean(-1)
+    return {"n": len(samples), "rollout_mse": float(distances.diagonal().mean()),
+            "copy_last_mse": float(((last - truth) ** 2).mean()),
+            "other_clip_mse": float(((rolled - truth.roll(1, 0)) ** 2).mean()),
+            "nearest_true_future": float((distances.argmin(1) == torch.arange(len(samples))).float().mean())}
 
 
 def headline_budget(arms: dict, budgets: list[int]) -> int:
@@ -304,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
                 samples[oracle] = heldout(args.seed, args.eval_size, ORACLE_FRAMES)
             by_question, ablations = evaluate_arm(arm, model_dir, samples[oracle], args)
             report["arms"].setdefault(arm, {})[str(budget)] = by_question
+            check = ablations.pop("rollout_check", None)
+            if check is not None:
+                run_record.setdefault("rollout_check", {})[f"{arm}@{budget}"] = check
+                print(f"rollouts of {arm} against the true future: {json.dumps(check)}", flush=True)
             for name, result in ablations.items():
                 report["ablations"].setdefault(name, {})[str(budget)] = result
             # Written after every run: an interrupted experiment still leaves what it measured.
