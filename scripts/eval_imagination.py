@@ -68,9 +68,11 @@ def parse_budgets(value: str) -> list[int]:
 
 def random_world_model(world_model: Path, output: Path, seed: int) -> Path:
     """A copy of the Cosmos directory `world_model` whose transformer is freshly initialised (same config,
-    `seed`): the control arm's world model, with the same VAE, scheduler and text encoder."""
+    `seed`): the control arm's world model, with the same VAE, scheduler, text encoder and latent statistics."""
     import torch
     from diffusers import CosmosTransformer3DModel
+
+    from theworld.modeling.latent_statistics import LATENT_STATISTICS_FILE
 
     if (output / "transformer" / "config.json").is_file():
         return output
@@ -83,6 +85,11 @@ def random_world_model(world_model: Path, output: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     config = CosmosTransformer3DModel.load_config(world_model / "transformer")
     CosmosTransformer3DModel.from_config(config).save_pretrained(output / "transformer")
+    # The latent statistics define the space the transformer denoises in (theworld.modeling.latent_statistics):
+    # the control rolls out in the same space as the trained model, so only the weights differ.
+    statistics = world_model / "transformer" / LATENT_STATISTICS_FILE
+    if statistics.is_file():
+        shutil.copy2(statistics, output / "transformer" / LATENT_STATISTICS_FILE)
     return output
 
 
