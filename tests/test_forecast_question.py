@@ -139,3 +139,40 @@ def test_eval_by_question_reports_the_forecast_like_the_other_questions(tiny_wor
     assert future["n"] == sum(s["question_type"] == "future" for s in samples)
     assert "reversed_flips" in result["direction"]  # only the direction has an answer that a reversal flips
     assert "future" in format_table([("held-out", result)])
+
+
+def test_oracle_frames_append_the_true_future_and_keep_the_question_and_the_observed_frames():
+    from theworld.train import parse_args
+    from theworld.training import open_datasets, synthetic_task, task_record
+
+    observed = SyntheticMotionTask(split="heldout", size=16, questions=FORECAST_TASK)
+    oracle = SyntheticMotionTask(split="heldout", size=16, questions=FORECAST_TASK, oracle_frames=4)
+    for i in range(16):
+        seen, told = observed[i], oracle[i]
+        assert len(told["images"]) == 13
+        assert all(np.array_equal(a, b) for a, b in zip(seen["images"], told["images"][:9]))
+        assert {k: told[k] for k in ("messages", "answer")} == {k: seen[k] for k in ("messages", "answer")}
+        assert not np.array_equal(told["images"][12], told["images"][8])  # the square moved on
+    _, data_args, _ = parse_args(["--question-types", "direction,colour,future", "--synthetic-oracle-frames", "4",
+                                  "--synthetic-size", "8", "--synthetic-eval-size", "8"])
+    record = task_record(data_args, seed=0)
+    assert record["oracle_frames"] == 4 and len(open_datasets(data_args, seed=0)[0][0]["images"]) == 13
+    assert synthetic_task(json.loads(json.dumps(record)), "heldout", 8) == oracle.__class__(
+        split="heldout", size=8, questions=FORECAST_TASK, oracle_frames=4)
+    assert "oracle_frames" not in task_record(parse_args([])[1], seed=0)
+
+
+def test_evaluate_with_world_latents_of_the_clips_matches_the_plain_evaluation(tiny_world_model):
+    import torch
+
+    from theworld.data.collator import TheWorldCollator
+    from theworld.evaluation import evaluate_by_question, evaluate_with_world_latents
+
+    task = SyntheticMotionTask(split="heldout", size=12, questions=FORECAST_TASK)
+    samples = [task[i] for i in range(len(task))]
+    batch = TheWorldCollator(tiny_world_model, world=True)(samples)
+    with torch.no_grad():
+        encoded = tiny_world_model.encode_world(batch["world_pixel_values"], batch["world_num_frames"])
+    latents = [encoded[i] for i in range(len(samples))]
+    plain = evaluate_by_question(tiny_world_model, samples, batch_size=12, ablations=False)
+    assert evaluate_with_world_latents(tiny_world_model, samples, latents, batch_size=5) == plain

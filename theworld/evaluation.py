@@ -120,7 +120,6 @@ def evaluate_by_question(model, samples: list[dict], *, batch_size: int = 8, wor
             flags += answer_scores(model, batch, autocast)[0].tolist()
         return flags
 
-    result: dict[str, dict] = {}
     if world and ablations:
         # Encode every clip once; the plain pass and the shuffled pass then differ only in which
         # sample's latents fill the world positions.
@@ -149,21 +148,54 @@ def evaluate_by_question(model, samples: list[dict], *, batch_size: int = 8, wor
     by_type = defaultdict(list)
     for i, kind in enumerate(types):
         by_type[kind].append(i)
-    for kind, indices in sorted(by_type.items()):
-        hits = sum(correct[i] for i in indices)
-        low, high = wilson_interval(hits, len(indices))
-        answers = Counter(reference_answer(samples[i]) for i in indices)
-        entry = {"accuracy": hits / len(indices), "ci_low": low, "ci_high": high,
-                 "majority": answers.most_common(1)[0][1] / len(indices), "n": len(indices)}
+    result = accuracy_by_question(samples, correct)
+    for kind, indices in by_type.items():
         if shuffled is not None:
-            entry["shuffled_world"] = sum(shuffled[i] for i in indices) / len(indices)
-        result[kind] = entry
+            result[kind]["shuffled_world"] = sum(shuffled[i] for i in indices) / len(indices)
     if world and ablations and "direction" in by_type:
         direction = [samples[i] for i in by_type["direction"] if reference_answer(samples[i]) in OPPOSITE_DIRECTION]
         flips = correctness([time_reversed(s) for s in direction])
         result["direction"]["reversed_flips"] = sum(flips) / max(len(flips), 1)
     model.train(was_training)
     return result
+
+
+def accuracy_by_question(samples: list[dict], correct: list[bool]) -> dict:
+    """`{question_type: {"accuracy", "ci_low", "ci_high", "majority", "n"}}` of per-sample exact matches."""
+    by_type = defaultdict(list)
+    for i, sample in enumerate(samples):
+        by_type[question_type(sample)].append(i)
+    result = {}
+    for kind, indices in sorted(by_type.items()):
+        hits = sum(correct[i] for i in indices)
+        low, high = wilson_interval(hits, len(indices))
+        answers = Counter(reference_answer(samples[i]) for i in indices)
+        result[kind] = {"accuracy": hits / len(indices), "ci_low": low, "ci_high": high,
+                        "majority": answers.most_common(1)[0][1] / len(indices), "n": len(indices)}
+    return result
+
+
+@torch.no_grad()
+def evaluate_with_world_latents(model, samples: list[dict], world_latents: list[torch.Tensor], *,
+                                batch_size: int = 8, autocast=None) -> dict:
+    """`accuracy_by_question` of `model` answering each sample with the given world latents (one `[C, T, h, w]`
+    tensor per sample, e.g. from `model.encode_world`, rollout frames included, or with parts of them swapped
+    for an ablation) in place of its clip's: the content changes, positions and token count do not."""
+    from theworld.data.collator import TheWorldCollator
+
+    was_training = model.training
+    model.eval()
+    collate = TheWorldCollator(model, world=True, world_pixels=False)
+    correct = []
+    for start in range(0, len(samples), batch_size):
+        batch = _to_device(collate(samples[start : start + batch_size]), model.device)
+        rows = world_latents[start : start + batch_size]
+        width = max(r.shape[1] for r in rows)
+        batch["world_latents"] = torch.stack(
+            [torch.nn.functional.pad(r, (0, 0, 0, 0, 0, width - r.shape[1])) for r in rows]).to(model.device)
+        correct += answer_scores(model, batch, autocast)[0].tolist()
+    model.train(was_training)
+    return accuracy_by_question(samples, correct)
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
@@ -180,5 +212,5 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_by_question", "wilson_interval", "answer_scores", "format_table", "time_reversed",
+__all__ = ["evaluate_by_question", "evaluate_with_world_latents", "accuracy_by_question", "wilson_interval", "answer_scores", "format_table", "time_reversed",
            "reference_answer", "OPPOSITE_DIRECTION"]

@@ -155,11 +155,15 @@ def draw_motion_clip(image_size: int, num_frames: int, colour: str, direction: s
 
 
 def _motion_clip(image_size: int, num_frames: int, colour: str, direction: str, square: int,
-                 rng: np.random.Generator, cell: int, background: int) -> tuple[list[np.ndarray], tuple[int, int]]:
-    """``draw_motion_clip``'s frames and the last frame's top/left (the forecast question's start)."""
+                 rng: np.random.Generator, cell: int, background: int,
+                 future_frames: int = 0) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """``draw_motion_clip``'s frames and the last frame's top/left (the forecast question's start), followed by
+    ``future_frames`` frames of the motion continued (drawn from the same random draws)."""
     background_pixels, last = _motion_scene(image_size, square, rng, cell, background)
-    frames = _draw_square_path(background_pixels, colour, square, _straight_path(last, STEPS[direction], num_frames))
-    return frames, last
+    step = STEPS[direction]
+    path = _straight_path(last, step, num_frames)
+    path += [(last[0] + step[0] * k, last[1] + step[1] * k) for k in range(1, future_frames + 1)]
+    return _draw_square_path(background_pixels, colour, square, path), last
 
 
 def _motion_scene(image_size: int, square: int, rng: np.random.Generator, cell: int,
@@ -267,6 +271,10 @@ class SyntheticMotionTask(_BlockedSet):
             ``DEFAULT_MOTION_QUESTIONS`` (direction and colour: the samples are those of the task before
             the forecast question existed, bit for bit). ``"future"`` needs a scene of a multiple of 4
             cells per side and an even ``cell - square``.
+        oracle_frames: append this many frames of the motion continued (the true future) to every clip, the
+            question and answer unchanged (those of the ``num_frames`` observed frames): the *oracle* arm of
+            ``scripts/eval_imagination.py``, whose world tokens see the future a one-step rollout predicts.
+            Gemma then sees the last appended frame. Default 0: the clip as observed.
         question_weights: how often each of ``questions`` is asked, relative to the others. Default: the
             held-out split asks each equally often (each type is measured on as many samples as the
             other); the training split asks the direction three times as often as the colour
@@ -292,6 +300,7 @@ class SyntheticMotionTask(_BlockedSet):
     cell: int = 8
     background: int = 4
     question_weights: tuple[float, ...] | None = None
+    oracle_frames: int = 0
 
     def __post_init__(self):
         _check_common(self, MOTION_QUESTIONS)
@@ -351,7 +360,7 @@ class SyntheticMotionTask(_BlockedSet):
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
         kind = self.questions[rng.choice(len(self.questions), p=list(self.question_shares.values()))]
         frames, last = _motion_clip(self.image_size, self.num_frames, colour, direction, self.square, rng,
-                                    self.cell, self.background)
+                                    self.cell, self.background, self.oracle_frames)
         if kind == "future":
             step = STEPS[direction]
             ahead = self.forecast_frames

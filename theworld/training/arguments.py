@@ -142,6 +142,13 @@ class DataArguments:
     synthetic_frames: int = field(
         default=9, metadata={"help": "Frames per clip of the motion task (1 + 4k: 9 frames are 3 Cosmos latent frames)."}
     )
+    synthetic_oracle_frames: int = field(
+        default=0,
+        metadata={"help": "Append the true next N frames (the motion continued) to every motion-task clip, questions "
+                          "and answers unchanged: the oracle arm of scripts/eval_imagination.py (its world tokens see "
+                          "the future that a rollout predicts; Gemma then sees the last appended frame). 4 frames are "
+                          "one Cosmos latent frame. Default 0: the observed clip only."},
+    )
     question_types: Optional[str] = field(
         default=None,
         metadata={"help": "Question kinds of the synthetic task, comma-separated (e.g. direction,colour,future). "

@@ -91,7 +91,8 @@ def synthetic_task(record: dict, split: str, size: int, blocked_fraction: float 
                                   blocked_fraction=blocked_fraction, **questions)
     if record["data"] == "synthetic":
         return SyntheticMotionTask(split=split, size=size, seed=record["seed"], num_frames=record["num_frames"],
-                                   image_size=record["image_size"], blocked_fraction=blocked_fraction, **questions)
+                                   image_size=record["image_size"], blocked_fraction=blocked_fraction,
+                                   oracle_frames=record.get("oracle_frames", 0), **questions)
     raise ValueError(f"{record['data']!r} is not a synthetic task ({', '.join(SYNTHETIC_TASKS)})")
 
 
@@ -103,6 +104,8 @@ def task_record(data_args: DataArguments, seed: int) -> dict:
                       num_frames=data_args.synthetic_frames if data_args.data == "synthetic" else 1)
         if data_args.question_types is not None:
             record["questions"] = parse_question_types(data_args.question_types)
+        if data_args.synthetic_oracle_frames:  # only when set: older records and default runs stay as they were
+            record["oracle_frames"] = data_args.synthetic_oracle_frames
     return record
 
 
