@@ -145,16 +145,17 @@ ARGUMENT_CLASSES = (WorldModelArguments, WorldDataArguments, WorldTrainArguments
 
 
 def _is_tiny_build(cosmos: str) -> bool:
-    """Whether `cosmos` is a tiny Cosmos directory written by `python -m theworld.tiny` (with or without
-    `--trained-vae`; its transformer is random). Its completion marker reads "VERSION seed=N [VARIANT]"; a
-    `--real-shapes` build (variant "real-shapes ...") stands for the real model and keeps its transformer."""
-    from theworld.tiny import _COMPLETE_MARKER
+    """Whether `cosmos` is a tiny Cosmos directory written by `python -m theworld.tiny` (trained or random VAE;
+    its transformer is random). Its completion marker reads "VERSION seed=N [VARIANT]"; a `--real-shapes` build
+    (variant "real-shapes ...") stands for the real model and keeps its transformer."""
+    from theworld.tiny import _COMPLETE_MARKER, RANDOM_VAE_VARIANT
 
     marker = Path(cosmos) / _COMPLETE_MARKER
     if not marker.is_file():
         return False
     variant = marker.read_text().split()[2:]
-    return variant in ([], ["trained-vae"])
+    # "trained-vae": format 4's opt-in trained build, still on disk in older runs.
+    return variant in ([], [RANDOM_VAE_VARIANT], ["trained-vae"])
 
 
 def parse_transformer_shape(shape: str) -> tuple[int, int, int]:
