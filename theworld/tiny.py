@@ -714,12 +714,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m theworld.tiny",
         description="Build a tiny Gemma 3 (OUTDIR/gemma) and a tiny Cosmos-Predict2 (OUTDIR/cosmos) for "
         "offline tests and demos; the Cosmos VAE is trained briefly as an autoencoder (2-4 minutes on 2 cores the "
-        "first time on a machine, then reused from $THEWORLD_TINY_DIR/trained-vae). Reuses directories that are "
-        "already complete.",
+        "first time on a machine, then reused from trained-vae/ in the default cache directory). Reuses directories "
+        "that are already complete.",
     )
     parser.add_argument("outdir", nargs="?", default=None,
                         help=f"output directory (default: $THEWORLD_TINY_DIR or {Path('~/.cache/theworld/tiny')})")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and the VAE's training (default: 0)")
     parser.add_argument("--real-shapes", action="store_true",
                         help="write Gemma 3 4B-it and Cosmos-Predict2-2B-Video2World at their published shapes "
                              "(random weights, depth cut to --layers; several GB) instead of the tiny models")
