@@ -3,8 +3,8 @@
 The real ``diffusers.CosmosTransformer3DModel`` learns to predict clips Video2World style (the first
 ``--condition-frames`` latent frames given clean with the condition-mask channel, the rest denoised; the
 VAE frozen), with Cosmos-Predict2's rectified-flow objective (``theworld.training.world_model`` states the
-parameterisation and weighting, with the source). With no arguments: the project's tiny Cosmos on the
-motion task's clips, offline. Real models: ``--cosmos-model nvidia/Cosmos-Predict2-2B-Video2World
+parameterisation and weighting, with the source). With no arguments: the project's tiny Cosmos (its VAE trained
+as an autoencoder: ``python -m theworld.tiny``) on the motion task's clips, offline. Real models: ``--cosmos-model nvidia/Cosmos-Predict2-2B-Video2World
 --lora-r 16 --data my.jsonl --eval-data heldout.jsonl``. Multi-GPU: ``accelerate launch -m theworld.train_world``.
 
 Every training clip goes through the safety worker first, exactly as in ``python -m theworld.train``
@@ -54,7 +54,8 @@ class WorldModelArguments:
         default=None,
         metadata={"help": "Cosmos-Predict2 Video2World repository id or directory (e.g. "
                           "nvidia/Cosmos-Predict2-2B-Video2World), or the model/ of an earlier train_world run. "
-                          "Default: the project's tiny Cosmos."},
+                          "Default: the project's tiny Cosmos (python -m theworld.tiny; its VAE trained as an "
+                          "autoencoder, its transformer random and replaced, see --transformer-shape)."},
     )
     condition_frames: int = field(
         default=2,
