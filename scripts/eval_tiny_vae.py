@@ -1,8 +1,9 @@
 """How usable the tiny Cosmos VAE's latents are for the motion task: locality in space, reach in time,
 reconstruction, against the targets of issue 22 (docs/world_model.md, "Tiny VAE").
 
-    python scripts/eval_tiny_vae.py /tmp/tiny --build --json tiny_vae.json   # trained VAE, built first, timed
-    python scripts/eval_tiny_vae.py ~/.cache/theworld/tiny                   # the default (random) tiny VAE
+    python scripts/eval_tiny_vae.py /tmp/tiny --build --json tiny_vae.json   # the default (trained) VAE, built first, timed
+    python scripts/eval_tiny_vae.py ~/.cache/theworld/tiny                   # the default tiny build's VAE as it is
+    python -m theworld.tiny /tmp/random --random-vae && python scripts/eval_tiny_vae.py /tmp/random   # the random VAE
 
 DIR is a tiny model directory (`python -m theworld.tiny DIR`, holding `cosmos/`) or a Cosmos repository
 (holding `vae/`). The figures (`theworld.tiny.measure_tiny_vae`, on held-out motion-task clips):
@@ -13,8 +14,8 @@ DIR is a tiny model directory (`python -m theworld.tiny DIR`, holding `cosmos/`)
 - PSNR of decoded 9-frame clips (whole frames, and the square's pixels alone), and of single frames
   encoded alone (the spatial layers without the temporal ones).
 
-With `--build`, DIR's tiny models are built first with the trained VAE (`python -m theworld.tiny DIR
---trained-vae`; a complete directory is reused, and so are trained VAE weights cached by an earlier build:
+With `--build`, DIR's tiny models are built first, with the trained VAE, the default (`python -m theworld.tiny
+DIR`; a complete directory is reused, and so are trained VAE weights cached by an earlier build:
 pass a new DIR and an empty `THEWORLD_TINY_DIR` to time the training) and the build's wall time is printed.
 """
 from __future__ import annotations
@@ -38,8 +39,8 @@ def cosmos_dir_of(path: Path) -> Path:
     for candidate in (path / "cosmos", path):
         if (candidate / "vae" / "config.json").is_file():
             return candidate
-    raise SystemExit(f"{path} holds neither cosmos/vae/ nor vae/: build the tiny models with the trained VAE "
-                     f"(`python -m theworld.tiny {path} --trained-vae`) or pass --build")
+    raise SystemExit(f"{path} holds neither cosmos/vae/ nor vae/: build the tiny models there "
+                     f"(`python -m theworld.tiny {path}`) or pass --build")
 
 
 def main(argv: list[str] | None = None) -> int:

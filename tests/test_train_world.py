@@ -187,13 +187,15 @@ def test_eval_script_prints_the_same_table_for_the_saved_model(cli_run, tmp_path
 
 
 def test_only_tiny_builds_get_a_new_transformer_by_default(tmp_path):
-    """`--transformer-shape auto` replaces the random transformer of a tiny build (with or without the trained
-    VAE); a real-shape build, an earlier train_world output or any other directory keeps its own."""
+    """`--transformer-shape auto` replaces the random transformer of a tiny build (trained VAE, the default, or
+    random; format 4's opt-in trained build too); a real-shape build, an earlier train_world output or any
+    other directory keeps its own."""
     from theworld.tiny import _COMPLETE_MARKER
     from theworld.train_world import _is_tiny_build
 
-    for name, marker, expected in [("tiny", "4 seed=0", True), ("trained", "4 seed=0 trained-vae", True),
-                                   ("real", "4 seed=0 real-shapes layers=2", False), ("model", None, False)]:
+    for name, marker, expected in [("tiny", "5 seed=0", True), ("random", "5 seed=0 random-vae", True),
+                                   ("trained4", "4 seed=0 trained-vae", True),
+                                   ("real", "5 seed=0 real-shapes layers=2", False), ("model", None, False)]:
         (tmp_path / name).mkdir()
         if marker is not None:
             (tmp_path / name / _COMPLETE_MARKER).write_text(marker + "\n")

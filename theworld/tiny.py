@@ -11,9 +11,10 @@ Nothing here reaches a model hub. The directories written are loaded by the very
   ``text_encoder/`` (tiny T5) and ``tokenizer/``. The pipeline's ``safety_checker`` is not part of
   the repository (as in the real one); it lives in the safety worker.
 
-Usage: ``python -m theworld.tiny OUTDIR`` or ``build_tiny_models(outdir)``. With ``--trained-vae``
-(``trained_vae=True``) the tiny VAE is trained briefly as an autoencoder instead of left random
-(docs/world_model.md, "Tiny VAE"); pass the Cosmos directory of such a build as ``--cosmos-model``.
+Usage: ``python -m theworld.tiny OUTDIR`` or ``build_tiny_models(outdir)``. The tiny VAE is trained briefly as
+an autoencoder on synthetic scenes (docs/world_model.md, "Tiny VAE"; minutes the first time on a machine, then
+reused); ``--random-vae`` (``trained_vae=False``) keeps it random, as builds before format 5 did, for the
+record and for comparisons: pass the Cosmos directory of such a build as ``--cosmos-model``.
 
 ``python -m theworld.tiny OUTDIR --real-shapes [--layers N]`` (``build_real_shape_models``) writes the
 same two repositories at the real models' published shapes (``theworld.real_configs``), random weights,
@@ -33,8 +34,11 @@ import tempfile
 from pathlib import Path
 
 # Bump when the tiny models change so that cached copies are rebuilt instead of silently reused.
-TINY_FORMAT_VERSION = 4
+# 5: the trained tiny VAE (training version 1) is the default; format 4's default VAE was random.
+TINY_FORMAT_VERSION = 5
 _COMPLETE_MARKER = ".theworld-tiny-complete"
+# The completion marker's variant of a Cosmos directory built with ``--random-vae``.
+RANDOM_VAE_VARIANT = "random-vae"
 
 # The Gemma 3 chat template (as shipped with google/gemma-3-4b-it).
 GEMMA3_CHAT_TEMPLATE = (
@@ -222,7 +226,7 @@ def _build_gemma(outdir: Path, seed: int) -> None:
 _T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(code) for code in range(33, 127)]
 
 
-def _build_cosmos(outdir: Path, seed: int, trained_vae: bool = False) -> None:
+def _build_cosmos(outdir: Path, seed: int, trained_vae: bool = True) -> None:
     import torch
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
@@ -457,14 +461,16 @@ def _train_tiny_vae(vae, seed: int) -> None:
     from safetensors.torch import load_file, save_file
 
     cached = _trained_vae_weights(seed)
-    if cached.is_file():
-        vae.load_state_dict(load_file(cached))
-        return
-    _fit_tiny_vae(vae, seed)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = cached.with_name(f".{cached.name}.{os.getpid()}")
-    save_file({name: tensor.contiguous() for name, tensor in vae.state_dict().items()}, staging)
-    staging.replace(cached)  # atomic: a concurrent build reads the old file or the whole new one
+    # Builds into different directories (each test process builds into its own) hold different build locks;
+    # this one makes the first of them train and the others wait for its weights instead of training too.
+    with _exclusive(cached.with_name(f".{cached.name}.lock")):
+        if cached.is_file():
+            vae.load_state_dict(load_file(cached))
+            return
+        _fit_tiny_vae(vae, seed)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        save_file({name: tensor.contiguous() for name, tensor in vae.state_dict().items()}, staging)
+        staging.replace(cached)  # atomic: a reader that takes no lock sees no file or the whole file
 
 
 def _standardise_initial_latents(vae, generator) -> None:
@@ -662,26 +668,29 @@ def _build_pair(outdir, gemma_builder, cosmos_builder, seed: int, variant: str,
 
 
 def build_tiny_models(outdir: str | os.PathLike | None = None, seed: int = 0,
-                      trained_vae: bool = False) -> tuple[Path, Path]:
+                      trained_vae: bool = True) -> tuple[Path, Path]:
     """Write a tiny Gemma 3 and a tiny Cosmos-Predict2 repository under ``outdir``.
 
     Deterministic for a given ``seed``; a directory that is already complete is reused as is.
 
     Args:
-        trained_vae: train the tiny VAE as an autoencoder on synthetic scenes (``_train_tiny_vae``; a few
-            minutes on 2 cores the first time, then reused from ``default_tiny_dir()/trained-vae``) instead of
-            keeping its random weights. Opt-in: it does not yet meet its targets (docs/world_model.md, "Tiny
-            VAE"). Needs an ``outdir`` of its own.
+        trained_vae: train the tiny VAE as an autoencoder on synthetic scenes (``_train_tiny_vae``; 2-4 minutes
+            on 2 cores the first time on a machine, then reused from ``default_tiny_dir()/trained-vae``), the
+            default since format 5. False keeps the VAE's random weights (the default up to format 4), for
+            comparisons; that build needs an ``outdir`` of its own.
 
     Returns:
         ``(gemma_dir, cosmos_dir)``: ``outdir/gemma`` and ``outdir/cosmos``.
     """
-    if trained_vae and outdir is None:
-        # The shared cache holds the random-VAE build every run and test uses by default; building the
-        # trained one there would replace it back and forth.
-        raise ValueError("a tiny build with the trained VAE needs its own output directory (outdir)")
+    if not trained_vae and outdir is None:
+        # The shared cache holds the default build every run and test uses; building the random-VAE one there
+        # would replace it back and forth.
+        raise ValueError("a tiny build with the random VAE (trained_vae=False, --random-vae) needs its own output "
+                         "directory (outdir)")
+    # The markers keep the two variants apart: a random-VAE build is never reused as the default, nor the
+    # other way round.
     return _build_pair(outdir, _build_gemma, functools.partial(_build_cosmos, trained_vae=trained_vae), seed, "tiny",
-                       "trained-vae" if trained_vae else None)
+                       None if trained_vae else RANDOM_VAE_VARIANT)
 
 
 def build_real_shape_models(outdir: str | os.PathLike, layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
@@ -704,22 +713,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m theworld.tiny",
         description="Build a tiny Gemma 3 (OUTDIR/gemma) and a tiny Cosmos-Predict2 (OUTDIR/cosmos) for "
-        "offline tests and demos. Reuses directories that are already complete.",
+        "offline tests and demos; the Cosmos VAE is trained briefly as an autoencoder (2-4 minutes on 2 cores the "
+        "first time on a machine, then reused from trained-vae/ in the default cache directory). Reuses directories "
+        "that are already complete.",
     )
     parser.add_argument("outdir", nargs="?", default=None,
                         help=f"output directory (default: $THEWORLD_TINY_DIR or {Path('~/.cache/theworld/tiny')})")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and the VAE's training (default: 0)")
     parser.add_argument("--real-shapes", action="store_true",
                         help="write Gemma 3 4B-it and Cosmos-Predict2-2B-Video2World at their published shapes "
                              "(random weights, depth cut to --layers; several GB) instead of the tiny models")
     parser.add_argument("--layers", type=int, default=None,
                         help="with --real-shapes: layers/blocks kept per stack (default: 2)")
-    parser.add_argument("--trained-vae", action="store_true",
-                        help="train the tiny VAE as an autoencoder on synthetic scenes (minutes on 2 cores the first "
-                             "time) instead of keeping it random; needs an OUTDIR; see docs/world_model.md")
+    vae = parser.add_mutually_exclusive_group()
+    vae.add_argument("--random-vae", action="store_true",
+                     help="keep the tiny VAE's random weights (the default up to format 4) instead of training it; "
+                          "for comparisons: needs an OUTDIR of its own; see docs/world_model.md, \"Tiny VAE\"")
+    vae.add_argument("--trained-vae", action="store_true",
+                     help="the default: train the tiny VAE as an autoencoder on synthetic scenes (2-4 minutes on 2 "
+                          "cores the first time on a machine, then reused); kept so that older commands still work")
     args = parser.parse_args(argv)
-    if args.trained_vae and (args.real_shapes or args.outdir is None):
-        parser.error("--trained-vae needs an OUTDIR of its own and no --real-shapes")
+    if args.random_vae and (args.real_shapes or args.outdir is None):
+        parser.error("--random-vae needs an OUTDIR of its own and no --real-shapes")
+    if args.trained_vae and args.real_shapes:
+        parser.error("--trained-vae is for the tiny models, not --real-shapes")
     if args.layers is not None and not args.real_shapes:
         parser.error("--layers needs --real-shapes")
     from transformers.utils import logging as transformers_logging
@@ -730,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--real-shapes needs an OUTDIR (the models take several GB)")
         gemma_dir, cosmos_dir = build_real_shape_models(args.outdir, layers=args.layers or 2, seed=args.seed)
     else:
-        gemma_dir, cosmos_dir = build_tiny_models(args.outdir, seed=args.seed, trained_vae=args.trained_vae)
+        gemma_dir, cosmos_dir = build_tiny_models(args.outdir, seed=args.seed, trained_vae=not args.random_vae)
     print(f"gemma:  {gemma_dir}\ncosmos: {cosmos_dir}")
 
 

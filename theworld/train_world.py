@@ -3,8 +3,8 @@
 The real ``diffusers.CosmosTransformer3DModel`` learns to predict clips Video2World style (the first
 ``--condition-frames`` latent frames given clean with the condition-mask channel, the rest denoised; the
 VAE frozen), with Cosmos-Predict2's rectified-flow objective (``theworld.training.world_model`` states the
-parameterisation and weighting, with the source). With no arguments: the project's tiny Cosmos on the
-motion task's clips, offline. Real models: ``--cosmos-model nvidia/Cosmos-Predict2-2B-Video2World
+parameterisation and weighting, with the source). With no arguments: the project's tiny Cosmos (its VAE trained
+as an autoencoder: ``python -m theworld.tiny``) on the motion task's clips, offline. Real models: ``--cosmos-model nvidia/Cosmos-Predict2-2B-Video2World
 --lora-r 16 --data my.jsonl --eval-data heldout.jsonl``. Multi-GPU: ``accelerate launch -m theworld.train_world``.
 
 Every training clip goes through the safety worker first, exactly as in ``python -m theworld.train``
@@ -54,7 +54,8 @@ class WorldModelArguments:
         default=None,
         metadata={"help": "Cosmos-Predict2 Video2World repository id or directory (e.g. "
                           "nvidia/Cosmos-Predict2-2B-Video2World), or the model/ of an earlier train_world run. "
-                          "Default: the project's tiny Cosmos."},
+                          "Default: the project's tiny Cosmos (python -m theworld.tiny; its VAE trained as an "
+                          "autoencoder, its transformer random and replaced, see --transformer-shape)."},
     )
     condition_frames: int = field(
         default=2,
@@ -150,16 +151,17 @@ ARGUMENT_CLASSES = (WorldModelArguments, WorldDataArguments, WorldTrainArguments
 
 
 def _is_tiny_build(cosmos: str) -> bool:
-    """Whether `cosmos` is a tiny Cosmos directory written by `python -m theworld.tiny` (with or without
-    `--trained-vae`; its transformer is random). Its completion marker reads "VERSION seed=N [VARIANT]"; a
-    `--real-shapes` build (variant "real-shapes ...") stands for the real model and keeps its transformer."""
-    from theworld.tiny import _COMPLETE_MARKER
+    """Whether `cosmos` is a tiny Cosmos directory written by `python -m theworld.tiny` (trained or random VAE;
+    its transformer is random). Its completion marker reads "VERSION seed=N [VARIANT]"; a `--real-shapes` build
+    (variant "real-shapes ...") stands for the real model and keeps its transformer."""
+    from theworld.tiny import _COMPLETE_MARKER, RANDOM_VAE_VARIANT
 
     marker = Path(cosmos) / _COMPLETE_MARKER
     if not marker.is_file():
         return False
     variant = marker.read_text().split()[2:]
-    return variant in ([], ["trained-vae"])
+    # "trained-vae": format 4's opt-in trained build, still on disk in older runs.
+    return variant in ([], [RANDOM_VAE_VARIANT], ["trained-vae"])
 
 
 def parse_transformer_shape(shape: str) -> tuple[int, int, int]:
