@@ -85,20 +85,35 @@ class VerdictStore:
         self._check_file()
         self._db = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # Every statement is idempotent (IF NOT EXISTS, OR IGNORE): processes may open a new file at once.
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
-            self._db.close()
-            raise VerdictStoreError(f"{self.path} is not a verdict store ({e}); give --verdict-store a new path") from None
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                # Every statement is idempotent (IF NOT EXISTS, OR IGNORE): processes may open a new file at once.
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                # Two processes opening a new file at once: switching it to WAL can fail with "database is
+                # locked" at once, without SQLite's busy handler (seen in tests/test_verdict_store.py, 1 run
+                # in 4): the other process is setting it up, so wait and try again.
+                if "locked" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                self._db.close()
+                raise VerdictStoreError(f"{self.path} is not a verdict store ({e}); give --verdict-store a new path") from None
+            except sqlite3.DatabaseError as e:
+                self._db.close()
+                raise VerdictStoreError(f"{self.path} is not a verdict store ({e}); give --verdict-store a new path") from None
 
     def _check_file(self) -> None:
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            return
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                return
+            except FileExistsError:
+                pass  # another process (a second worker, an actor) created it between our two calls: check theirs
         st = self.path.stat()
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
             raise VerdictStoreError(f"verdict store {self.path} must be yours and writable by you alone "

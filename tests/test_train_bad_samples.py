@@ -40,8 +40,13 @@ def test_every_kind_of_bad_jsonl_sample_is_ledgered_and_the_run_goes_on_exactly_
 
     run_in_process(tmp_path / "parts", tiny_models, tiny_safety_worker.endpoint, *flags, "--stop-after-steps", "4")
     resumed = run_in_process(tmp_path / "parts", tiny_models, tiny_safety_worker.endpoint, *flags, "--resume")
-    for key in ("seen", "trained", "blocked", "errors", "bad_samples", "final_eval_loss"):
+    for key in ("seen", "trained", "blocked", "errors", "bad_samples"):
         assert resumed[key] == whole[key], key
+    # The bad samples mix clip lengths, so the VAE encodes them in batches that differ between a resumed run
+    # (empty latent cache) and a whole one; its rounding depends on the batch (theworld.modeling.world_encoder.LatentCache):
+    # the trained tiny VAE (format 5) differs by ~1e-7 relative here. Exact resume is tested on one-length batches
+    # (tests/test_train.py); here the accounting is exact and the loss equal to float32's precision.
+    assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], rel=1e-5, abs=0)
     assert (tmp_path / "parts" / "errors.jsonl").read_text() == (tmp_path / "whole" / "errors.jsonl").read_text()
 
 
