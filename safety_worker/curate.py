@@ -500,11 +500,12 @@ def _run_ray(out: Path, todo: list[Unit], committed: dict, run: dict, *, preset,
              data_columns, data_split, ray_address, num_cpus) -> dict:
     import ray
 
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:  # the embedded default: a local Ray on this machine, for this job
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    from .fleet import FleetError, join_ray
+
+    try:
+        join_ray(ray_address, num_cpus)  # with no address, the embedded default: a local Ray for this job
+    except FleetError as e:
+        raise CurateError(f"--ray-address {ray_address or '(local)'}: {e}") from None
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # units finish in order: the driver holds few at a time
     ctx.enable_progress_bars = False

@@ -72,6 +72,26 @@ class FleetError(RuntimeError):
     """The fleet cannot start (no Ray, a bad --replicas, a replica that cannot load the guard); one line."""
 
 
+def join_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at `address`, or start the embedded local Ray (this machine, `num_cpus` CPUs) when
+    it is None; nothing if this process already has Ray. Returns whether a local Ray was started here (its
+    caller stops it). The guard fleet, `curate` and `theworld.serve --ray` all join Ray through this.
+    Raises `FleetError`, saying what to do, when Ray does not start or answer."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001  (Ray's errors are many; the message says what to do)
+        raise FleetError(f"Ray did not start or answer ({type(e).__name__}: {e}); start a cluster with "
+                         "`ray start --head` and give its address (HEAD:6379 or auto)") from None
+    return address is None
+
+
 def parse_replicas(spec: str) -> tuple[int, int]:
     """`--replicas N` (min = max = N) or `MIN,MAX` (Serve autoscales between them); N = 0: no replicas."""
     try:
@@ -369,16 +389,10 @@ class Fleet:
         self.target = {"min": replicas[0], "max": replicas[1]}
         models = describe_preset(preset)  # the front loads no model: the preset's description only
         self.identity = checker_identity(checker_description(models, controversial))
-        self._started_ray = not ray.is_initialized() and address is None
         try:
-            if not ray.is_initialized():
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:  # the embedded default: a local Ray on this machine, for this front
-                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        except Exception as e:
-            raise FleetError(f"--ray {address or 'local'}: Ray did not start or answer ({type(e).__name__}: {e}); "
-                             "start a cluster with `ray start --head` and give its address (HEAD:6379 or auto)") from None
+            self._started_ray = join_ray(address, num_cpus)
+        except FleetError as e:
+            raise FleetError(f"--ray {address or 'local'}: {e}") from None
         serve.start(proxy_location="Disabled")  # no HTTP: clients speak ZeroMQ to this front
         # One application per endpoint: a front restarted on the same endpoint replaces its own fleet.
         self.app = "safety-guard-" + hashlib.sha256(endpoint.encode()).hexdigest()[:12]

@@ -228,20 +228,15 @@ def run_ray_server(args: argparse.Namespace, limits, endpoint: str, model_name: 
     the ready line, and serve until SIGTERM; then delete the application (and stop a Ray started here)."""
     import ray
 
-    from safety_worker.fleet import NAMESPACE, FleetRoll
+    from safety_worker.fleet import NAMESPACE, FleetError, FleetRoll, join_ray
     from theworld.serving.server import READY_PREFIX, _exit_cleanly
 
     replicas = args.model_replicas  # (min, max), checked by theworld.serve
     address = None if args.ray == "local" else args.ray
-    started_ray = not ray.is_initialized() and address is None
     try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:  # a local Ray for this server, stopped with it
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    except Exception as e:  # noqa: BLE001  (Ray's errors are many; the message says what to do)
-        print(f"error: --ray {args.ray}: Ray did not start or answer ({type(e).__name__}: {e}); start a cluster with "
-              "`ray start --head` and give its address (HEAD:6379 or auto)", file=sys.stderr)
+        started_ray = join_ray(address, args.num_cpus)  # a local Ray is for this server, stopped with it
+    except FleetError as e:
+        print(f"error: --ray {args.ray}: {e}", file=sys.stderr)
         return 2
     # Ray's core worker installs its own SIGTERM handler (it logs a stack and aborts the process); ours again,
     # so that SIGTERM deletes the application and stops what this process started.
