@@ -244,7 +244,9 @@ def run_ray_server(args: argparse.Namespace, limits, endpoint: str, model_name: 
     try:
         serve.start(http_options={"host": args.host, "port": port}, proxy_location="HeadOnly")
         roll_name = f"{APPLICATION}-models-roll-{os.getpid()}"
-        roll = ray.remote(num_cpus=0)(FleetRoll).options(name=roll_name, namespace=NAMESPACE).remote()
+        # Found by name (every replica enrols with it, /ready reads it); the handle is held for as long as we serve,
+        # so that Ray keeps the actor whatever its rules for named actors without handles.
+        _roll_call = ray.remote(num_cpus=0)(FleetRoll).options(name=roll_name, namespace=NAMESPACE).remote()  # noqa: F841
         device = "cuda" if args.model_replica_gpus and args.device == "cpu" else args.device
         scaling = ({"num_replicas": replicas[0]} if replicas[0] == replicas[1] else
                    {"autoscaling_config": {"min_replicas": replicas[0], "max_replicas": replicas[1],
