@@ -447,8 +447,7 @@ class Fleet:
                "replicas_lost": r["lost"]}
         if roster:
             out["roster"] = [{k: v for k, v in rep.items() if k not in ("load", "left")} |
-                             {"load": {k: (rep.get("load") or {}).get(k) for k in ("queued", "running_checks", "checks")}}
-                             for rep in r["live"]]
+                             {"load": _replica_load(rep.get("load") or {})} for rep in r["live"]]
             # The front loads no model (building the tiny checkpoint, `--preset tiny`'s first start, imports
             # torch here, and leaves grad on); it never imports the guard.
             torch = sys.modules.get("torch")
@@ -479,6 +478,14 @@ class Fleet:
         if self._started_ray:
             serve.shutdown()
             ray.shutdown()
+
+
+def _replica_load(load: dict) -> dict:
+    """`stats.fleet.roster[].load`: what a replica's last heartbeat said it holds and has done."""
+    batching = load.get("batching") or {}
+    return {"queued": load.get("queued"), "running_checks": load.get("running_checks"), "checks": load.get("checks"),
+            "batches": batching.get("batches"), "batch_units": batching.get("units"),
+            "check_seconds": load.get("check_seconds")}
 
 
 def _watch_parent_while_starting(parent_pid: int | None) -> threading.Event:
