@@ -16,12 +16,13 @@ Prints, side by side from the same run:
    (target: 8 clients batched >= 3x one client unbatched), 9-frame 32x32 clips and one 240x320 frame.
 6. a guard fleet on Ray Serve (`serve --ray --replicas N`, a local Ray of 2 CPUs, verdict cache off so every
    request is checked): check_sample (text + one 32x32 frame) requests/s from 8 client processes with 2
-   replicas vs 1 (target >= 1.7x), beside the single worker; and the Ray hop's added latency at one client,
-   one request in flight: p50 of the 1-replica fleet vs the single worker (target <= 1.5x).
+   replicas vs 1 (target >= 1.7x at 4 requests in flight per client; also printed at 16), beside the single
+   worker, each with its checkers' mean batch and busy ms per check; and the Ray hop's added latency at one
+   client, one request in flight: p50 of the 1-replica fleet vs the single worker (target <= 1.5x).
 This process imports cosmos_guardrail for part 3 (it is a benchmark, not a trainer).
 
     python scripts/bench_worker.py --batching-only   # part 5 alone (~2 minutes on 2 CPU cores)
-    python scripts/bench_worker.py --fleet-only      # part 6 alone (~3 minutes on 2 CPU cores: two Ray starts)
+    python scripts/bench_worker.py --fleet-only      # part 6 alone (~2 minutes on 2 idle CPU cores: two Ray starts)
     python scripts/bench_worker.py --batching-only --device cuda   # the same with the guard models on a GPU
 """
 from __future__ import annotations
