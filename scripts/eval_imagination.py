@@ -55,6 +55,12 @@ HEADLINE_ACCURACY = 0.8
 # forecast question's horizon.
 ORACLE_FRAMES = 4
 ROLLOUT_LATENT_FRAMES = 1
+# The arms' clips: the motion task's 9 frames, 3 Cosmos latent frames. The world model is post-trained on
+# that geometry: 13-frame clips whose first 3 latent frames are given and whose 4th is predicted, which is
+# exactly the rollout `num_world_steps = 1` asks of it (a model trained 2 -> 3 rolls 3 -> 4 at chance:
+# docs/imagination.md, "First measurement").
+OBSERVED_FRAMES = 9
+CONDITION_LATENT_FRAMES = 1 + (OBSERVED_FRAMES - 1) // 4
 # Held-out clips whose rollouts are compared with their true future (`rollout_check`).
 ROLLOUT_CHECK_CLIPS = 64
 
@@ -94,12 +100,14 @@ def random_world_model(world_model: Path, output: Path, seed: int) -> Path:
 
 
 def train_world_model(output: Path, seed: int) -> Path:
-    """Post-train a world model with `python -m theworld.train_world`'s defaults (its clips are the motion
-    task's, without questions); the Cosmos directory it writes."""
+    """Post-train a world model with `python -m theworld.train_world` (its clips are the motion task's, without
+    questions) on the arms' geometry (`CONDITION_LATENT_FRAMES` given, the next predicted); the Cosmos
+    directory it writes."""
     model = output / "model"
     if not (model / "transformer").is_dir():
         command = [sys.executable, "-m", "theworld.train_world", "--output-dir", str(output), "--seed", str(seed),
-                   "--report-to", "none"]
+                   "--report-to", "none", "--synthetic-frames", str(OBSERVED_FRAMES + ORACLE_FRAMES),
+                   "--condition-frames", str(CONDITION_LATENT_FRAMES)]
         print("training the world model:", " ".join(command), flush=True)
         subprocess.run(command, check=True)
     return model
@@ -112,7 +120,8 @@ def world_model_clips(world_model: Path) -> dict | None:
         return None
     s = json.loads(summary.read_text())
     return {"steps": s.get("steps"), "clips_trained": s.get("trained"),
-            "distinct_clips_checked": s.get("worker_stats", {}).get("checks"), "train_seconds": s.get("train_seconds")}
+            "distinct_clips_checked": s.get("worker_stats", {}).get("checks"), "train_seconds": s.get("train_seconds"),
+            "condition_frames": s.get("objective", {}).get("condition_frames")}
 
 
 def arm_flags(arm: str, world_model: Path, random_model: Path, rollout_steps: int) -> list[str]:
@@ -151,7 +160,7 @@ def train_arm(arm: str, budget: int, run_dir: Path, flags: list[str], args) -> P
 def heldout(seed: int, size: int, oracle_frames: int = 0) -> list[dict]:
     from theworld.training import synthetic_task
 
-    record = {"data": "synthetic", "seed": seed, "image_size": 32, "num_frames": 9, "questions": list(QUESTIONS),
+    record = {"data": "synthetic", "seed": seed, "image_size": 32, "num_frames": OBSERVED_FRAMES, "questions": list(QUESTIONS),
               "oracle_frames": oracle_frames}
     dataset = synthetic_task(record, "heldout", size)
     return [dataset[i] for i in range(len(dataset))]
@@ -336,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                   "rollout_steps": args.rollout_steps, "seed": args.seed, "budgets": args.budgets, "arms": arms,
                   "run_seconds": {}}
     print("world model:", json.dumps(run_record["world_model_clips"]), flush=True)
+    trained_on = (run_record["world_model_clips"] or {}).get("condition_frames")
+    if trained_on is not None and trained_on != CONDITION_LATENT_FRAMES:
+        print(f"warning: the world model was post-trained to predict from {trained_on} latent frame(s); the arms "
+              f"roll out from {CONDITION_LATENT_FRAMES} (a {OBSERVED_FRAMES}-frame clip), a setting it never saw: "
+              f"expect rollouts near chance (see rollout_check)", flush=True)
     for budget in args.budgets:
         for arm in arms:
             flags = arm_flags(arm, world_model, random_model, args.rollout_steps)

@@ -6,15 +6,15 @@ Each probe is a lookup table fit on training samples (feature -> the most common
 feature gets the overall most common) and scored on held-out samples; the features are read off the
 frames' pixels (the square is the only bright thing in the scene):
 
-- majority: always the held-out split's most common zone (chance: 1 in 4);
+- majority: always the held-out split's most common answer (chance: 1 in 32 on the 32-px scene);
 - last frame / first frame / best middle frame: the square's position in that one frame;
 - direction: the motion alone (read from two frames), without where the square is;
-- position + direction: the zone ``forecast_zone`` gives for the last position moved on
+- position + direction: the point ``forecast_cell`` gives for the last position moved on
   ``forecast_frames`` along the motion: a rule, not a fit, and exactly the answer (100 %).
 
-The forecast question is answerable only by combining the last position and the motion: the probes of
-the last frame (what Gemma sees) and of the first frame (the first Cosmos latent frame), and the direction
-probe, stay at chance. A middle frame is another matter, for this question as for the direction question
+The forecast question is answerable only by combining the last position and the motion: the probe of the
+last frame (what Gemma sees) leaves the four points the four directions lead to (1 in 4), the first frame
+(the first Cosmos latent frame) likewise, and the direction probe 16 points (1 in 16). A middle frame is another matter, for this question as for the direction question
 (the task's design, not the forecast's): the last position lies on the 8-px lattice, so a middle frame's
 offset from it (1-7 px along the axis of motion) says the direction, and with its position the answer;
 only the middle frame (offset 4 both ways) reads half. No single Cosmos latent frame after the first
@@ -88,7 +88,7 @@ def probe_accuracy(read, train_rows, eval_rows) -> float:
 def measure(train_size: int = 2048, eval_size: int = 1024, seed: int = 0) -> dict:
     """Held-out accuracy of every baseline on the forecast question, and of the same single-frame probes
     on the direction question (``direction_question_frames``); see the module docstring."""
-    from theworld.data.synthetic import SyntheticMotionTask, forecast_zone
+    from theworld.data.synthetic import SyntheticMotionTask, forecast_cell
 
     heldout = SyntheticMotionTask(split="heldout", size=eval_size, seed=seed, questions=("future",))
     train_rows = question_rows("future", "train", train_size, seed)
@@ -106,12 +106,12 @@ def measure(train_size: int = 2048, eval_size: int = 1024, seed: int = 0) -> dic
 
     def rule(f) -> str:
         (top, left), (dy, dx) = f["positions"][-1], f["step"]
-        return forecast_zone(top + dy * ahead, left + dx * ahead, heldout.image_size, heldout.square, heldout.cell)
+        return forecast_cell(top + dy * ahead, left + dx * ahead, heldout.image_size, heldout.square, heldout.cell)
 
     answers = Counter(a for _, a in eval_rows)
     return {
         "n_train": train_size, "n_eval": eval_size, "seed": seed, "forecast_frames": ahead,
-        "answer_shares": {zone: answers[zone] / eval_size for zone in sorted(answers)},
+        "answer_shares": {answer: answers[answer] / eval_size for answer in sorted(answers)},
         "majority": answers.most_common(1)[0][1] / eval_size,
         "last_frame": frame_probes[-1],
         "first_frame": frame_probes[0],
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
     result = measure(args.train_size, args.eval_size, args.seed)
-    print(f"forecast question: zone {result['forecast_frames']} frames after the last "
+    print(f"forecast question: where the square is {result['forecast_frames']} frames after the last "
           f"({result['n_eval']} held-out samples, probes fit on {result['n_train']})")
     for key in ("majority", "last_frame", "first_frame", "best_middle_frame", "direction", "position_and_direction"):
         print(f"  {key:<24} {result[key]:.3f}")

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from theworld.data.synthetic import (DEFAULT_MOTION_QUESTIONS, DIRECTIONS, STEPS, ZONES, SyntheticMotionTask,
-                                     forecast_zone)
+from theworld.data.synthetic import DEFAULT_MOTION_QUESTIONS, DIRECTIONS, STEPS, SyntheticMotionTask, forecast_cell
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
@@ -51,26 +50,29 @@ def test_the_default_task_is_unchanged_bit_for_bit():
     assert digest.hexdigest() == BEFORE_FORECAST["counterfactual"]
 
 
-def test_from_every_last_cell_the_four_directions_lead_to_the_four_zones_and_each_direction_is_balanced():
+def test_from_every_last_cell_the_four_directions_lead_to_four_points_and_every_point_is_reached_as_often():
     task = SyntheticMotionTask(size=1, questions=FORECAST_TASK)
     cells = task.image_size // task.cell
     offset = (task.cell - task.square) // 2
-    per_direction = {d: Counter() for d in DIRECTIONS}
+    reached = Counter()
     for i in range(cells):
         for j in range(cells):
             top, left = i * task.cell + offset, j * task.cell + offset
-            zones = []
+            points = {}
             for direction in DIRECTIONS:
                 dy, dx = STEPS[direction]
-                zone = forecast_zone(top + dy * task.forecast_frames, left + dx * task.forecast_frames,
-                                     task.image_size, task.square, task.cell)
-                zones.append(zone)
-                per_direction[direction][zone] += 1
-            assert sorted(zones) == sorted(ZONES), (i, j, zones)
-    assert all(set(c.values()) == {cells * cells // 4} for c in per_direction.values()), per_direction
+                points[direction] = forecast_cell(top + dy * task.forecast_frames, left + dx * task.forecast_frames,
+                                                  task.image_size, task.square, task.cell)
+                reached[points[direction]] += 1
+            assert len(set(points.values())) == 4, (i, j, points)
+            # Chess-like: column letter, row number, on the half-cell grid; the cell's centre is (2j, 2i).
+            assert points["right"] == f"{'ABCDEFGH'[2 * j + 1]}{2 * i + 1}", points
+            assert points["up"] == f"{'ABCDEFGH'[2 * j]}{(2 * i - 1) % (2 * cells) + 1}", points
+    # Every edge midpoint of the 4x4 torus (32 of them) is reached from its two neighbouring cells.
+    assert len(reached) == 2 * cells * cells and set(reached.values()) == {2}, reached
 
 
-def test_forecast_samples_ask_about_the_zone_frames_ahead_and_keep_the_clip_and_its_counterfactuals():
+def test_forecast_samples_ask_where_the_square_will_be_and_keep_the_clip_and_its_counterfactuals():
     mixed = SyntheticMotionTask(size=400, questions=FORECAST_TASK)
     plain = SyntheticMotionTask(size=400)
     kinds = Counter(mixed[i]["question_type"] for i in range(400))
@@ -83,24 +85,27 @@ def test_forecast_samples_ask_about_the_zone_frames_ahead_and_keep_the_clip_and_
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(np.stack(mixed.counterfactual_clips(i)["continues"]), np.stack(sample["images"]))
         if sample["question_type"] == "future":
-            assert sample["answer"] in ZONES
-            assert sample["messages"][0]["content"][1]["text"] == "In which zone will the square be 4 frames after the last one?"
+            assert sample["answer"][0] in "ABCDEFGH" and 1 <= int(sample["answer"][1:]) <= 8
+            assert sample["messages"][0]["content"][1]["text"] == "Where will the square be 4 frames after the last one?"
 
 
 def test_forecast_baselines_stay_at_chance_while_position_and_direction_answer_everything():
     result = measure(train_size=2048, eval_size=512, seed=0)
-    assert all(abs(share - 0.25) < 0.05 for share in result["answer_shares"].values()), result["answer_shares"]
-    assert result["majority"] <= 0.30
-    # What Gemma sees (the last frame), the first frame and the motion alone: chance, 1 in 4.
-    for probe in ("last_frame", "first_frame", "direction"):
+    assert len(result["answer_shares"]) == 32 and max(result["answer_shares"].values()) <= 0.07, result["answer_shares"]
+    assert result["majority"] <= 0.07
+    # What Gemma sees (the last frame) and the first frame leave the four points of the four directions
+    # (1 in 4); the motion alone, the 16 points on grid lines of its orientation (1 in 16).
+    for probe in ("last_frame", "first_frame"):
         assert result[probe] <= 0.31, (probe, result[probe])
+    assert result["direction"] <= 0.1
     assert result["position_and_direction"] == 1.0
 
 
-def test_the_forecast_question_refuses_scenes_its_zones_do_not_tile():
-    with pytest.raises(ValueError, match="'future' question needs image_size a multiple of 4 \\* cell"):
-        SyntheticMotionTask(image_size=48, questions=FORECAST_TASK)
-    SyntheticMotionTask(image_size=48)  # without the forecast question the scene is fine
+def test_the_forecast_question_refuses_scenes_its_answers_cannot_name():
+    with pytest.raises(ValueError, match="'future' question needs at most 26 half cells per side"):
+        SyntheticMotionTask(image_size=112, questions=FORECAST_TASK)
+    SyntheticMotionTask(image_size=112)  # without the forecast question the scene is fine
+    assert SyntheticMotionTask(image_size=48, size=4, questions=("future",))[0]["answer"][0] in "ABCDEFGHIJKL"
 
 
 def test_question_types_flag_sets_the_mix_of_both_splits_and_is_recorded_for_evaluation():

@@ -60,7 +60,10 @@ class WorldModelArguments:
     condition_frames: int = field(
         default=2,
         metadata={"help": "Latent frames given clean (Video2World's conditioning); the clip's later latent frames "
-                          "are predicted. 2 on the default 9-frame clips: 5 observed frames, 4 predicted."},
+                          "are predicted. 2 on the default 9-frame clips: 5 observed frames, 4 predicted. A world model rolls "
+                          "out well only from as many latent frames as it was trained on: for TheWorld's "
+                          "num_world_steps = 1 on 9-frame clips (3 latent frames) train with --synthetic-frames 13 "
+                          "--condition-frames 3 (docs/imagination.md)."},
     )
     loss_weighting: str = field(
         default="rectified-flow",

@@ -152,8 +152,8 @@ class DataArguments:
     question_types: Optional[str] = field(
         default=None,
         metadata={"help": "Question kinds of the synthetic task, comma-separated (e.g. direction,colour,future). "
-                          "'synthetic': any of direction, colour and future (the forecast: in which zone A-D the "
-                          "square will be 4 frames after the last one; docs/imagination.md); default "
+                          "'synthetic': any of direction, colour and future (the forecast: where the square will "
+                          "be 4 frames after the last one, a half-cell grid point such as C5; docs/imagination.md); default "
                           "direction,colour. 'synthetic-arrow': any of colour, position, direction; default all "
                           "three. The training split asks direction and future three times as often as colour, "
                           "the held-out split each kind equally often."},
