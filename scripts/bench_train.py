@@ -35,13 +35,14 @@
       pairs) so that the shared machine's drift hits both. Per-epoch rates come from the trainer's own
       per-step times (``summary.json``'s ``step_seconds``). Prints first-epoch and warm-epoch steps/s of both,
       the ratios k1/k0 of the time per step, and the issue's target (warm ratio <= 1.5x), for each arm's
-      fastest run (the verdict's: other jobs on the machine only ever add time, and one run slowed 3x by
+      fastest run (the verdict's: other jobs on the machine only ever add time, and one run slowed 3.6x by
       them, as happened here, swamps a pooled mean) and for all runs pooled, and says when an arm's runs
       disagree by more than 1.5x. The world model is
       ``--cosmos-model`` (default: the tiny Cosmos build, whose transformer is random: the cost of a rollout
       depends on the transformer's shape and the sampling steps, not on its weights). ``theworld.train_world``
-      builds a larger transformer (8 heads of 16, spatial patch 1: 16 times the tokens of the tiny build's
-      patch 2), so pass its ``model/`` as ``--cosmos-model`` for the cost of the world model an experiment uses.
+      builds a larger transformer (8 heads of 16 against 2, spatial patch 1 against 2: 4 times the width and
+      the tokens), so pass its ``model/`` as ``--cosmos-model`` for the cost of the world model an experiment
+      uses.
    b. Rollout cost per clip at real shapes: the Cosmos-Predict2-2B transformer's published width (2048, 16
       heads; ``theworld.real_configs``) cut to ``--rollout-blocks`` blocks (random weights), rolling one
       latent frame out after the 3 latent frames of a 9-frame clip, batch 1, fp32 on the CPU, with
