@@ -35,7 +35,7 @@
       pairs) so that the shared machine's drift hits both. Per-epoch rates come from the trainer's own
       per-step times (``summary.json``'s ``step_seconds``). Prints first-epoch and warm-epoch steps/s of both,
       the ratios k1/k0 of the time per step, and the issue's target (warm ratio <= 1.5x), for each arm's
-      fastest run (the verdict's: other jobs on the machine only ever add time, and one run slowed 3.6x by
+      best run, figure by figure (the verdict's: other jobs on the machine only ever add time, and one run slowed 3.6x by
       them, as happened here, swamps a pooled mean) and for all runs pooled, and says when an arm's runs
       disagree by more than 1.5x. The world model is
       ``--cosmos-model`` (default: the tiny Cosmos build, whose transformer is random: the cost of a rollout
@@ -283,10 +283,10 @@ NOISY_SPREAD = 1.5
 
 
 def imagination_rates(runs: list[dict], steps_per_epoch: int) -> dict[int, dict]:
-    """Per k, seconds per step in the first epoch (`first`) and in the later, warm ones (`warm`): of the arm's
-    fastest run (`best`: what the machine's interference, which only ever adds time, least inflated; the
-    estimate the verdict uses) and of all its runs pooled (`pooled`); and `warm_spread`, its slowest run's warm
-    time over its fastest's."""
+    """Per k, seconds per step in the first epoch (`first`) and in the later, warm ones (`warm`): the best of the
+    arm's runs, each figure the lowest any run took (`best`: what the machine's interference, which only ever
+    adds time, inflated least; the estimate the verdict uses), and the mean of its runs (`pooled`); and
+    `warm_spread`, its slowest run's warm time over its fastest's."""
     rates = {}
     for k in IMAGINATION_ARMS:
         per_run = [{"first": run["epoch_seconds"][0] / steps_per_epoch,
@@ -358,7 +358,8 @@ def print_imagination(args, runs: list[dict], world_model: str, loads: tuple[flo
               f"(waited on the safety worker {run['safety_wait_fraction']:.1%} of the run)")
     rates = imagination_rates(runs, steps_per_epoch)
     warm_label = f"epochs 2-{args.imagination_epochs} (caches warm)"
-    for estimate, label in (("best", "each arm's fastest run (the verdict's)"), ("pooled", "all runs pooled")):
+    for estimate, label in (("best", "each arm's best run, figure by figure (the verdict's)"),
+                            ("pooled", "all runs pooled")):
         print(f"-- {label}:")
         print(f"{'':9s} {'epoch 1 (caches cold)':>30s} {warm_label:>30s}")
         for k, rate in rates.items():
@@ -415,6 +416,19 @@ def steps_flag(value: str) -> list[int]:
     return steps
 
 
+def check_imagination_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse part 3's settings that cannot give whole epochs, a warm epoch or a valid rollout, before anything runs."""
+    if args.imagination_size % args.batch_size or args.imagination_size < args.batch_size:
+        parser.error(f"--imagination-size ({args.imagination_size}) must be a multiple of --batch-size "
+                     f"({args.batch_size}): each epoch is then a whole number of steps")
+    if args.imagination_epochs < 2 or args.imagination_repeats < 1 or args.rollout_blocks < 1:
+        parser.error("--imagination-epochs must be at least 2 (a cold epoch and a warm one), --imagination-repeats "
+                     "and --rollout-blocks at least 1")
+    if args.world_rollout_steps is not None and args.world_rollout_steps < 2:
+        parser.error("--world-rollout-steps must be at least 2 (the trainer's rule: its rollout's last step moves "
+                     "nothing)")
+
+
 def main():
     from theworld.training import TrainArguments
 
@@ -458,14 +472,8 @@ def main():
                              help="time the transformer of this Cosmos directory instead (e.g. OUT/cosmos of "
                                   "`python -m theworld.tiny OUT --real-shapes`; --rollout-blocks is then ignored)")
     args = parser.parse_args()
-    if args.imagination_size % args.batch_size or args.imagination_size < args.batch_size:
-        parser.error(f"--imagination-size ({args.imagination_size}) must be a multiple of --batch-size "
-                     f"({args.batch_size}): each epoch is then a whole number of steps")
-    if args.imagination_epochs < 2 or args.imagination_repeats < 1 or args.rollout_blocks < 1:
-        parser.error("--imagination-epochs must be at least 2 (a cold epoch and a warm one), --imagination-repeats "
-                     "and --rollout-blocks at least 1")
-    if args.world_rollout_steps is not None and args.world_rollout_steps < 2:
-        parser.error("--world-rollout-steps must be at least 2 (the trainer's rule: its rollout's last step moves nothing)")
+    if not args.training_only:  # where part 3 does not run, `--batch-size 10` (say) works as before
+        check_imagination_args(parser, args)
 
     from safety_worker import spawn_worker
     from safety_worker.tiny import build_tiny_guardrail
