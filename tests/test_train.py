@@ -114,6 +114,9 @@ def test_blocked_texts_are_ledgered_and_every_sample_is_accounted_for(tmp_path, 
     assert summary["trained"] == 6 * 2  # steps x batch size
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["seen"] == summary["seen"] and "initial_eval_loss" in saved and "final_eval_loss" in saved
+    # The per-step times (what the imagination bench reads per epoch) are the loop's time, step by step.
+    assert len(saved["step_seconds"]) == 6
+    assert sum(saved["step_seconds"]) == pytest.approx(saved["train_seconds"], rel=0.02, abs=0.01)
 
 
 def test_a_checkpoint_restores_everything_the_next_steps_depend_on(tmp_path, tiny_models):

@@ -20,7 +20,7 @@ SUMMARY_KEYS = [
     "steps", "max_steps", "seen", "trained", "blocked", "errors", "bad_samples", "accounting_holds", "curated",
     "initial_eval_loss", "final_eval_loss", "initial_eval_accuracy", "final_eval_accuracy",
     "final_eval_loss_no_world", "final_eval_accuracy_no_world", "enable_world", "eval_samples", "eval_by_question",
-    "train_seconds", "steps_per_second", "safety_wait_seconds", "safety_wait_fraction", "data_wait_seconds",
+    "train_seconds", "steps_per_second", "step_seconds", "safety_wait_seconds", "safety_wait_fraction", "data_wait_seconds",
     "data_wait_fraction", "trainer_grad_enabled", "projector_max_abs_change", "trainable_parameters",
 ]
 
@@ -163,6 +163,9 @@ def test_the_summary_rates_count_only_this_processes_steps_and_loop_time():
         2.0, 1.0, 0.25)
     unmeasured = summary_of({"seen": 0, "trained": 0, "blocked": 0, "errors": 0, "bad_samples": 0}, loop_seconds=0.0)
     assert unmeasured["steps_per_second"] is None and unmeasured["safety_wait_fraction"] is None
+    timed = summary_of({"seen": 1, "trained": 1, "blocked": 0, "errors": 0, "bad_samples": 0},
+                       step_seconds=[0.51234567, 0.5, 1.0, 0.5, 0.5, 0.5, 0.25, 0.23765433])
+    assert timed["step_seconds"] == [0.5123, 0.5, 1.0, 0.5, 0.5, 0.5, 0.25, 0.2377]  # one per step run, 0.1 ms
 
 
 def test_sample_counts_are_summed_into_the_summary_names(accelerator):

@@ -171,11 +171,14 @@ def open_training_samples(stack: ExitStack, run: RunContext, state: TrainState, 
 
 
 def run_steps(state: TrainState, next_batch: Callable[[], dict], samples, stream, evaluate: Callable[[int], None],
-              run: RunContext, train_args: TrainArguments, metrics, desc: str) -> tuple[float, float]:
+              run: RunContext, train_args: TrainArguments, metrics, desc: str,
+              step_seconds: list[float] | None = None) -> tuple[float, float]:
     """The loop: optimizer steps until `--max-steps` (or `--stop-after-steps` more), each logged to `metrics`,
     the progress bar and the trackers; `evaluate(step)` every `--eval-every` steps and at the last one; a
     checkpoint every `--save-every` steps and where this invocation stops. Returns the loop's seconds without
-    the evaluations and checkpoints, and the safety filter's wait seconds when it started."""
+    the evaluations and checkpoints, and the safety filter's wait seconds when it started. `step_seconds`, when
+    given, gets the wall seconds of each step appended (its wait for samples included; evaluations and
+    checkpoints not): they add up to the loop's seconds."""
     from tqdm.auto import tqdm
 
     accelerator = run.accelerator
@@ -189,6 +192,7 @@ def run_steps(state: TrainState, next_batch: Callable[[], dict], samples, stream
     state.model.train()
     started = time.perf_counter()
     while state.step < stop_at:
+        step_started = time.perf_counter()
         loss = train_step(state, next_batch, accelerator, train_args.gradient_accumulation_steps,
                           train_args.max_grad_norm)
         state.step += 1
@@ -203,6 +207,8 @@ def run_steps(state: TrainState, next_batch: Callable[[], dict], samples, stream
                 accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=step)
 
         pause = time.perf_counter()
+        if step_seconds is not None:
+            step_seconds.append(pause - step_started)
         if step % train_args.eval_every == 0 or step == train_args.max_steps:
             evaluate(step)
         if step % train_args.save_every == 0 or step == stop_at:
@@ -287,8 +293,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if not train_args.resume:
             evaluate(0)
         data_wait_at_start = reader.wait_seconds
+        step_seconds: list[float] = []
         loop_seconds, wait_at_start = run_steps(state, next_batch, samples, stream, evaluate_and_log, run, train_args,
-                                                metrics, "train")
+                                                metrics, "train", step_seconds)
         # The final held-out table: per question type, against the majority baseline, with ablations.
         eval_by_question = evaluate_by_question(unwrapped, heldout.samples, batch_size=EVAL_BATCH_SIZE,
                                                 seed=train_args.seed, autocast=accelerator.autocast)
@@ -302,6 +309,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         steps=state.step, max_steps=train_args.max_steps, steps_run=state.step - state.resumed_from,
         samples=reduce_sample_counts(accelerator, counts), evals=state.evals, eval_samples=len(heldout.samples),
         eval_by_question=eval_by_question, enable_world=unwrapped.config.enable_world, loop_seconds=loop_seconds,
+        step_seconds=step_seconds,
         safety_wait_seconds=counts.wait_seconds - wait_at_start, data_wait_seconds=data_wait,
         projector_max_abs_change=max(((projector_after[n] - projector_before[n]).abs().max().item()
                                       for n in projector_before), default=None),

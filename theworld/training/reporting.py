@@ -125,13 +125,15 @@ def worker_and_run_fields(worker, worker_stats: dict, accelerator, num_processes
 def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, evals: list[dict], eval_samples: int,
                   eval_by_question: dict, enable_world: bool, loop_seconds: float, safety_wait_seconds: float,
                   data_wait_seconds: float, projector_max_abs_change: float | None, trainable_parameters: int,
-                  run: dict, curated: dict | None = None) -> dict:
+                  run: dict, curated: dict | None = None, step_seconds: list[float] | None = None) -> dict:
     """`summary.json`: the sample accounting (`samples` from `reduce_sample_counts`; `accounting_holds` says
     whether `seen == trained + blocked + errors`), `curated`: a curate output's own counts (None on other
     data), the first and last evaluation, rates and wait fractions
     of the loop time (`steps_run`: the steps this process ran, not counting a resumed run's earlier ones;
-    None when no loop time was measured), and `run`: the keys that describe the run (worker, precision,
-    processes, memory...), appended as given."""
+    None when no loop time was measured), `step_seconds`: the wall seconds of each of those steps, in order
+    (to 0.1 ms; what per-epoch rates are computed from, e.g. a cold cache in the first epoch against a warm
+    one after: `scripts/bench_train.py --imagination-only`), and `run`: the keys that describe the run (worker,
+    precision, processes, memory...), appended as given."""
     def per_loop_second(value):
         return value / loop_seconds if loop_seconds > 0 else None
 
@@ -153,6 +155,7 @@ def build_summary(*, steps: int, max_steps: int, steps_run: int, samples: dict, 
         "eval_by_question": eval_by_question,
         "train_seconds": loop_seconds,
         "steps_per_second": per_loop_second(steps_run),
+        "step_seconds": None if step_seconds is None else [round(seconds, 4) for seconds in step_seconds],
         "safety_wait_seconds": safety_wait_seconds,
         "safety_wait_fraction": per_loop_second(safety_wait_seconds),
         "data_wait_seconds": data_wait_seconds,
