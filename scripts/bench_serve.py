@@ -53,8 +53,7 @@ SCALE_REQUESTS = 4  # x --requests per throughput phase: ~10 s here, so that its
 # which is Ray's driver) is "Ray's own"; this process (the client threads) is "clients".
 PROCESS_ROLES = (("ModelReplica", "model replicas"), ("ModelIngress", "ingress"), ("ProxyActor", "HTTP proxy"),
                  ("safety_worker", "safety worker"))
-CPU_ROLES = ("model replicas", "ingress", "HTTP proxy", "safety worker", "clients", "Ray's own",
-             "rest of the machine")
+CPU_ROLES = ("model replicas", "ingress", "HTTP proxy", "safety worker", "clients", "Ray's own")
 
 
 def start_server(endpoint: str, max_batch: int, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -169,10 +168,11 @@ def scale_phase(url: str, requests: int, max_tokens: int) -> dict:
 
 
 def cpu_between(before: dict, after: dict, requests: int) -> dict:
-    """What each part (`CPU_ROLES`) used between two `cpu_snapshot`s: cores, and CPU ms per request of the
-    `requests` served meanwhile; each model replica's cores; the machine's idle and stolen cores."""
+    """What each part (`CPU_ROLES`), all of them, and the rest of the machine used between two `cpu_snapshot`s: cores,
+    and CPU ms per request of the `requests` served meanwhile; each model replica's cores; the machine's idle and
+    stolen cores."""
     wall = after["time"] - before["time"]
-    used: dict[str, float] = dict.fromkeys(CPU_ROLES[:-1], 0.0)
+    used: dict[str, float] = dict.fromkeys(CPU_ROLES, 0.0)
     replica_cpu = []
     for pid, (role, cpu) in after["cpu"].items():
         spent = cpu - before["cpu"].get(pid, (role, 0.0))[1]  # started in between: all its CPU counts
@@ -180,7 +180,8 @@ def cpu_between(before: dict, after: dict, requests: int) -> dict:
         if role == "model replicas":
             replica_cpu.append(spent)
     busy, idle, steal = (b - a for a, b in zip(before["machine"], after["machine"]))
-    used["rest of the machine"] = busy - sum(used.values())  # other sessions' processes share these cores
+    used["all of these"] = sum(used.values())  # the served model, its guard, its clients and its Ray
+    used["rest of the machine"] = busy - used["all of these"]  # other sessions' processes share these cores
     return {"cores": {role: spent / wall for role, spent in used.items()},
             "cpu_ms_per_request": {role: 1000 * spent / requests for role, spent in used.items()},
             "replica_cores": sorted((spent / wall for spent in replica_cpu), reverse=True),
@@ -246,21 +247,22 @@ def print_ray_scaling(scaling: dict) -> None:
           f"(target >= {SCALE_TARGET}x: {'met' if ratio >= SCALE_TARGET else 'MISSED'})")
     print("  where the cores went in each phase: cores (CPU ms per request)")
     print(f"  {'':22}" + "".join(f"{f'{n} replica' + 's' * (n > 1):>20}" for n in phases))
-    for role in CPU_ROLES:
+    for role in first["cores"]:
         print(f"  {role:22}" + "".join(f"{phase['cores'][role]:>12.2f} ({phase['cpu_ms_per_request'][role]:5.1f})"
                                        for phase in phases.values()))
     for name, key in (("idle", "idle_cores"), ("steal", "steal_cores")):
         print(f"  {name:22}" + "".join(f"{phase[key]:>12.2f}{'':8}" for phase in phases.values()))
     rows = {"each model replica": lambda phase: " + ".join(f"{c:.2f}" for c in phase["replica_cores"]),
             "mean model batch": lambda phase: f"{phase['mean_batch']:.1f}",
+            "replicas' ms per batch": lambda phase: f"{phase['cpu_ms_per_request']['model replicas'] * phase['mean_batch']:.1f}",
             "p50 / p99 ms": lambda phase: f"{1000 * phase['p50_s']:.0f} / {1000 * phase['p99_s']:.0f}",
             "load average": lambda phase: " -> ".join(f"{x:.1f}" for x in phase["load_average"]),
             "ready in s": lambda phase: f"{phase['ready_s']:.0f}"}
     for name, row in rows.items():
         print(f"  {name:22}" + "".join(f"{row(phase):>20}" for phase in phases.values()))
     # requests/s = replica cores / replica CPU seconds per request, so the ratio splits into the cores the replicas
-    # got and what a request cost them (smaller batches cost more per request), to within the few milliseconds
-    # between the snapshots and the clients' own clock.
+    # got and what a request cost them, to within the few milliseconds between the snapshots and the clients' own
+    # clock; a request's cost is its batch's (CPU ms per batch, above) over the batch's size.
     cores = last["cores"]["model replicas"] / first["cores"]["model replicas"]
     cost = first["cpu_ms_per_request"]["model replicas"] / last["cpu_ms_per_request"]["model replicas"]
     print(f"  {SCALE_REPLICAS[-1]} / {SCALE_REPLICAS[0]} replicas = their cores, {SCALE_REPLICAS[-1]} over "
