@@ -9,13 +9,14 @@ compare the ratios, not the absolute numbers).
 
 One tiny safety worker is spawned and shared by every server and by the attached `generate` calls;
 `generate` is also timed as a new user runs it (spawning its own worker). `--ray-only` runs the Ray part
-alone: first the two servers at one client, asked in alternating rounds so that the machine's load moves
-both alike; then the Ray-served model with 1 and then 2 model replicas (`--model-replicas`, each replica
-one torch thread), 8 client threads asking 4x `--requests` questions of each, with what explains the
-ratio: the cores and CPU milliseconds per request of each part (the model replicas, the ingress, Serve's
-HTTP proxy, the safety worker, the clients, Ray's own processes, and the rest of the machine: other
-sessions share these cores), read from /proc before and after each phase, and the replicas' mean batch
-from the ingress's `/metrics`.
+alone: first the two servers at one client; then two Ray-served servers, with 1 and with 2 model replicas
+(`--model-replicas`, each replica one torch thread, each server on a local Ray of its own), 8 client threads
+asking 8x `--requests` questions of each. Both comparisons are asked in alternating rounds, so that the
+machine's load moves both sides alike. The throughput comes with what explains its ratio: the cores and
+CPU milliseconds per request of each part (the model replicas, the ingress, Serve's HTTP proxy, the safety
+worker, the clients, Ray's own processes; the idle server; the rest of the machine, whose other sessions
+share these cores), read from /proc before and after every round, and the replicas' mean batch from the
+ingress's `/metrics`.
 """
 from __future__ import annotations
 
@@ -43,16 +44,17 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TOKEN
 CONCURRENCY = (1, 4, 8)
 RAY_FLAGS = ("--ray", "--num-cpus", "2")  # a local Ray of 2 CPUs: one per model replica at most 2 replicas
 RAY_ROUNDS = 4  # alternating rounds of the plain and the Ray-served server at one client
-SCALE_CLIENTS = 8  # concurrent clients of the throughput phases (issue 25's workload)
-SCALE_REPLICAS = (1, 2)  # model replicas of the throughput phases, in this order
+SCALE_CLIENTS = 8  # concurrent clients of the throughput rounds (issue 25's workload)
+SCALE_REPLICAS = (1, 2)  # model replicas of the two Ray-served servers compared
 SCALE_TARGET = 1.7  # requests/s with 2 model replicas over 1 (issue 25)
-SCALE_REQUESTS = 4  # x --requests per throughput phase: ~10 s here, so that its first and last batches weigh little
+SCALE_REQUESTS = 8  # x --requests per server in all, asked in SCALE_ROUNDS alternating rounds: ~10-30 s per server
+SCALE_ROUNDS = 4
 # Which part of the Ray-served model a process is, by its command line: Ray titles an actor's process
 # `ray::ServeReplica:<application>:<deployment>...` and Serve's proxy `ray::ProxyActor...`; first match wins.
-# The rest of the server's tree (GCS, raylet, dashboard, Serve's controller, the roll call, the server itself,
-# which is Ray's driver) is "Ray's own"; this process (the client threads) is "clients".
-PROCESS_ROLES = (("ModelReplica", "model replicas"), ("ModelIngress", "ingress"), ("ProxyActor", "HTTP proxy"),
-                 ("safety_worker", "safety worker"))
+# The rest of the asked server's tree (GCS, raylet, Serve's controller, the roll call, the server itself, which is
+# Ray's driver) is "Ray's own"; this process (the client threads) is "clients"; the server not asked in a round,
+# with its own Ray, is "the idle server".
+PROCESS_ROLES = (("ModelReplica", "model replicas"), ("ModelIngress", "ingress"), ("ProxyActor", "HTTP proxy"))
 CPU_ROLES = ("model replicas", "ingress", "HTTP proxy", "safety worker", "clients", "Ray's own")
 
 
@@ -85,17 +87,19 @@ def load(url: str, clients: int, requests: int, max_tokens: int, latencies: list
     mine_from = len(latencies)
 
     def client(share: list[dict]):
-        with httpx.Client(base_url=url, timeout=300) as http:
-            for body in share:
-                started = time.perf_counter()
-                response = http.post("/v1/chat/completions", json=body)
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - started)
+        for body in share:
+            started = time.perf_counter()
+            response = http.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, [bodies[i::clients] for i in range(clients)]))
-    wall = time.perf_counter() - started
+    # One httpx client (thread-safe, a connection each) for all: building one costs ~35 ms of CPU (its TLS context),
+    # which the clients would take from the server on these 2 cores at every call.
+    with httpx.Client(base_url=url, timeout=300) as http:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, [bodies[i::clients] for i in range(clients)]))
+        wall = time.perf_counter() - started
     return dict(percentiles(latencies[mine_from:]), throughput_rps=requests / wall, requests=requests)
 
 
@@ -113,105 +117,135 @@ def stop(*servers: tuple[subprocess.Popen, str]) -> None:
 def ray_part(endpoint: str, requests: int, max_tokens: int) -> dict:
     """The Ray part: p50 at one client, the plain server against the same model served through Ray Serve (one
     replica), asked in alternating rounds (`RAY_ROUNDS`), `requests` requests each in all; then `SCALE_CLIENTS`
-    clients' throughput at the Ray-served model with 1 and then 2 model replicas (`scale_phase`)."""
+    clients' throughput at the Ray-served model with 1 and with 2 model replicas (`scale_rounds`)."""
     # One torch thread in both: Ray gives a replica of one CPU OMP_NUM_THREADS=1, and a plain server with the
     # machine's threads would compare thread counts, not the Ray hop.
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     servers = {"plain": start_server(endpoint, 8, env=env)}
-    started = time.perf_counter()
-    servers["ray"] = start_server(endpoint, 8, *RAY_FLAGS, "--model-replicas", "1", env=env)
-    start_s = {1: time.perf_counter() - started}
-    latencies: dict[str, list[float]] = {name: [] for name in servers}
-    scaling: dict = {}
+    ready_s = {}
+    for replicas in SCALE_REPLICAS[:1]:
+        started = time.perf_counter()
+        servers[replicas] = start_server(endpoint, 8, *RAY_FLAGS, "--model-replicas", str(replicas), env=env)
+        ready_s[replicas] = time.perf_counter() - started
+    latencies: dict = {name: [] for name in servers}
     try:
         for _, url in servers.values():
             load(url, 1, 4, max_tokens)  # warm-up
         for _ in range(RAY_ROUNDS):
             for name, (_, url) in servers.items():
                 load(url, 1, max(1, requests // RAY_ROUNDS), max_tokens, latencies[name])
-        stop(servers["plain"])  # idle, it would still take some CPU from the throughput phases
-        scaling[1] = scale_phase(servers["ray"][1], SCALE_REQUESTS * requests, max_tokens)
+        stop(servers.pop("plain"))  # idle, it would still take some CPU from the throughput rounds
+        for replicas in SCALE_REPLICAS[1:]:
+            started = time.perf_counter()
+            servers[replicas] = start_server(endpoint, 8, *RAY_FLAGS, "--model-replicas", str(replicas), env=env)
+            ready_s[replicas] = time.perf_counter() - started
+        scaling = scale_rounds(servers, SCALE_REQUESTS * requests, max_tokens)
     finally:
         stop(*servers.values())
-    for replicas in SCALE_REPLICAS[1:]:
-        started = time.perf_counter()
-        server = start_server(endpoint, 8, *RAY_FLAGS, "--model-replicas", str(replicas), env=env)
-        start_s[replicas] = time.perf_counter() - started
-        try:
-            scaling[replicas] = scale_phase(server[1], SCALE_REQUESTS * requests, max_tokens)
-        finally:
-            stop(server)
-    out = {name: percentiles(values) for name, values in latencies.items()}
+    out = {"plain": percentiles(latencies["plain"]), "ray": percentiles(latencies[SCALE_REPLICAS[0]])}
     out["p50_ratio_ray_over_plain"] = out["ray"]["p50_s"] / out["plain"]["p50_s"]
-    out["ray_start_s"] = start_s[1]
-    for replicas, phase in scaling.items():
-        phase["ready_s"] = start_s[replicas]
-    first, last = SCALE_REPLICAS[0], SCALE_REPLICAS[-1]
-    out["scaling"] = {"clients": SCALE_CLIENTS, "replicas": scaling,
-                      "throughput_ratio": scaling[last]["throughput_rps"] / scaling[first]["throughput_rps"]}
+    out["ray_start_s"] = ready_s[SCALE_REPLICAS[0]]
+    for replicas, phase in scaling["replicas"].items():
+        phase["ready_s"] = ready_s[replicas]
+    out["scaling"] = scaling
     return out
 
 
-def scale_phase(url: str, requests: int, max_tokens: int) -> dict:
-    """`requests` requests from `SCALE_CLIENTS` clients at the Ray-served model (warmed up first), and what explains
-    its rate: the cores and CPU milliseconds per request of each part (`CPU_ROLES`) and each model replica's cores
-    over the phase, the machine's idle and stolen cores, and the mean batch the replicas generated."""
-    load(url, SCALE_CLIENTS, 2 * SCALE_CLIENTS, max_tokens)  # warm-up: every replica's first batches
+def scale_rounds(servers: dict[int, tuple[subprocess.Popen, str]], requests: int, max_tokens: int) -> dict:
+    """`requests` requests from `SCALE_CLIENTS` clients at each Ray-served server (`{model replicas: server}`), asked
+    in `SCALE_ROUNDS` alternating rounds so that the machine's load moves both alike, and what explains their rates:
+    each part's cores and CPU ms per request (`cpu_spent`, around every round), and the mean batch the replicas
+    generated (the ingress's `/metrics`)."""
+    for _, url in servers.values():
+        load(url, SCALE_CLIENTS, 2 * SCALE_CLIENTS, max_tokens)  # warm-up: every replica's first batches
+    per_round = max(SCALE_CLIENTS, requests // SCALE_ROUNDS)
+    latencies: dict = {n: [] for n in servers}
+    walls, batches, spent = dict.fromkeys(servers, 0.0), {n: [0.0, 0.0] for n in servers}, {}
     load_before = os.getloadavg()[0]
-    batches_before = batch_totals(metrics_text(url))
-    before = cpu_snapshot()
-    result = load(url, SCALE_CLIENTS, requests, max_tokens)
-    after = cpu_snapshot()
-    generated, batches = (b - a for a, b in zip(batches_before, batch_totals(metrics_text(url))))
-    return {**result, **cpu_between(before, after, requests), "mean_batch": generated / batches if batches else 0.0,
+    for _ in range(SCALE_ROUNDS):
+        for n, (proc, url) in servers.items():
+            batches_before = batch_totals(metrics_text(url))
+            before = cpu_snapshot(proc.pid)
+            walls[n] += per_round / load(url, SCALE_CLIENTS, per_round, max_tokens, latencies[n])["throughput_rps"]
+            spent[n] = add_spent(spent.get(n), cpu_spent(before, cpu_snapshot(proc.pid)))
+            batches[n] = [total + b - a for total, a, b in zip(batches[n], batches_before, batch_totals(metrics_text(url)))]
+    phases = {n: {**percentiles(latencies[n]), "requests": SCALE_ROUNDS * per_round,
+                  "throughput_rps": SCALE_ROUNDS * per_round / walls[n],
+                  **cpu_shares(spent[n], SCALE_ROUNDS * per_round),
+                  "mean_batch": batches[n][0] / batches[n][1] if batches[n][1] else 0.0} for n in servers}
+    first, last = phases[SCALE_REPLICAS[0]], phases[SCALE_REPLICAS[-1]]
+    return {"clients": SCALE_CLIENTS, "rounds": SCALE_ROUNDS, "replicas": phases,
+            "throughput_ratio": last["throughput_rps"] / first["throughput_rps"],
             "load_average": [load_before, os.getloadavg()[0]]}
 
 
-def cpu_between(before: dict, after: dict, requests: int) -> dict:
-    """What each part (`CPU_ROLES`), all of them, and the rest of the machine used between two `cpu_snapshot`s: cores,
-    and CPU ms per request of the `requests` served meanwhile; each model replica's cores; the machine's idle and
-    stolen cores."""
-    wall = after["time"] - before["time"]
-    used: dict[str, float] = dict.fromkeys(CPU_ROLES, 0.0)
-    replica_cpu = []
-    for pid, (role, cpu) in after["cpu"].items():
-        spent = cpu - before["cpu"].get(pid, (role, 0.0))[1]  # started in between: all its CPU counts
-        used[role] += spent
-        if role == "model replicas":
-            replica_cpu.append(spent)
-    busy, idle, steal = (b - a for a, b in zip(before["machine"], after["machine"]))
-    used["all of these"] = sum(used.values())  # the served model, its guard, its clients and its Ray
-    used["rest of the machine"] = busy - used["all of these"]  # other sessions' processes share these cores
-    return {"cores": {role: spent / wall for role, spent in used.items()},
-            "cpu_ms_per_request": {role: 1000 * spent / requests for role, spent in used.items()},
-            "replica_cores": sorted((spent / wall for spent in replica_cpu), reverse=True),
-            "idle_cores": idle / wall, "steal_cores": steal / wall}
-
-
-def process_role(proc, clients_pid: int) -> str:
+def process_role(proc, clients_pid: int, serving: set[int]) -> str:
     if proc.pid == clients_pid:
         return "clients"
     title = " ".join(proc.cmdline())
+    if "-m safety_worker" in title:
+        return "safety worker"
+    if proc.pid not in serving:
+        return "the idle server"
     return next((role for needle, role in PROCESS_ROLES if needle in title), "Ray's own")
 
 
-def cpu_snapshot() -> dict:
+def cpu_snapshot(server_pid: int) -> dict:
     """CPU seconds so far of this process (the client threads) and of its descendants (the safety worker, the server
-    and its local Ray's processes), by pid with their role; the whole machine's (busy, idle, stolen: every session's);
-    and the time."""
+    `server_pid` and its local Ray's processes, another server), by pid with their role; the whole machine's (busy,
+    idle, stolen: every session's); and the time."""
     import psutil
 
     from bench_curate import machine_cpu
 
-    me = psutil.Process()
+    me, server = psutil.Process(), psutil.Process(server_pid)
+    serving = {server_pid, *(proc.pid for proc in server.children(recursive=True))}
     cpu = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
             times = proc.cpu_times()  # /proc/PID/stat's utime and stime
-            cpu[proc.pid] = (process_role(proc, me.pid), times.user + times.system)
+            cpu[proc.pid] = (process_role(proc, me.pid, serving), times.user + times.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return {"time": time.perf_counter(), "cpu": cpu, "machine": machine_cpu()}
+
+
+def cpu_spent(before: dict, after: dict) -> dict:
+    """CPU seconds each part (`CPU_ROLES`, the idle server, the rest of the machine) and each model replica (by pid)
+    used between two `cpu_snapshot`s, the machine's idle and stolen seconds, and the wall seconds."""
+    used: dict[str, float] = dict.fromkeys((*CPU_ROLES, "the idle server"), 0.0)
+    replicas: dict[int, float] = {}
+    for pid, (role, cpu) in after["cpu"].items():
+        spent = cpu - before["cpu"].get(pid, (role, 0.0))[1]  # started in between: all its CPU counts
+        used[role] += spent
+        if role == "model replicas":
+            replicas[pid] = spent
+    busy, idle, steal = (b - a for a, b in zip(before["machine"], after["machine"]))
+    used["rest of the machine"] = busy - sum(used.values())  # other sessions' processes share these cores
+    return {"wall": after["time"] - before["time"], "used": used, "replicas": replicas, "idle": idle, "steal": steal}
+
+
+def add_spent(total: dict | None, more: dict) -> dict:
+    if total is None:
+        return more
+    return {"wall": total["wall"] + more["wall"], "idle": total["idle"] + more["idle"],
+            "steal": total["steal"] + more["steal"],
+            "used": {role: total["used"][role] + more["used"][role] for role in total["used"]},
+            "replicas": {pid: total["replicas"].get(pid, 0.0) + more["replicas"].get(pid, 0.0)
+                         for pid in {*total["replicas"], *more["replicas"]}}}
+
+
+def cpu_shares(spent: dict, requests: int) -> dict:
+    """`cpu_spent`'s seconds as cores (over its wall time) and as CPU ms per request of the `requests` served; "all of
+    these" is the served model's parts together (`CPU_ROLES`)."""
+    used = {role: spent["used"][role] for role in CPU_ROLES}
+    used["all of these"] = sum(used.values())  # the served model, its guard, its clients and its Ray
+    used.update({role: spent["used"][role] for role in ("the idle server", "rest of the machine")})
+    wall = spent["wall"]
+    return {"cores": {role: seconds / wall for role, seconds in used.items()},
+            "cpu_ms_per_request": {role: 1000 * seconds / requests for role, seconds in used.items()},
+            "replica_cores": sorted((seconds / wall for seconds in spent["replicas"].values()), reverse=True),
+            "idle_cores": spent["idle"] / wall, "steal_cores": spent["steal"] / wall}
 
 
 def metrics_text(url: str) -> str:
@@ -241,11 +275,13 @@ def print_ray_scaling(scaling: dict) -> None:
     phases = scaling["replicas"]
     first, last = phases[SCALE_REPLICAS[0]], phases[SCALE_REPLICAS[-1]]
     ratio = scaling["throughput_ratio"]
-    print(f"{scaling['clients']} clients, Ray Serve, {first['requests']} requests per phase: "
+    print(f"{scaling['clients']} clients, Ray Serve, {first['requests']} requests per server in {scaling['rounds']} "
+          "alternating rounds: "
           + ", ".join(f"{n} model replica{'s' * (n > 1)} {phase['throughput_rps']:.2f} req/s" for n, phase in phases.items())
           + f": {SCALE_REPLICAS[-1]} / {SCALE_REPLICAS[0]} {ratio:.2f}x "
-          f"(target >= {SCALE_TARGET}x: {'met' if ratio >= SCALE_TARGET else 'MISSED'})")
-    print("  where the cores went in each phase: cores (CPU ms per request)")
+          f"(target >= {SCALE_TARGET}x: {'met' if ratio >= SCALE_TARGET else 'MISSED'}); load average "
+          + " -> ".join(f"{x:.1f}" for x in scaling["load_average"]))
+    print("  where the cores went while each server was asked: cores (CPU ms per request)")
     print(f"  {'':22}" + "".join(f"{f'{n} replica' + 's' * (n > 1):>20}" for n in phases))
     for role in first["cores"]:
         print(f"  {role:22}" + "".join(f"{phase['cores'][role]:>12.2f} ({phase['cpu_ms_per_request'][role]:5.1f})"
@@ -256,7 +292,6 @@ def print_ray_scaling(scaling: dict) -> None:
             "mean model batch": lambda phase: f"{phase['mean_batch']:.1f}",
             "replicas' ms per batch": lambda phase: f"{phase['cpu_ms_per_request']['model replicas'] * phase['mean_batch']:.1f}",
             "p50 / p99 ms": lambda phase: f"{1000 * phase['p50_s']:.0f} / {1000 * phase['p99_s']:.0f}",
-            "load average": lambda phase: " -> ".join(f"{x:.1f}" for x in phase["load_average"]),
             "ready in s": lambda phase: f"{phase['ready_s']:.0f}"}
     for name, row in rows.items():
         print(f"  {name:22}" + "".join(f"{row(phase):>20}" for phase in phases.values()))
