@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CONCURRENCY = (1, 4, 8)
-RAY_FLAGS = ("--ray", "--num-cpus", "2")  # a local Ray of 2 CPUs: one per model replica at most 2 replicas
+RAY_FLAGS = ("--ray", "--num-cpus", "2")  # a local Ray of 2 CPUs: room for 2 one-CPU model replicas
 RAY_ROUNDS = 4  # alternating rounds of the plain and the Ray-served server at one client
 SCALE_CLIENTS = 8  # concurrent clients of the throughput rounds (issue 25's workload)
 SCALE_REPLICAS = (1, 2)  # model replicas of the two Ray-served servers compared
@@ -52,8 +52,8 @@ SCALE_ROUNDS = 4
 # Which part of the Ray-served model a process is, by its command line: Ray titles an actor's process
 # `ray::ServeReplica:<application>:<deployment>...` and Serve's proxy `ray::ProxyActor...`; first match wins.
 # The rest of the asked server's tree (GCS, raylet, Serve's controller, the roll call, the server itself, which is
-# Ray's driver) is "Ray's own"; this process (the client threads) is "clients"; the server not asked in a round,
-# with its own Ray, is "the idle server".
+# Ray's driver) is "Ray's own"; this process (the client threads) is "clients"; its `-m safety_worker` child is the
+# "safety worker"; the server not asked in a round, with its own Ray, is "the idle server".
 PROCESS_ROLES = (("ModelReplica", "model replicas"), ("ModelIngress", "ingress"), ("ProxyActor", "HTTP proxy"))
 CPU_ROLES = ("model replicas", "ingress", "HTTP proxy", "safety worker", "clients", "Ray's own")
 
