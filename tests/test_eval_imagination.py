@@ -60,3 +60,44 @@ def test_plot_draws_future_against_budget_per_arm(tmp_path):
               "ablations": {"imagined_shuffled": {"256": {"future": entry(0.27)}}}}
     eval_imagination.plot(json.loads(json.dumps(report)), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+@pytest.mark.long
+def test_the_script_runs_every_arm_and_writes_the_fixed_layout(tmp_path):
+    """The experiment end to end at a toy scale, through its real command line: every arm trains with the
+    trainer's code path (and its safety worker), is evaluated on the same held-out clips, and the JSON has the
+    fixed layout; the rollout arms' comparison with the true future is recorded beside it."""
+    import subprocess
+
+    from theworld.tiny import default_tiny_dir
+
+    cosmos = next(p for p in Path(default_tiny_dir()).rglob("model_index.json")
+                  if (p.parent / "transformer").is_dir()).parent
+    out, plot, runs = tmp_path / "imagination.json", tmp_path / "imagination.png", tmp_path / "runs"
+    script = Path(eval_imagination.__file__)
+    done = subprocess.run([sys.executable, str(script), "--json", str(out), "--plot", str(plot), "--output-dir",
+                           str(runs), "--world-model", str(cosmos), "--budgets", "32,64", "--steps", "4",
+                           "--eval-size", "24", "--rollout-steps", "2", "--quiet"],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["headline_budget"] == 64  # 4 steps learn nothing: no budget reaches 80 %, so the largest
+    assert set(report["arms"]) == set(eval_imagination.ARMS)
+    for arm, by_budget in report["arms"].items():
+        assert set(by_budget) == {"32", "64"}, arm
+        for by_question in by_budget.values():
+            assert set(by_question) == set(eval_imagination.QUESTIONS)
+            for entry_ in by_question.values():
+                assert set(entry_) == {"accuracy", "ci_low", "ci_high", "majority", "n"}
+                assert 0 <= entry_["ci_low"] <= entry_["accuracy"] <= entry_["ci_high"] <= 1
+    assert sum(report["arms"]["observed"]["64"][q]["n"] for q in eval_imagination.QUESTIONS) == 24
+    for name in eval_imagination.ABLATIONS:
+        assert set(report["ablations"][name]) == {"32", "64"} and set(report["ablations"][name]["64"]) == {"future"}
+    record = json.loads((runs / "imagination_run.json").read_text())
+    assert set(record["rollout_check"]) == {f"{arm}@{b}" for arm in ("imagined", "random_world_model") for b in (32, 64)}
+    assert plot.stat().st_size > 0
+    # Reused, not retrained: a second invocation finds every run's model and only evaluates.
+    again = subprocess.run([sys.executable, str(script), "--json", str(out), "--plot", "", "--output-dir", str(runs),
+                            "--world-model", str(cosmos), "--budgets", "32", "--steps", "4", "--eval-size", "24",
+                            "--rollout-steps", "2", "--arms", "observed"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "training observed" not in again.stdout, again.stdout[-2000:]
