@@ -12,8 +12,8 @@ the same steps, batch size and seed, then a held-out evaluation of its `model/` 
 - `random_world_model`: the same with an untrained Cosmos transformer of the same shape (same VAE): a gain
   must come from the learnt dynamics, not from the extra tokens;
 - `oracle`: observed + the true future's latents: the clip with its next 4 frames appended
-  (`--synthetic-oracle-frames 4`, one Cosmos latent frame, as many world tokens as `imagined`). The upper
-  bound, and a generous one: Gemma then sees the appended last frame, not the observed one;
+  (`--synthetic-oracle-frames 4`, one Cosmos latent frame, as many world tokens as `imagined`; Gemma still
+  sees the last observed frame): what a perfect one-step rollout would give, the upper bound;
 - ablations of `imagined`, on "future": the rolled-out latent frame shuffled across held-out samples
   (`imagined_shuffled`; the observed latents stay each sample's own), and the rollout of the time-reversed
   clip in place of the clip's (`imagined_reversed`).

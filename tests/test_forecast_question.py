@@ -158,6 +158,7 @@ def test_oracle_frames_append_the_true_future_and_keep_the_question_and_the_obse
         assert all(np.array_equal(a, b) for a, b in zip(seen["images"], told["images"][:9]))
         assert {k: told[k] for k in ("messages", "answer")} == {k: seen[k] for k in ("messages", "answer")}
         assert not np.array_equal(told["images"][12], told["images"][8])  # the square moved on
+        assert told["gemma_frame"] == 8 and "gemma_frame" not in seen  # Gemma keeps the last observed frame
     _, data_args, _ = parse_args(["--question-types", "direction,colour,future", "--synthetic-oracle-frames", "4",
                                   "--synthetic-size", "8", "--synthetic-eval-size", "8"])
     record = task_record(data_args, seed=0)
@@ -181,3 +182,23 @@ def test_evaluate_with_world_latents_of_the_clips_matches_the_plain_evaluation(t
     latents = [encoded[i] for i in range(len(samples))]
     plain = evaluate_by_question(tiny_world_model, samples, batch_size=12, ablations=False)
     assert evaluate_with_world_latents(tiny_world_model, samples, latents, batch_size=5) == plain
+
+
+def test_the_oracle_batch_gives_gemma_the_observed_frame_and_the_world_path_the_future(tiny_world_model):
+    from theworld.data.collator import TheWorldCollator
+
+    observed = SyntheticMotionTask(split="heldout", size=4, questions=FORECAST_TASK)
+    oracle = SyntheticMotionTask(split="heldout", size=4, questions=FORECAST_TASK, oracle_frames=4)
+    collate = TheWorldCollator(tiny_world_model, world=True)
+    seen, told = collate([observed[i] for i in range(4)]), collate([oracle[i] for i in range(4)])
+    assert torch_equal(told["pixel_values"], seen["pixel_values"])  # Gemma: the same (observed) last frame
+    assert told["world_num_frames"].tolist() == [13] * 4 and seen["world_num_frames"].tolist() == [9] * 4
+    assert torch_equal(told["world_pixel_values"][:, :, :9], seen["world_pixel_values"])
+    future_last = dict(oracle[0], gemma_frame=-1)  # without it Gemma would see the future frame
+    assert not torch_equal(collate([future_last])["pixel_values"], seen["pixel_values"][:1])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

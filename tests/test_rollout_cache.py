@@ -80,3 +80,26 @@ def test_rollout_flags_are_checked_before_training(tiny_models):
         configure_rollout(still, 4, 256)
     configure_rollout(still, None, 256)
     assert still.rollout_cache is None  # nothing to roll out, nothing to cache
+
+
+def test_the_rollout_steps_of_training_are_saved_and_inference_rolls_out_the_same_way(tiny_models, tmp_path):
+    """A model trained with --world-rollout-steps learnt its world tokens on rollouts of that many steps:
+    saved in its config, they are what `generate` and `serve` (the batching engine) use unless told otherwise."""
+    from theworld import TheWorld
+    from theworld.inference.engine import DEFAULT_ROLLOUT_STEPS, BatchingEngine
+
+    model = rolling_model(tiny_models, cache_mb=0)
+    assert model.config.world_rollout_steps == STEPS
+    model.save_pretrained(tmp_path / "model")
+    loaded = TheWorld.from_pretrained(tmp_path / "model").eval()
+    assert loaded.config.world_rollout_steps == STEPS and loaded.rollout_config.num_inference_steps == STEPS
+    untrained = load_tiny_world(tiny_models, num_world_steps=1)
+    assert untrained.config.world_rollout_steps is None
+    for model_, asked, expected in ((loaded, None, STEPS), (loaded, 7, 7), (untrained, None, DEFAULT_ROLLOUT_STEPS)):
+        engine = BatchingEngine(model_, rollout_steps=asked)
+        try:
+            assert model_.rollout_config.num_inference_steps == expected, (asked, expected)
+        finally:
+            engine.close()
+    with pytest.raises(ValueError, match="world_rollout_steps must be at least 2"):
+        type(loaded.config)(world_rollout_steps=1)

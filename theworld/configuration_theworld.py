@@ -84,6 +84,10 @@ class TheWorldConfig(Gemma3Config):
         num_world_steps (`int`, *optional*, defaults to 0):
             Future latent frames predicted by the Cosmos transformer (world rollout) after the clip's own and
             added as world tokens. 0 encodes the input clip only and loads no transformer.
+        world_rollout_steps (`int`, *optional*):
+            Sampling steps of the world rollout this model was trained with (`theworld.train
+            --world-rollout-steps`): the rollout its world tokens were learnt on, so inference (`generate`,
+            `serve`, evaluation) rolls out the same way unless told otherwise. `None`: the pipeline's 35.
         world_max_frames (`int`, *optional*, defaults to 8):
             Most latent frames one sample's world may have: the clip's own (`1 + (F - 1) // 4` for `F` video
             frames, `F = 1 + 4k`) plus `num_world_steps`. The projector has one learned temporal embedding
@@ -114,6 +118,7 @@ class TheWorldConfig(Gemma3Config):
     world_frame_tokens: int = 16
     world_image_size: list[int] | None = None
     num_world_steps: int = 0
+    world_rollout_steps: int | None = None
     world_max_frames: int = 8
     world_latent_channels: int = 16
     freeze_gemma_vision: bool = True
@@ -141,6 +146,9 @@ class TheWorldConfig(Gemma3Config):
                 f"world_max_frames={self.world_max_frames} leaves no room for a clip plus {self.num_world_steps} "
                 f"rolled-out frame(s): use at least {1 + self.num_world_steps}"
             )
+        if self.world_rollout_steps is not None and self.world_rollout_steps < 2:
+            raise ValueError(f"world_rollout_steps must be at least 2 (1 step returns the noise), got "
+                             f"{self.world_rollout_steps}")
         if self.world_frame_tokens < 1:
             raise ValueError(f"world_frame_tokens must be >= 1, got {self.world_frame_tokens}")
         if self.world_tokens_per_side is not None and self.world_tokens_per_side < 1:

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--rollout", type=int, metavar="N", help="predict N future latent frames (4 video frames "
                        "each) with the Cosmos transformer and add them as world tokens (default: the checkpoint's "
                        "num_world_steps; 0 for base models)")
-    world.add_argument("--rollout-steps", type=int, default=35, help="denoising steps per rollout (default: 35)")
+    world.add_argument("--rollout-steps", type=int, default=None, help="denoising steps per rollout (default: "
+                       "the model's own, the --world-rollout-steps a num_world_steps > 0 model was trained with, "
+                       "else the pipeline's 35)")
     world.add_argument("--seed", type=int, default=0, help="seed of the rollout noise (default: 0)")
     world.add_argument("--save-video", metavar="PATH", help="write the decoded rollout (observed frame + predicted "
                        "frames, after the safety worker's face pixelation) to PATH (.mp4 or .gif); with --jsonl a "
@@ -86,7 +88,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--rollout must be >= 0")
     if args.save_video is not None and args.rollout == 0:
         parser.error("--save-video writes the rollout: it needs --rollout N with N >= 1")
-    if args.rollout_steps < 1:
+    if args.rollout_steps is not None and args.rollout_steps < 1:
         parser.error("--rollout-steps must be >= 1")
 
 

@@ -120,7 +120,8 @@ class TheWorldProcessor(Gemma3Processor):
         return text
 
     def __call__(self, text: str | list[str] | None = None, clips: Sequence[Sequence] | None = None, *,
-                 with_world: bool | None = None, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+                 with_world: bool | None = None, return_tensors: str | None = None,
+                 gemma_frames: Sequence[int] | None = None, **kwargs) -> BatchFeature:
         """Tokenize `text` (already rendered by `render`: world blocks expanded) and preprocess `clips`.
 
         Args:
@@ -128,6 +129,9 @@ class TheWorldProcessor(Gemma3Processor):
             clips: one clip per sample (a list of uint8 `[H, W, 3]` frames or PIL images, oldest first, all of
                 one size; an image is a one-frame clip). Gemma gets each clip's last frame.
             with_world: add the Cosmos inputs (default: `enable_world`).
+            gemma_frames: per clip, the index of the frame Gemma gets (default: -1, the last). The oracle arm of
+                `scripts/eval_imagination.py` appends the true future to the clip for the world path and keeps
+                Gemma on the last observed frame.
             return_tensors: `"pt"` to pad and return tensors, else lists (the collator pads itself).
 
         Returns `input_ids`, `attention_mask`, `token_type_ids`, `pixel_values` (the last frames), and with the
@@ -152,7 +156,11 @@ class TheWorldProcessor(Gemma3Processor):
                             f"each text needs the world block of its {len(clip)}-frame clip (found {blocks} "
                             f"'{self.sow_token}'): render it with TheWorldProcessor.render(..., num_frames={len(clip)})"
                         )
-        images = [[clip[-1]] for clip in clips] if clips and all(clips) else None
+        if gemma_frames is None:
+            gemma_frames = [-1] * len(clips or [])
+        elif clips is None or len(gemma_frames) != len(clips):
+            raise ValueError(f"gemma_frames needs one frame index per clip, got {len(gemma_frames)}")
+        images = [[clip[k]] for clip, k in zip(clips, gemma_frames)] if clips and all(clips) else None
         if return_tensors is not None:
             kwargs.update(return_tensors=return_tensors, padding=True)
         encoded = super().__call__(images=images, text=texts, **kwargs)

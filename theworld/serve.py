@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     world = parser.add_argument_group("world rollout")
     world.add_argument("--max-rollout", type=int, default=limits.max_rollout,
                        help=f"largest `rollout` a request may ask (default: {limits.max_rollout})")
-    world.add_argument("--rollout-steps", type=int, default=35, help="denoising steps per rollout (default: 35)")
+    world.add_argument("--rollout-steps", type=int, default=None, help="denoising steps per rollout (default: "
+                       "the model's own, the --world-rollout-steps a num_world_steps > 0 model was trained with, "
+                       "else the pipeline's 35)")
     world.add_argument("--fps", type=int, default=DEFAULT_VIDEO_FPS,
                        help=f"frame rate of rollouts and their videos (default: {DEFAULT_VIDEO_FPS})")
     return parser
@@ -117,7 +119,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--host {args.host} serves beyond this machine: set --api-key (or ${API_KEY_ENV})")
     for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_tokens", "max_frames", "max_image_bytes",
                  "max_image_pixels", "max_request_bytes", "rollout_steps", "fps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # rollout_steps None: the model's own
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.batch_wait_ms < 0 or args.request_timeout <= 0 or args.max_rollout < 0:
         parser.error("--batch-wait-ms and --max-rollout must be >= 0, --request-timeout > 0")

@@ -5,7 +5,8 @@ world block of the sample's clip, Gemma's pixels of the last frame, the Cosmos c
 what only a batch has: padding and the labels.
 
 A sample is `{"id", "messages", "images"}`: `images` is a clip of `F = 1 + 4k` frames of one size,
-oldest first (an image is `F = 1`), and the user message has one `{"type": "image"}` for it. A batch
+oldest first (an image is `F = 1`), and the user message has one `{"type": "image"}` for it; an optional
+`gemma_frame` is the index of the frame Gemma sees (default -1, the last). A batch
 may mix clip lengths: the world tokens are expanded per sample, rows are padded to the longest, and the
 clips are padded with zero frames after their last (`world_num_frames` says how many are real; the model
 encodes each clip on its own frames).
@@ -62,7 +63,7 @@ class TheWorldCollator:
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
     def _encode(self, conversations: list[list[dict]], clips: list[list], add_generation_prompt: bool,
-                world_pixels: bool = True) -> dict:
+                world_pixels: bool = True, gemma_frames: list[int] | None = None) -> dict:
         """The processor's encoding; `world_pixels=False` keeps the world blocks in the text (same token ids)
         but skips preprocessing the clips for the VAE (~0.1 s a 9-frame 480x640 clip on a CPU, measured by
         hand)."""
@@ -71,23 +72,27 @@ class TheWorldCollator:
                  for messages, clip in zip(conversations, clips)]
         if self.world and not all(clips):
             raise ValueError("a world sample needs its clip: every sample must have 'images'")
-        return self.processor(text=texts, clips=clips, with_world=self.world if world_pixels else False)
+        return self.processor(text=texts, clips=clips, with_world=self.world if world_pixels else False,
+                              gemma_frames=gemma_frames)
 
     def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         clips = [list(sample.get("images") or []) for sample in samples]
+        # A sample may name the frame Gemma sees ("gemma_frame", default the last: the oracle's clips end in the future).
+        gemma_frames = [int(sample.get("gemma_frame", -1)) for sample in samples]
         if self.for_generation:
             prompts = [s["messages"][:-1] if s["messages"][-1]["role"] == "assistant" else s["messages"]
                        for s in samples]
-            encoded = self._encode(prompts, clips, add_generation_prompt=True, world_pixels=self.world_pixels)
+            encoded = self._encode(prompts, clips, add_generation_prompt=True, world_pixels=self.world_pixels,
+                                   gemma_frames=gemma_frames)
             labels = None
         else:
             for sample in samples:
                 if sample["messages"][-1]["role"] != "assistant":
                     raise ValueError(f"sample {sample.get('id')!r} has no final assistant answer to train on")
             encoded = self._encode([s["messages"] for s in samples], clips, add_generation_prompt=False,
-                                   world_pixels=self.world_pixels)
+                                   world_pixels=self.world_pixels, gemma_frames=gemma_frames)
             # Only the prompt's token ids are needed (where the answer starts): not its clips' VAE input.
             prompt_ids = self._encode([s["messages"][:-1] for s in samples], clips, add_generation_prompt=True,
                                       world_pixels=False)["input_ids"]

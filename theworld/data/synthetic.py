@@ -278,7 +278,8 @@ class SyntheticMotionTask(_BlockedSet):
         oracle_frames: append this many frames of the motion continued (the true future) to every clip, the
             question and answer unchanged (those of the ``num_frames`` observed frames): the *oracle* arm of
             ``scripts/eval_imagination.py``, whose world tokens see the future a one-step rollout predicts.
-            Gemma then sees the last appended frame. Default 0: the clip as observed.
+            Gemma still sees the last observed frame (the sample's ``gemma_frame``), as in the other arms.
+            Default 0: the clip as observed.
         question_weights: how often each of ``questions`` is asked, relative to the others. Default: the
             held-out split asks each equally often (each type is measured on as many samples as the
             other); the training split asks the direction three times as often as the colour
@@ -375,7 +376,10 @@ class SyntheticMotionTask(_BlockedSet):
         else:
             answer = {"colour": colour, "direction": direction}[kind]
         question = MOTION_QUESTIONS[kind].format(frames=self.forecast_frames)
-        return self._sample(index, question, kind, answer, frames)
+        sample = self._sample(index, question, kind, answer, frames)
+        if self.oracle_frames:  # the future is the world path's; Gemma keeps the last observed frame
+            sample["gemma_frame"] = self.num_frames - 1
+        return sample
 
     def counterfactual_clips(self, index: int, future_frames: int = 4) -> dict[str, list[np.ndarray]]:
         """Sample ``index``'s clip and its alternatives: ``{continuation: frames}`` for every key of

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# Denoising steps of a rollout when neither the request nor the model says: the Video2World pipeline's.
+DEFAULT_ROLLOUT_STEPS = 35
+
 from theworld.inference.messages import InferenceError
 
 _STOP = object()
@@ -113,13 +116,14 @@ class BatchingEngine:
         max_batch: most jobs in one `generate` (1 turns batching off).
         batch_wait: seconds the thread waits for more jobs after the first one arrives.
         max_queue: jobs allowed to wait; more are refused with 503 `overloaded`.
-        rollout_steps, fps, rollout_seed: denoising steps, frame rate and noise seed of rollouts.
+        rollout_steps, fps, rollout_seed: denoising steps, frame rate and noise seed of rollouts. `rollout_steps`
+            None: the model's own (`config.world_rollout_steps`, the steps it was trained with), else 35.
         on_batch: called with each group's size (metrics).
         generation_kwargs: passed to every `generate` call.
     """
 
     def __init__(self, model, *, max_batch: int = 8, batch_wait: float = 0.01, max_queue: int = 64,
-                 rollout_steps: int = 35, fps: int = 16, rollout_seed: int = 0, on_batch=None, **generation_kwargs):
+                 rollout_steps: int | None = None, fps: int = 16, rollout_seed: int = 0, on_batch=None, **generation_kwargs):
         self._model = model
         self._model_lock = threading.Lock()
         self.max_batch, self.batch_wait, self.max_queue = max_batch, batch_wait, max_queue
@@ -154,9 +158,13 @@ class BatchingEngine:
         if model.config.num_world_steps:  # the answer's own rollout
             from theworld.modeling.rollout import RolloutConfig
 
-            model.rollout_config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
+            model.rollout_config = RolloutConfig(num_inference_steps=self._steps(model), fps=self.fps,
                                                  seed=self.rollout_seed)
         self._model = model
+
+    def _steps(self, model) -> int:
+        """Denoising steps of a rollout: as asked, else as the model was trained (a k > 0 model), else 35."""
+        return self.rollout_steps or model.config.world_rollout_steps or DEFAULT_ROLLOUT_STEPS
 
     @property
     def processor(self):
@@ -279,7 +287,7 @@ class BatchingEngine:
         with torch.no_grad():
             if not model.config.num_world_steps:  # the answer had no rollout: make one for the video
                 latents = latents[:, :, :latent_frames(len(job.sample["images"]))]
-                config = RolloutConfig(num_inference_steps=self.rollout_steps, fps=self.fps,
+                config = RolloutConfig(num_inference_steps=self._steps(model), fps=self.fps,
                                        seed=self.rollout_seed if job.seed is None else job.seed)
                 latents = model.roll_out(latents, job.rollout, config)
             return decode_world_latents(model.world_encoder, latents)[0]

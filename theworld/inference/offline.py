@@ -56,7 +56,8 @@ class Generator:
         generation_kwargs: passed to `model.generate` (greedy decoding by default).
     """
 
-    def __init__(self, model, endpoint: str, *, rollout_steps: int = 35, seed: int = 0, fps: int = DEFAULT_VIDEO_FPS,
+    def __init__(self, model, endpoint: str, *, rollout_steps: int | None = None, seed: int = 0,
+                 fps: int = DEFAULT_VIDEO_FPS,
                  **generation_kwargs):
         self.fps = fps
         self.engine = BatchingEngine(model, max_batch=1, batch_wait=0.0, rollout_steps=rollout_steps, fps=fps,

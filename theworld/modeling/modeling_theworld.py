@@ -89,8 +89,10 @@ class TheWorld(Gemma3ForConditionalGeneration):
         self.world_projector: WorldProjector | None = None
         # peft `LoraConfig` of the adapters in the language model (`add_language_adapter`), else None.
         self.language_adapter_config = None
-        # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting).
-        self.rollout_config = RolloutConfig()
+        # Denoising steps, guidance and seed of the world rollout (not saved: an inference setting; its steps
+        # start at those the model was trained with, `config.world_rollout_steps`).
+        self.rollout_config = RolloutConfig(**({"num_inference_steps": config.world_rollout_steps}
+                                               if config.world_rollout_steps else {}))
         # Set to a `LatentCache` to reuse the rollouts of clips rolled out before (`roll_out`: only while the
         # Cosmos transformer is frozen); None rolls every batch out with one seeded noise draw.
         self.rollout_cache: LatentCache | None = None

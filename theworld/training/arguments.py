@@ -146,7 +146,7 @@ class DataArguments:
         default=0,
         metadata={"help": "Append the true next N frames (the motion continued) to every motion-task clip, questions "
                           "and answers unchanged: the oracle arm of scripts/eval_imagination.py (its world tokens see "
-                          "the future that a rollout predicts; Gemma then sees the last appended frame). 4 frames are "
+                          "the future that a rollout predicts; Gemma still sees the last observed frame). 4 frames are "
                           "one Cosmos latent frame. Default 0: the observed clip only."},
     )
     question_types: Optional[str] = field(

@@ -61,6 +61,7 @@ def configure_rollout(model, rollout_steps: int | None, cache_mb: float) -> None
             raise ValueError(f"--world-rollout-steps must be at least 2, got {rollout_steps}: the rollout is the "
                              "Video2World pipeline's loop, whose last step moves nothing (1 step returns the noise)")
         model.rollout_config.num_inference_steps = rollout_steps
+        model.config.world_rollout_steps = rollout_steps  # saved: inference rolls out as training did
     if cache_mb > 0:
         model.rollout_cache = LatentCache(max_bytes=int(cache_mb * 2**20))
 
