@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import bench_serve  # noqa: E402
@@ -66,6 +68,6 @@ def test_cpu_shares_split_a_rounds_cpu_by_part_per_request_and_per_replica():
     assert CPU_S / 2 <= shares["cpu_ms_per_request"]["model replicas"] * 4 / 1000 / 2 < CPU_S + 0.5
     assert shares["replica_cores"] == [shares["cores"]["model replicas"]] and shares["replica_cores"][0] > 0
     assert list(shares["cores"]) == [*bench_serve.CPU_ROLES, "all of these", "the idle server", "rest of the machine"]
-    assert shares["cores"]["all of these"] == sum(shares["cores"][role] for role in bench_serve.CPU_ROLES)
+    assert shares["cores"]["all of these"] == pytest.approx(sum(shares["cores"][role] for role in bench_serve.CPU_ROLES))
     # the machine's busy CPU covers ours: what is left is the rest of the machine's, never much below zero
     assert shares["cores"]["rest of the machine"] > -0.1
