@@ -86,7 +86,8 @@ def test_the_rollout_steps_of_training_are_saved_and_inference_rolls_out_the_sam
     """A model trained with --world-rollout-steps learnt its world tokens on rollouts of that many steps:
     saved in its config, they are what `generate` and `serve` (the batching engine) use unless told otherwise."""
     from theworld import TheWorld
-    from theworld.inference.engine import DEFAULT_ROLLOUT_STEPS, BatchingEngine
+    from theworld.inference.engine import BatchingEngine
+    from theworld.modeling.rollout import RolloutConfig
 
     model = rolling_model(tiny_models, cache_mb=0)
     assert model.config.world_rollout_steps == STEPS
@@ -95,7 +96,7 @@ def test_the_rollout_steps_of_training_are_saved_and_inference_rolls_out_the_sam
     assert loaded.config.world_rollout_steps == STEPS and loaded.rollout_config.num_inference_steps == STEPS
     untrained = load_tiny_world(tiny_models, num_world_steps=1)
     assert untrained.config.world_rollout_steps is None
-    for model_, asked, expected in ((loaded, None, STEPS), (loaded, 7, 7), (untrained, None, DEFAULT_ROLLOUT_STEPS)):
+    for model_, asked, expected in ((loaded, None, STEPS), (loaded, 7, 7), (untrained, None, RolloutConfig.num_inference_steps)):
         engine = BatchingEngine(model_, rollout_steps=asked)
         try:
             assert model_.rollout_config.num_inference_steps == expected, (asked, expected)

@@ -212,5 +212,5 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_by_question", "evaluate_with_world_latents", "accuracy_by_question", "wilson_interval", "answer_scores", "format_table", "time_reversed",
-           "reference_answer", "OPPOSITE_DIRECTION"]
+__all__ = ["evaluate_by_question", "evaluate_with_world_latents", "accuracy_by_question", "wilson_interval",
+           "answer_scores", "format_table", "time_reversed", "reference_answer", "OPPOSITE_DIRECTION"]

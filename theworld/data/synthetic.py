@@ -273,8 +273,8 @@ class SyntheticMotionTask(_BlockedSet):
             exactly ``round(blocked_fraction * size)`` samples, listed by ``blocked_ids``.
         questions: which question kinds to ask, a subset of ``MOTION_QUESTIONS``; default
             ``DEFAULT_MOTION_QUESTIONS`` (direction and colour: the samples are those of the task before
-            the forecast question existed, bit for bit). ``"future"`` needs a scene of a multiple of 4
-            cells per side and an even ``cell - square``.
+            the forecast question existed, bit for bit). ``"future"`` needs an even ``cell - square`` and
+            at most 26 half cells per side (one letter per column of its answers).
         oracle_frames: append this many frames of the motion continued (the true future) to every clip, the
             question and answer unchanged (those of the ``num_frames`` observed frames): the *oracle* arm of
             ``scripts/eval_imagination.py``, whose world tokens see the future a one-step rollout predicts.

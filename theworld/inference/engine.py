@@ -28,9 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Denoising steps of a rollout when neither the request nor the model says: the Video2World pipeline's.
-DEFAULT_ROLLOUT_STEPS = 35
-
 from theworld.inference.messages import InferenceError
 
 _STOP = object()
@@ -163,8 +160,11 @@ class BatchingEngine:
         self._model = model
 
     def _steps(self, model) -> int:
-        """Denoising steps of a rollout: as asked, else as the model was trained (a k > 0 model), else 35."""
-        return self.rollout_steps or model.config.world_rollout_steps or DEFAULT_ROLLOUT_STEPS
+        """Denoising steps of a rollout: as asked, else as the model was trained (a k > 0 model), else
+        `RolloutConfig`'s default (the Video2World pipeline's 35)."""
+        from theworld.modeling.rollout import RolloutConfig
+
+        return self.rollout_steps or model.config.world_rollout_steps or RolloutConfig.num_inference_steps
 
     @property
     def processor(self):
