@@ -1,0 +1,140 @@
+"""Pool the imagination experiment over seeds: paired differences between arms, with t intervals over seeds.
+
+One seed of `scripts/eval_imagination.py` measures which runs happened to learn: at the same arm and budget a
+run of the motion task either learns "future" or stalls, and the spread between seeds (tens of points) is far
+wider than the Wilson intervals of one run, which count held-out questions, not runs (docs/imagination.md).
+This script reads the reports of several seeds (each the `--json` of one `eval_imagination.py --seed S`
+invocation) and compares the arms where the seed-to-seed error is counted:
+
+- per arm and budget, the mean accuracy over seeds with its standard deviation;
+- per pair of arms (imagined - observed, random_world_model - observed, imagined - random_world_model,
+  oracle - imagined) and budget, the mean of the per-seed differences with a Student t 95 % interval over
+  seeds, and how many seeds put the first arm above, level with, or below the second (above or below: the
+  two runs' Wilson intervals apart).
+
+Arguments are `SEED=REPORT` (or a bare `REPORT`, labelled by its position); a seed may be given several
+reports (arms run by separate invocations), which are merged, a later report's entries replacing an
+earlier's. Only seeds that have both arms of a pair at a budget count for that pair.
+
+    python scripts/pool_imagination.py 0=runs/s0.json 1=runs/s1.json 1=runs/s1_random.json --json pooled.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+QUESTION = "future"
+PAIRS = (("imagined", "observed"), ("random_world_model", "observed"), ("imagined", "random_world_model"),
+         ("oracle", "imagined"))
+# Two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (beyond: the normal's 1.960).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile(degrees: int) -> float:
+    return _T975[degrees - 1] if degrees <= len(_T975) else 1.960
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean, standard deviation and Student t 95 % interval of the mean (no interval for one value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "sd": None, "ci_low": None, "ci_high": None, "n": n}
+    sd = statistics.stdev(values)
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+def load_reports(specs: list[str]) -> dict[str, dict]:
+    """`SEED=PATH` or `PATH` -> {seed: {"arms": {arm: {budget: {question: entry}}}}}, merged per seed."""
+    seeds: dict[str, dict] = {}
+    for position, spec in enumerate(specs):
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = str(position), spec
+        report = json.loads(Path(path).read_text())
+        if "arms" not in report:
+            raise SystemExit(f"{path}: not a report of scripts/eval_imagination.py (no 'arms')")
+        merged = seeds.setdefault(label, {"arms": {}})
+        for arm, per_budget in report["arms"].items():
+            merged["arms"].setdefault(arm, {}).update(per_budget)
+    return seeds
+
+
+def pool(seeds: dict[str, dict], question: str = QUESTION) -> dict:
+    arms: dict[str, dict[str, dict]] = {}
+    for per_seed in seeds.values():
+        for arm, per_budget in per_seed["arms"].items():
+            for budget, by_question in per_budget.items():
+                if question in by_question:
+                    arms.setdefault(arm, {}).setdefault(budget, []).append(by_question[question]["accuracy"])
+    pooled_arms = {arm: {budget: mean_interval(values) for budget, values in sorted(per_budget.items(), key=lambda kv: int(kv[0]))}
+                   for arm, per_budget in arms.items()}
+    pairs = {}
+    for first, second in PAIRS:
+        budgets = sorted({b for s in seeds.values() for b in s["arms"].get(first, {})}, key=int)
+        for budget in budgets:
+            differences, above, level, below, labels = [], 0, 0, 0, []
+            for label, per_seed in seeds.items():
+                a = per_seed["arms"].get(first, {}).get(budget, {}).get(question)
+                b = per_seed["arms"].get(second, {}).get(budget, {}).get(question)
+                if a is None or b is None:
+                    continue
+                labels.append(label)
+                differences.append(a["accuracy"] - b["accuracy"])
+                if a["ci_low"] > b["ci_high"]:
+                    above += 1
+                elif a["ci_high"] < b["ci_low"]:
+                    below += 1
+                else:
+                    level += 1
+            if differences:
+                pairs.setdefault(f"{first} - {second}", {})[budget] = {
+                    **mean_interval(differences), "differences": differences, "seeds": labels,
+                    "above": above, "level": level, "below": below}
+    return {"question": question, "seeds": list(seeds), "arms": pooled_arms, "pairs": pairs}
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def format_pooled(pooled: dict) -> str:
+    lines = [f'"{pooled["question"]}" over seeds {", ".join(pooled["seeds"])}', "",
+             f"{'arm':<20} {'budget':>6} {'seeds':>5} {'mean':>7} {'sd':>6}"]
+    for arm, per_budget in pooled["arms"].items():
+        for budget, entry in per_budget.items():
+            sd = "-" if entry["sd"] is None else f"{100 * entry['sd']:.1f}"
+            lines.append(f"{arm:<20} {budget:>6} {entry['n']:>5} {100 * entry['mean']:>6.1f}% {sd:>6}")
+    lines += ["", f"{'paired difference (points)':<40} {'budget':>6} {'seeds':>5} {'mean':>7} {'95% CI (t)':>16} "
+              f"{'above/level/below':>18}"]
+    for pair, per_budget in pooled["pairs"].items():
+        for budget, entry in per_budget.items():
+            interval = "-" if entry["ci_low"] is None else f"[{_points(entry['ci_low'])}, {_points(entry['ci_high'])}]"
+            lines.append(f"{pair:<40} {budget:>6} {entry['n']:>5} {_points(entry['mean']):>7} {interval:>16} "
+                         f"{entry['above']:>6}/{entry['level']}/{entry['below']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", metavar="[SEED=]REPORT", help="reports of eval_imagination.py, one or more per seed")
+    parser.add_argument("--question", default=QUESTION, help=f"question type to compare (default: {QUESTION})")
+    parser.add_argument("--json", metavar="OUT", help="also write the pooled figures here")
+    args = parser.parse_args(argv)
+    pooled = pool(load_reports(args.reports), args.question)
+    print(format_pooled(pooled))
+    if args.json:
+        Path(args.json).write_text(json.dumps(pooled, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`scripts/pool_imagination.py`: the imagination experiment's arms compared over seeds, through its command line."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "pool_imagination.py"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+from pool_imagination import mean_interval, t_quantile  # noqa: E402
+
+
+def entry(accuracy: float, half: float = 0.03) -> dict:
+    return {"accuracy": accuracy, "ci_low": accuracy - half, "ci_high": accuracy + half, "majority": 0.05, "n": 500}
+
+
+def report(path: Path, arms: dict[str, float], budget: str = "1024") -> Path:
+    path.write_text(json.dumps({"headline_budget": int(budget), "ablations": {},
+                                "arms": {arm: {budget: {"future": entry(a), "direction": entry(0.9)}} for arm, a in arms.items()}}))
+    return path
+
+
+def test_the_t_interval_is_the_textbook_one():
+    assert t_quantile(1) == 12.706 and t_quantile(7) == 2.365 and t_quantile(100) == 1.960
+    pooled = mean_interval([0.1, 0.3, 0.2])
+    assert pooled["mean"] == pytest.approx(0.2) and pooled["sd"] == pytest.approx(0.1)
+    assert pooled["ci_high"] - pooled["mean"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert mean_interval([0.5])["ci_low"] is None
+
+
+def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_below(tmp_path):
+    specs = [f"0={report(tmp_path / 'a.json', {'observed': 0.50, 'imagined': 0.90})}",
+             f"1={report(tmp_path / 'b.json', {'observed': 0.80, 'imagined': 0.82})}",
+             f"1={report(tmp_path / 'c.json', {'random_world_model': 0.40})}",  # a later invocation of seed 1
+             f"2={report(tmp_path / 'd.json', {'observed': 0.90, 'imagined': 0.60, 'random_world_model': 0.70})}"]
+    out = tmp_path / "pooled.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), *specs, "--json", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pooled = json.loads(out.read_text())
+    gain = pooled["pairs"]["imagined - observed"]["1024"]
+    assert gain["seeds"] == ["0", "1", "2"] and gain["differences"] == pytest.approx([0.40, 0.02, -0.30])
+    assert (gain["above"], gain["level"], gain["below"]) == (1, 1, 1)
+    assert gain["mean"] == pytest.approx(0.04) and gain["ci_low"] < 0 < gain["ci_high"]
+    control = pooled["pairs"]["random_world_model - observed"]["1024"]
+    assert control["seeds"] == ["1", "2"] and control["differences"] == pytest.approx([-0.40, -0.20])
+    assert pooled["arms"]["observed"]["1024"]["n"] == 3
+    assert "imagined - observed" in r.stdout and "+4.0" in r.stdout
+
+
+def test_a_file_that_is_not_a_report_is_refused_by_name(tmp_path):
+    bad = tmp_path / "summary.json"
+    bad.write_text("{}")
+    r = subprocess.run([sys.executable, str(SCRIPT), str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "summary.json" in r.stderr and "eval_imagination" in r.stderr
