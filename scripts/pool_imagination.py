@@ -122,17 +122,58 @@ def format_pooled(pooled: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(pooled: dict, seeds: dict[str, dict], budget: str, path: str | Path) -> None:
+    """Each seed's accuracy per arm at one budget (dots, a seed's runs joined by a thin line), with the mean over
+    seeds and its t 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    question = pooled["question"]
+    arms = [arm for arm in ("observed", "imagined", "random_world_model", "oracle") if budget in pooled["arms"].get(arm, {})]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, per_seed in seeds.items():
+        points = [(x, per_seed["arms"][arm][budget][question]["accuracy"]) for x, arm in enumerate(arms)
+                  if question in per_seed["arms"].get(arm, {}).get(budget, {})]
+        ax.plot([x for x, _ in points], [y for _, y in points], "-o", color="grey", alpha=0.35, markersize=3, linewidth=0.7)
+    for x, arm in enumerate(arms):
+        entry = pooled["arms"][arm][budget]
+        low = entry["ci_low"] if entry["ci_low"] is not None else entry["mean"]
+        high = entry["ci_high"] if entry["ci_high"] is not None else entry["mean"]
+        ax.errorbar([x + 0.12], [entry["mean"]], yerr=[[entry["mean"] - low], [high - entry["mean"]]], fmt="s",
+                    color="C3", capsize=4, label="mean over seeds, t 95 % interval" if x == 0 else None)
+    ax.set_xticks(range(len(arms)), [f"{arm}\n({pooled['arms'][arm][budget]['n']} seeds)" for arm in arms], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f'held-out accuracy on "{question}"')
+    ax.set_title(f"{budget} labelled samples: one grey line per seed", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", metavar="[SEED=]REPORT", help="reports of eval_imagination.py, one or more per seed")
     parser.add_argument("--question", default=QUESTION, help=f"question type to compare (default: {QUESTION})")
     parser.add_argument("--json", metavar="OUT", help="also write the pooled figures here")
+    parser.add_argument("--plot", metavar="PNG", help="also draw each seed's accuracy per arm at --plot-budget")
+    parser.add_argument("--plot-budget", default=None,
+                        help="budget of the plot (default: the one with the most seeds of 'imagined')")
     args = parser.parse_args(argv)
-    pooled = pool(load_reports(args.reports), args.question)
+    seeds = load_reports(args.reports)
+    pooled = pool(seeds, args.question)
     print(format_pooled(pooled))
     if args.json:
         Path(args.json).write_text(json.dumps(pooled, indent=2) + "\n")
+    if args.plot:
+        budgets = pooled["arms"].get("imagined") or next(iter(pooled["arms"].values()), {})
+        budget = args.plot_budget or max(budgets, key=lambda b: (budgets[b]["n"], -int(b)), default=None)
+        if budget is None:
+            raise SystemExit(f"nothing to plot: no arm answered {args.question!r}")
+        plot(pooled, seeds, budget, args.plot)
     return 0
 
 

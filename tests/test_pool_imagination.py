@@ -37,9 +37,11 @@ def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_bel
              f"1={report(tmp_path / 'b.json', {'observed': 0.80, 'imagined': 0.82})}",
              f"1={report(tmp_path / 'c.json', {'random_world_model': 0.40})}",  # a later invocation of seed 1
              f"2={report(tmp_path / 'd.json', {'observed': 0.90, 'imagined': 0.60, 'random_world_model': 0.70})}"]
-    out = tmp_path / "pooled.json"
-    r = subprocess.run([sys.executable, str(SCRIPT), *specs, "--json", str(out)], capture_output=True, text=True, timeout=60)
+    out, png = tmp_path / "pooled.json", tmp_path / "seeds.png"
+    r = subprocess.run([sys.executable, str(SCRIPT), *specs, "--json", str(out), "--plot", str(png)], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pooled = json.loads(out.read_text())
     gain = pooled["pairs"]["imagined - observed"]["1024"]
     assert gain["seeds"] == ["0", "1", "2"] and gain["differences"] == pytest.approx([0.40, 0.02, -0.30])
