@@ -8,7 +8,8 @@ invocation) and compares the arms where the seed-to-seed error is counted:
 
 - per arm and budget, the mean accuracy over seeds with its standard deviation;
 - per pair of arms (imagined - observed, random_world_model - observed, imagined - random_world_model,
-  oracle - imagined) and budget, the mean of the per-seed differences with a Student t 95 % interval over
+  oracle - imagined, and the ablations of imagined: imagined_shuffled - observed, imagined - imagined_shuffled,
+  imagined - imagined_reversed) and budget, the mean of the per-seed differences with a Student t 95 % interval over
   seeds, and how many seeds put the first arm above, level with, or below the second (above or below: the
   two runs' Wilson intervals apart).
 
@@ -29,7 +30,8 @@ from pathlib import Path
 
 QUESTION = "future"
 PAIRS = (("imagined", "observed"), ("random_world_model", "observed"), ("imagined", "random_world_model"),
-         ("oracle", "imagined"))
+         ("oracle", "imagined"), ("imagined_shuffled", "observed"), ("imagined", "imagined_shuffled"),
+         ("imagined", "imagined_reversed"))
 # Two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (beyond: the normal's 1.960).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -62,7 +64,8 @@ def load_reports(specs: list[str]) -> dict[str, dict]:
         if "arms" not in report:
             raise SystemExit(f"{path}: not a report of scripts/eval_imagination.py (no 'arms')")
         merged = seeds.setdefault(label, {"arms": {}})
-        for arm, per_budget in report["arms"].items():
+        # The ablations of `imagined` ("future" only) are compared like arms.
+        for arm, per_budget in {**report["arms"], **report.get("ablations", {})}.items():
             merged["arms"].setdefault(arm, {}).update(per_budget)
     return seeds
 
@@ -131,7 +134,7 @@ def plot(pooled: dict, seeds: dict[str, dict], budget: str, path: str | Path) ->
     import matplotlib.pyplot as plt
 
     question = pooled["question"]
-    arms = [arm for arm in ("observed", "imagined", "random_world_model", "oracle") if budget in pooled["arms"].get(arm, {})]
+    arms = [arm for arm in ("observed", "imagined", "random_world_model", "oracle", "imagined_shuffled") if budget in pooled["arms"].get(arm, {})]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, per_seed in seeds.items():
         points = [(x, per_seed["arms"][arm][budget][question]["accuracy"]) for x, arm in enumerate(arms)

@@ -18,8 +18,9 @@ def entry(accuracy: float, half: float = 0.03) -> dict:
     return {"accuracy": accuracy, "ci_low": accuracy - half, "ci_high": accuracy + half, "majority": 0.05, "n": 500}
 
 
-def report(path: Path, arms: dict[str, float], budget: str = "1024") -> Path:
-    path.write_text(json.dumps({"headline_budget": int(budget), "ablations": {},
+def report(path: Path, arms: dict[str, float], budget: str = "1024", shuffled: float | None = None) -> Path:
+    ablations = {} if shuffled is None else {"imagined_shuffled": {budget: {"future": entry(shuffled)}}}
+    path.write_text(json.dumps({"headline_budget": int(budget), "ablations": ablations,
                                 "arms": {arm: {budget: {"future": entry(a), "direction": entry(0.9)}} for arm, a in arms.items()}}))
     return path
 
@@ -33,10 +34,10 @@ def test_the_t_interval_is_the_textbook_one():
 
 
 def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_below(tmp_path):
-    specs = [f"0={report(tmp_path / 'a.json', {'observed': 0.50, 'imagined': 0.90})}",
+    specs = [f"0={report(tmp_path / 'a.json', {'observed': 0.50, 'imagined': 0.90}, shuffled=0.2)}",
              f"1={report(tmp_path / 'b.json', {'observed': 0.80, 'imagined': 0.82})}",
              f"1={report(tmp_path / 'c.json', {'random_world_model': 0.40})}",  # a later invocation of seed 1
-             f"2={report(tmp_path / 'd.json', {'observed': 0.90, 'imagined': 0.60, 'random_world_model': 0.70})}"]
+             f"2={report(tmp_path / 'd.json', {'observed': 0.90, 'imagined': 0.60, 'random_world_model': 0.70}, shuffled=0.3)}"]
     out, png = tmp_path / "pooled.json", tmp_path / "seeds.png"
     r = subprocess.run([sys.executable, str(SCRIPT), *specs, "--json", str(out), "--plot", str(png)], capture_output=True,
                        text=True, timeout=120)
@@ -50,6 +51,8 @@ def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_bel
     control = pooled["pairs"]["random_world_model - observed"]["1024"]
     assert control["seeds"] == ["1", "2"] and control["differences"] == pytest.approx([-0.40, -0.20])
     assert pooled["arms"]["observed"]["1024"]["n"] == 3
+    ablation = pooled["pairs"]["imagined - imagined_shuffled"]["1024"]  # the ablations pair like arms
+    assert ablation["seeds"] == ["0", "2"] and ablation["differences"] == pytest.approx([0.70, 0.30])
     assert "imagined - observed" in r.stdout and "+4.0" in r.stdout
 
 
