@@ -157,7 +157,7 @@ def plot(pooled: dict, seeds: dict[str, dict], budget: str, path: str | Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", metavar="[SEED=]REPORT", help="reports of eval_imagination.py, one or more per seed")
     parser.add_argument("--question", default=QUESTION, help=f"question type to compare (default: {QUESTION})")
