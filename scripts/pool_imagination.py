@@ -8,29 +8,32 @@ invocation) and compares the arms where the seed-to-seed error is counted:
 
 - per arm and budget, the mean accuracy over seeds with its standard deviation;
 - per pair of arms (imagined - observed, random_world_model - observed, imagined - random_world_model,
-  oracle - imagined, and the ablations of imagined: imagined_shuffled - observed, imagined - imagined_shuffled,
-  imagined - imagined_reversed) and budget, the mean of the per-seed differences with a Student t 95 % interval over
-  seeds, and how many seeds put the first arm above, level with, or below the second (above or below: the
-  two runs' Wilson intervals apart).
+  oracle - imagined, oracle - observed, and the ablations of imagined: imagined_shuffled - observed,
+  imagined - imagined_shuffled, imagined - imagined_reversed) and budget, the mean of the per-seed
+  differences with a Student t 95 % interval over seeds, and how many seeds put the first arm above, level
+  with, or below the second (above or below: the two runs' Wilson intervals apart).
 
-Arguments are `SEED=REPORT` (or a bare `REPORT`, labelled by its position); a seed may be given several
+Arguments are `SEED=REPORT` or a bare `REPORT`, labelled by the number after "seed" in its file name
+(`seed7.json`, `seed7_oracle.json`: seed 7), else by its position; a seed may be given several
 reports (arms run by separate invocations), which are merged, a later report's entries replacing an
 earlier's. Only seeds that have both arms of a pair at a budget count for that pair.
 
     python scripts/pool_imagination.py 0=runs/s0.json 1=runs/s1.json 1=runs/s1_random.json --json pooled.json
+    python scripts/pool_imagination.py docs/images/imagination_seeds/*.json --plot seeds.png
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 
 QUESTION = "future"
 PAIRS = (("imagined", "observed"), ("random_world_model", "observed"), ("imagined", "random_world_model"),
-         ("oracle", "imagined"), ("imagined_shuffled", "observed"), ("imagined", "imagined_shuffled"),
+         ("oracle", "imagined"), ("oracle", "observed"), ("imagined_shuffled", "observed"), ("imagined", "imagined_shuffled"),
          ("imagined", "imagined_reversed"))
 # Two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (beyond: the normal's 1.960).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -59,7 +62,8 @@ def load_reports(specs: list[str]) -> dict[str, dict]:
     for position, spec in enumerate(specs):
         label, sep, path = spec.partition("=")
         if not sep:
-            label, path = str(position), spec
+            named = re.search(r"seed[-_]?(\d+)", Path(spec).name)
+            label, path = (named.group(1) if named else str(position)), spec
         report = json.loads(Path(path).read_text())
         if "arms" not in report:
             raise SystemExit(f"{path}: not a report of scripts/eval_imagination.py (no 'arms')")
@@ -67,6 +71,8 @@ def load_reports(specs: list[str]) -> dict[str, dict]:
         # The ablations of `imagined` ("future" only) are compared like arms.
         for arm, per_budget in {**report["arms"], **report.get("ablations", {})}.items():
             merged["arms"].setdefault(arm, {}).update(per_budget)
+    if all(label.isdigit() for label in seeds):
+        seeds = dict(sorted(seeds.items(), key=lambda item: int(item[0])))
     return seeds
 
 

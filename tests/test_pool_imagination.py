@@ -56,6 +56,13 @@ def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_bel
     assert "imagined - observed" in r.stdout and "+4.0" in r.stdout
 
 
+def test_bare_reports_take_their_seed_from_the_file_name_and_seeds_sort_by_number(tmp_path):
+    from pool_imagination import load_reports
+
+    paths = [report(tmp_path / name, {"observed": 0.5}) for name in ("seed10.json", "seed2.json", "seed2_oracle.json", "other.json")]
+    assert list(load_reports([str(path) for path in paths])) == ["2", "3", "10"]  # other.json: its position, 3
+
+
 def test_a_file_that_is_not_a_report_is_refused_by_name(tmp_path):
     bad = tmp_path / "summary.json"
     bad.write_text("{}")
