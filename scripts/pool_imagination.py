@@ -6,12 +6,14 @@ wider than the Wilson intervals of one run, which count held-out questions, not 
 This script reads the reports of several seeds (each the `--json` of one `eval_imagination.py --seed S`
 invocation) and compares the arms where the seed-to-seed error is counted:
 
-- per arm and budget, the mean accuracy over seeds with its standard deviation;
+- per arm and budget, the mean accuracy over seeds with its standard deviation, the lowest and highest seed,
+  and the range of the held-out majority answer (the baseline);
 - per pair of arms (imagined - observed, random_world_model - observed, imagined - random_world_model,
   oracle - imagined, oracle - observed, and the ablations of imagined: imagined_shuffled - observed,
   imagined - imagined_shuffled, imagined - imagined_reversed) and budget, the mean of the per-seed
   differences with a Student t 95 % interval over seeds, and how many seeds put the first arm above, level
-  with, or below the second (above or below: the two runs' Wilson intervals apart).
+  with, or below the second (above or below: the two runs' Wilson intervals apart), and the exact two-sided p
+  of a Wilcoxon signed-rank test on the same differences.
 
 Arguments are `SEED=REPORT` or a bare `REPORT`, labelled by the number after "seed" in its file name
 (`seed7.json`, `seed7_oracle.json`: seed 7), else by its position; a seed may be given several
@@ -56,6 +58,30 @@ def mean_interval(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
+def wilcoxon_p(differences: list[float]) -> float | None:
+    """Exact two-sided p of the Wilcoxon signed-rank test (zero differences dropped, tied magnitudes given their
+    mean rank): the chance, under a symmetric null, of a signed-rank sum at least as far from its centre."""
+    nonzero = [d for d in differences if d != 0]
+    if not nonzero:
+        return None
+    ordered = sorted(abs(d) for d in nonzero)
+    doubled = {}  # |d| -> twice its mean rank (an integer, so the null distribution can be counted exactly)
+    for start in range(len(ordered)):
+        end = max(i for i, value in enumerate(ordered) if value == ordered[start])
+        doubled.setdefault(ordered[start], start + end + 2)
+    ranks = [doubled[abs(d)] for d in nonzero]
+    counts = {0: 1}  # null distribution of twice the positive-rank sum: each rank's sign a fair coin
+    for rank in ranks:
+        shifted = dict(counts)
+        for total, ways in counts.items():
+            shifted[total + rank] = shifted.get(total + rank, 0) + ways
+        counts = shifted
+    observed = sum(rank for rank, d in zip(ranks, nonzero) if d > 0)
+    distance = abs(observed - sum(ranks) / 2)
+    extreme = sum(ways for total, ways in counts.items() if abs(total - sum(ranks) / 2) >= distance - 1e-9)
+    return min(1.0, extreme / 2 ** len(ranks))
+
+
 def load_reports(specs: list[str]) -> dict[str, dict]:
     """`SEED=PATH` or `PATH` -> {seed: {"arms": {arm: {budget: {question: entry}}}}}, merged per seed."""
     seeds: dict[str, dict] = {}
@@ -82,8 +108,12 @@ def pool(seeds: dict[str, dict], question: str = QUESTION) -> dict:
         for arm, per_budget in per_seed["arms"].items():
             for budget, by_question in per_budget.items():
                 if question in by_question:
-                    arms.setdefault(arm, {}).setdefault(budget, []).append(by_question[question]["accuracy"])
-    pooled_arms = {arm: {budget: mean_interval(values) for budget, values in sorted(per_budget.items(), key=lambda kv: int(kv[0]))}
+                    arms.setdefault(arm, {}).setdefault(budget, []).append(by_question[question])
+    pooled_arms = {arm: {budget: {**mean_interval([e["accuracy"] for e in entries]),
+                                  "min": min(e["accuracy"] for e in entries), "max": max(e["accuracy"] for e in entries),
+                                  "majority_min": min(e["majority"] for e in entries),
+                                  "majority_max": max(e["majority"] for e in entries)}
+                         for budget, entries in sorted(per_budget.items(), key=lambda kv: int(kv[0]))}
                    for arm, per_budget in arms.items()}
     pairs = {}
     for first, second in PAIRS:
@@ -105,8 +135,8 @@ def pool(seeds: dict[str, dict], question: str = QUESTION) -> dict:
                     level += 1
             if differences:
                 pairs.setdefault(f"{first} - {second}", {})[budget] = {
-                    **mean_interval(differences), "differences": differences, "seeds": labels,
-                    "above": above, "level": level, "below": below}
+                    **mean_interval(differences), "wilcoxon_p": wilcoxon_p(differences), "differences": differences,
+                    "seeds": labels, "above": above, "level": level, "below": below}
     return {"question": question, "seeds": list(seeds), "arms": pooled_arms, "pairs": pairs}
 
 
@@ -116,18 +146,21 @@ def _points(value: float | None) -> str:
 
 def format_pooled(pooled: dict) -> str:
     lines = [f'"{pooled["question"]}" over seeds {", ".join(pooled["seeds"])}', "",
-             f"{'arm':<20} {'budget':>6} {'seeds':>5} {'mean':>7} {'sd':>6}"]
+             f"{'arm':<20} {'budget':>6} {'seeds':>5} {'mean':>7} {'sd':>6} {'lowest':>7} {'highest':>7} {'majority':>13}"]
     for arm, per_budget in pooled["arms"].items():
         for budget, entry in per_budget.items():
             sd = "-" if entry["sd"] is None else f"{100 * entry['sd']:.1f}"
-            lines.append(f"{arm:<20} {budget:>6} {entry['n']:>5} {100 * entry['mean']:>6.1f}% {sd:>6}")
+            majority = f"{100 * entry['majority_min']:.1f}-{100 * entry['majority_max']:.1f}%"
+            lines.append(f"{arm:<20} {budget:>6} {entry['n']:>5} {100 * entry['mean']:>6.1f}% {sd:>6} "
+                         f"{100 * entry['min']:>6.1f}% {100 * entry['max']:>6.1f}% {majority:>13}")
     lines += ["", f"{'paired difference (points)':<40} {'budget':>6} {'seeds':>5} {'mean':>7} {'95% CI (t)':>16} "
-              f"{'above/level/below':>18}"]
+              f"{'above/level/below':>18} {'Wilcoxon p':>10}"]
     for pair, per_budget in pooled["pairs"].items():
         for budget, entry in per_budget.items():
             interval = "-" if entry["ci_low"] is None else f"[{_points(entry['ci_low'])}, {_points(entry['ci_high'])}]"
             lines.append(f"{pair:<40} {budget:>6} {entry['n']:>5} {_points(entry['mean']):>7} {interval:>16} "
-                         f"{entry['above']:>6}/{entry['level']}/{entry['below']}")
+                         f"{entry['above']:>6}/{entry['level']}/{entry['below']:<9} "
+                         f"{'-' if entry['wilcoxon_p'] is None else format(entry['wilcoxon_p'], '.4f'):>10}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "pool_imagination.py"
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from pool_imagination import mean_interval, t_quantile  # noqa: E402
+from pool_imagination import mean_interval, t_quantile, wilcoxon_p  # noqa: E402
 
 
 def entry(accuracy: float, half: float = 0.03) -> dict:
@@ -33,6 +33,14 @@ def test_the_t_interval_is_the_textbook_one():
     assert mean_interval([0.5])["ci_low"] is None
 
 
+def test_the_wilcoxon_p_is_exact_counts_both_tails_and_averages_tied_ranks():
+    assert wilcoxon_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # all positive: 1 of 8 sign patterns per tail
+    assert wilcoxon_p([0.4, 0.02, -0.3]) == pytest.approx(6 / 8)
+    assert wilcoxon_p([0.1, -0.1, 0.0]) == 1.0  # the zero dropped, the tie at the centre
+    assert wilcoxon_p([0.0]) is None
+    assert wilcoxon_p([0.1] * 10) == pytest.approx(2 / 2**10)
+
+
 def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_below(tmp_path):
     specs = [f"0={report(tmp_path / 'a.json', {'observed': 0.50, 'imagined': 0.90}, shuffled=0.2)}",
              f"1={report(tmp_path / 'b.json', {'observed': 0.80, 'imagined': 0.82})}",
@@ -48,9 +56,12 @@ def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_bel
     assert gain["seeds"] == ["0", "1", "2"] and gain["differences"] == pytest.approx([0.40, 0.02, -0.30])
     assert (gain["above"], gain["level"], gain["below"]) == (1, 1, 1)
     assert gain["mean"] == pytest.approx(0.04) and gain["ci_low"] < 0 < gain["ci_high"]
+    assert gain["wilcoxon_p"] == pytest.approx(6 / 8)
     control = pooled["pairs"]["random_world_model - observed"]["1024"]
     assert control["seeds"] == ["1", "2"] and control["differences"] == pytest.approx([-0.40, -0.20])
-    assert pooled["arms"]["observed"]["1024"]["n"] == 3
+    observed = pooled["arms"]["observed"]["1024"]
+    assert observed["n"] == 3 and (observed["min"], observed["max"]) == pytest.approx((0.50, 0.90))
+    assert observed["majority_min"] == observed["majority_max"] == 0.05
     ablation = pooled["pairs"]["imagined - imagined_shuffled"]["1024"]  # the ablations pair like arms
     assert ablation["seeds"] == ["0", "2"] and ablation["differences"] == pytest.approx([0.70, 0.30])
     assert "imagined - observed" in r.stdout and "+4.0" in r.stdout
