@@ -13,7 +13,8 @@ invocation) and compares the arms where the seed-to-seed error is counted:
   imagined - imagined_shuffled, imagined - imagined_reversed) and budget, the mean of the per-seed
   differences with a Student t 95 % interval over seeds, and how many seeds put the first arm above, level
   with, or below the second (above or below: the two runs' Wilson intervals apart), and the exact two-sided p
-  of a Wilcoxon signed-rank test on the same differences.
+  of a Wilcoxon signed-rank test on the same differences;
+- each seed's accuracy per arm, one table per budget that several seeds ran.
 
 Arguments are `SEED=REPORT` or a bare `REPORT`, labelled by the number after "seed" in its file name
 (`seed7.json`, `seed7_oracle.json`: seed 7), else by its position; a seed may be given several
@@ -164,6 +165,24 @@ def format_pooled(pooled: dict) -> str:
     return "\n".join(lines)
 
 
+def format_per_seed(seeds: dict[str, dict], question: str = QUESTION) -> str:
+    """Each seed's accuracy (%) per arm, one table per budget that more than one seed ran."""
+    order = ("observed", "imagined", "random_world_model", "oracle", "imagined_shuffled", "imagined_reversed")
+    lines = []
+    budgets = sorted({b for s in seeds.values() for per_budget in s["arms"].values() for b in per_budget}, key=int)
+    for budget in budgets:
+        ran = {label: per_seed for label, per_seed in seeds.items()
+               if any(question in per_seed["arms"].get(arm, {}).get(budget, {}) for arm in order)}
+        arms = [arm for arm in order if any(question in s["arms"].get(arm, {}).get(budget, {}) for s in ran.values())]
+        if len(ran) < 2:
+            continue
+        lines += ["", f'"{question}" per seed at {budget} labels (%)', f"{'seed':>4} " + " ".join(f"{arm:>18}" for arm in arms)]
+        for label, per_seed in ran.items():
+            cells = [per_seed["arms"].get(arm, {}).get(budget, {}).get(question) for arm in arms]
+            lines.append(f"{label:>4} " + " ".join(f"{'-' if c is None else format(100 * c['accuracy'], '.1f'):>18}" for c in cells))
+    return "\n".join(lines)
+
+
 def plot(pooled: dict, seeds: dict[str, dict], budget: str, path: str | Path) -> None:
     """Each seed's accuracy per arm at one budget (dots, a seed's runs joined by a thin line), with the mean over
     seeds and its t 95 % interval."""
@@ -208,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = load_reports(args.reports)
     pooled = pool(seeds, args.question)
     print(format_pooled(pooled))
+    print(format_per_seed(seeds, args.question))
     if args.json:
         Path(args.json).write_text(json.dumps(pooled, indent=2) + "\n")
     if args.plot:

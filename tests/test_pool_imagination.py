@@ -65,6 +65,8 @@ def test_seeds_pair_their_own_arms_merge_their_reports_and_count_above_level_bel
     ablation = pooled["pairs"]["imagined - imagined_shuffled"]["1024"]  # the ablations pair like arms
     assert ablation["seeds"] == ["0", "2"] and ablation["differences"] == pytest.approx([0.70, 0.30])
     assert "imagined - observed" in r.stdout and "+4.0" in r.stdout
+    per_seed = r.stdout[r.stdout.index('"future" per seed at 1024 labels'):].splitlines()
+    assert per_seed[2].split() == ["0", "50.0", "90.0", "-", "20.0"]  # observed, imagined, random, shuffled
 
 
 def test_bare_reports_take_their_seed_from_the_file_name_and_seeds_sort_by_number(tmp_path):
